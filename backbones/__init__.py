@@ -1,0 +1,33 @@
+"""ResNet backbones of He et al. (2016) and their ImageNet pretraining."""
+from .checkpoint import (
+    CheckpointError,
+    backbone_checkpoint,
+    convert_torchvision_state_dict,
+    load_backbone_weights,
+    read_backbone_checkpoint,
+)
+from .complexity import count_multiply_adds, count_parameters
+from .resnet import (
+    ResNet,
+    build_resnet,
+    cifar_plain,
+    cifar_resnet,
+    cifar_resnet20,
+    cifar_resnet56,
+    cifar_resnet110,
+    convert_bn_to_frozen,
+    plain18,
+    plain34,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet152,
+)
+
+
+def resnet_from_arch(arch: dict, **overrides) -> ResNet:
+    """Rebuild a ResNet from the ``arch`` dict stored in a backbone checkpoint."""
+    kwargs = dict(arch)
+    kwargs.update(overrides)
+    return ResNet(**kwargs)

@@ -1,0 +1,1 @@
+"""Run infrastructure shared by pretraining and detection: config, run folder, distributed, checkpoints."""

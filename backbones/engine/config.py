@@ -1,0 +1,97 @@
+"""Configs are data: omegaconf structured defaults (dataclasses), YAML files with ``_base_``
+inheritance, and ``key=value`` overrides from the command line.
+
+Every key is checked against the dataclass schema *before* anything is merged, so a typo fails at
+once, naming the file, the key and the closest valid key, instead of hours into a run.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+BASE_KEY = "_base_"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _read_yaml_chain(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """Return [(file, mapping)] from the furthest ``_base_`` ancestor down to ``path``."""
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"{path}: circular _base_ chain: {' -> '.join(seen + (path,))}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
+    bases = data.pop(BASE_KEY, [])
+    bases = [bases] if isinstance(bases, str) else list(bases)
+    chain: list[tuple[str, dict]] = []
+    for base in bases:
+        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        chain.extend(_read_yaml_chain(base_path, seen + (path,)))
+    chain.append((path, data))
+    return chain
+
+
+def _check_keys(schema: DictConfig, data: dict, source: str, prefix: str = "") -> None:
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in schema:
+            valid = [str(k) for k in schema.keys()]
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: unknown config key '{full}'{hint} (valid keys here: {', '.join(valid)})")
+        node = schema[key]
+        if isinstance(node, DictConfig) and isinstance(value, dict):
+            _check_keys(node, value, source, prefix=f"{full}.")
+
+
+def _parse_overrides(overrides: Sequence[str]) -> dict:
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"command-line overrides must be key=value, got: {' '.join(bad)}")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"command line: cannot parse overrides {list(overrides)}: {exc}") from exc
+
+
+def load_config(schema: type, path: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Build the run config: schema defaults <- YAML chain (``_base_`` first) <- overrides."""
+    cfg = OmegaConf.structured(schema)
+    layers: list[tuple[str, dict]] = _read_yaml_chain(path) if path else []
+    if overrides:
+        layers.append(("command line", _parse_overrides(overrides)))
+    for source, data in layers:
+        _check_keys(cfg, data, source)
+        try:
+            cfg = OmegaConf.merge(cfg, data)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{source}: {exc.msg if hasattr(exc, 'msg') else exc}") from exc
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def config_name(path: str | None, default: str) -> str:
+    """``configs/pretrain/resnet50_imagenet.yaml`` -> ``resnet50_imagenet`` (used for runs/<name>)."""
+    return os.path.splitext(os.path.basename(path))[0] if path else default
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def as_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

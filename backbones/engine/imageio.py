@@ -1,0 +1,39 @@
+"""Image decoding shared by classification and detection datasets.
+
+OpenCV decodes by content, not by file name, so a PNG saved as ``.JPEG`` (there are a few in
+ImageNet) or a CMYK JPEG is read correctly; ``IMREAD_COLOR`` applies the EXIF orientation tag and
+turns grayscale into three channels. We return RGB because the normalisation statistics and
+every pretrained weight file in this field are RGB.
+"""
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+# Decoding already runs in several DataLoader workers; OpenCV's own threads would oversubscribe.
+cv2.setNumThreads(0)
+
+
+class CorruptImageError(RuntimeError):
+    """Raised when an image file exists but cannot be decoded."""
+
+
+def read_image_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Decode ``path`` to an HxWx3 uint8 RGB array, or raise CorruptImageError naming the file."""
+    path = os.fspath(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise CorruptImageError(f"{path}: cannot read file ({exc})") from exc
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise CorruptImageError(f"{path}: not a decodable image ({data.size} bytes)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)

@@ -1,0 +1,119 @@
+"""The run folder every training writes, on rank 0 only.
+
+    <output_dir>/config.yaml          resolved config
+    <output_dir>/log.txt              the console log
+    <output_dir>/metrics.jsonl        one JSON object per logged step / evaluation
+    <output_dir>/events.out.tfevents.* TensorBoard
+    <output_dir>/checkpoints/last.pth full training state (atomic), best.pth
+    <output_dir>/summary.json         final figures and the checkpoint paths
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+from omegaconf import DictConfig
+
+from .config import to_yaml
+from .dist import is_main_process
+
+LOGGER_NAME = "resdet"
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)
+
+
+def setup_logging(log_file: str | None) -> logging.Logger:
+    logger = get_logger()
+    logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if log_file and is_main_process():
+        fh = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_json_safe(obj), f, indent=2)
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    """Owns the files of one run. Methods are no-ops on ranks other than 0."""
+
+    def __init__(self, output_dir: str, cfg: DictConfig):
+        self.dir = os.path.abspath(output_dir)
+        self.checkpoint_dir = os.path.join(self.dir, "checkpoints")
+        self.main = is_main_process()
+        self._tb = None
+        if self.main:
+            os.makedirs(self.checkpoint_dir, exist_ok=True)
+            with open(os.path.join(self.dir, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(to_yaml(cfg))
+        self.logger = setup_logging(os.path.join(self.dir, "log.txt") if self.main else None)
+        self.started = time.time()
+
+    @property
+    def last_checkpoint(self) -> str:
+        return os.path.join(self.checkpoint_dir, "last.pth")
+
+    @property
+    def best_checkpoint(self) -> str:
+        return os.path.join(self.checkpoint_dir, "best.pth")
+
+    @property
+    def tensorboard(self):
+        if self._tb is None and self.main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(self.dir)
+        return self._tb
+
+    def log_metrics(self, step: int, metrics: dict, prefix: str = "") -> None:
+        """Append to metrics.jsonl and TensorBoard; ``prefix`` groups them (``train/``, ``val/``)."""
+        if not self.main:
+            return
+        record = {"step": int(step), "time": round(time.time() - self.started, 2)}
+        record.update({f"{prefix}{k}": v for k, v in metrics.items()})
+        with open(os.path.join(self.dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(_json_safe(record)) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.tensorboard.add_scalar(f"{prefix}{k}", v, step)
+
+    def write_summary(self, summary: dict) -> dict:
+        """Write summary.json (rank 0) and return the summary with the run folder and wall time added."""
+        summary = dict(summary, output_dir=self.dir, wall_time_s=round(time.time() - self.started, 1))
+        if self.main:
+            write_json_atomic(os.path.join(self.dir, "summary.json"), summary)
+        return summary
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

@@ -1,0 +1,1 @@
+"""ImageNet-style classification pretraining of the ResNet backbones (the paper's section 3.4)."""

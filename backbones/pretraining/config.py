@@ -1,0 +1,84 @@
+"""Schema of a pretraining run. The defaults ARE the embedded demo: ``python
+tools/pretrain_backbone.py`` with no argument trains a slim ResNet-18 on synthetic shapes that it
+writes to ``datasets/synthetic_shapes`` on first use. The paper's ImageNet recipe lives in
+``configs/pretrain/resnet*_imagenet.yaml``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 18  # 18/34/50/101/152; with cifar=true: 6n+2 (20, 32, 44, 56, 110, 1202)
+    cifar: bool = False  # the section 4.2 nets (3x3 stem, three stages of 16/32/64 filters)
+    plain: bool = False  # no shortcuts: the paper's plain counterparts
+    shortcut: str = "B"  # A: zero-padding identity, B: projection where shape changes, C: all projection
+    base_width: int = 16  # 64 in the paper; 16 trains on a CPU in minutes
+    stride_in_1x1: bool = True  # paper/Caffe layout; false = torchvision's (stride in the 3x3)
+    zero_init_last_bn: bool = False
+    norm: str = "bn"  # bn | sync_bn (sync_bn across ranks under torchrun)
+
+
+@dataclass
+class DataConfig:
+    train_dir: str = "datasets/synthetic_shapes/train"  # ImageFolder: <train_dir>/<class>/<image>
+    val_dir: str = "datasets/synthetic_shapes/val"  # "" = hold out val_fraction of train_dir
+    val_fraction: float = 0.0
+    synthetic: bool = True  # materialise the synthetic shapes dataset at train_dir/val_dir if missing
+    synthetic_train_per_class: int = 300
+    synthetic_val_per_class: int = 60
+    synthetic_image_size: int = 64
+    # Scale augmentation (paper: shorter side sampled in [256, 480], random 224 crop, flip).
+    scale_range: list[int] = field(default_factory=lambda: [56, 80])
+    crop_size: int = 56
+    crop_padding: int = 0  # CIFAR recipe: pad 4 px on each side, then the random crop
+    test_resize: int = 64  # shorter side before the centre crop at test time (paper: 256)
+    flip: bool = True
+    pca_lighting_std: float = 0.1  # AlexNet-style PCA colour augmentation; 0 disables
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    workers: int = 2  # DataLoader processes per rank
+    skip_corrupt: bool = True  # false: a corrupt image is an error instead of skipped and counted
+
+
+@dataclass
+class SolverConfig:
+    epochs: int = 30
+    batch_size: int = 64  # total over all ranks
+    base_lr: float = 0.1  # at reference_batch_size; scaled linearly with batch_size
+    reference_batch_size: int = 64  # demo: lr 0.1 at batch 64; the paper configs set 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    schedule: str = "step"  # step | cosine
+    steps: list[int] = field(default_factory=lambda: [20, 27])  # epochs at which lr /= 10 (step)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler)
+    channels_last: bool = False
+    clip_grad_norm: float = 0.0  # 0 = off
+
+
+@dataclass
+class EvalConfig:
+    period: int = 5  # epochs between validations (and at the end)
+    ten_crop: bool = True  # at the end: 10-crop top-1/top-5
+    # At the end: the paper's fully-convolutional multi-scale testing (ImageNet: 224..640).
+    multiscale_sizes: list[int] = field(default_factory=lambda: [56, 64, 96, 128])
+    batch_size: int = 128
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = ""  # "" = runs/<config name>
+    resume: bool = False  # continue from <output_dir>/checkpoints/last.pth
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    log_period: int = 20  # iterations between metrics.jsonl/TensorBoard records
+    checkpoint_period: int = 0  # iterations between mid-epoch checkpoints; 0 = end of each epoch only
+    debug_stop_at_iter: int = 0  # tests: exit abruptly at this iteration, as a killed run would

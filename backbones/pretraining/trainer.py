@@ -1,0 +1,245 @@
+"""The pretraining loop: SGD with the paper's recipe, DDP-ready, resumable to the iteration."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..checkpoint import backbone_checkpoint
+from ..engine.config import to_yaml
+from ..engine.dist import (all_gather_object, barrier, get_world_size, init_distributed, is_main_process,
+                           reduce_sum)
+from ..engine.run import RunFolder
+from ..engine.state import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+from ..resnet import build_resnet
+from .data import (DatasetError, ImageFolderDataset, ShardedSampler, collate_skip_none, scan_image_folder,
+                   split_holdout, train_transform)
+from .evaluate import evaluate_classifier, normalize
+from .synthetic import make_synthetic_shapes
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_classifier(model_cfg, num_classes: int):
+    return build_resnet(
+        model_cfg.depth, cifar=model_cfg.cifar, plain=model_cfg.plain, num_classes=num_classes,
+        shortcut=model_cfg.shortcut, base_width=model_cfg.base_width, stride_in_1x1=model_cfg.stride_in_1x1,
+        zero_init_last_bn=model_cfg.zero_init_last_bn, norm="bn",
+    )
+
+
+def prepare_data(cfg: DictConfig):
+    """Find (or materialise) the dataset; fail at once with the path and layout when it is missing."""
+    d = cfg.data
+    if d.synthetic and not (os.path.isdir(d.train_dir) and (not d.val_dir or os.path.isdir(d.val_dir))):
+        if is_main_process():
+            print(f"materialising the synthetic shapes dataset at {os.path.dirname(os.path.abspath(d.train_dir))} ...")
+            make_synthetic_shapes(d.train_dir, d.val_dir, d.synthetic_train_per_class, d.synthetic_val_per_class,
+                                  d.synthetic_image_size, seed=cfg.seed)
+        barrier()
+    classes, train_samples = scan_image_folder(d.train_dir)
+    if d.val_dir:
+        val_classes, val_samples = scan_image_folder(d.val_dir)
+        if val_classes != classes:
+            extra = sorted(set(val_classes) ^ set(classes))[:5]
+            raise DatasetError(f"{d.val_dir}: class folders differ from {d.train_dir} (e.g. {extra}); "
+                               "both splits need the same class sub-folders")
+    elif d.val_fraction > 0:
+        train_samples, val_samples = split_holdout(train_samples, d.val_fraction, cfg.seed)
+    else:
+        raise DatasetError("data.val_dir is empty and data.val_fraction is 0: set one of them")
+    return classes, train_samples, val_samples
+
+
+def lr_factor(cfg: DictConfig, iteration: int, iters_per_epoch: int) -> float:
+    """Multiplier of the base learning rate at ``iteration`` (warm-up, then step or cosine)."""
+    s = cfg.solver
+    epoch = iteration / iters_per_epoch
+    warmup = 1.0
+    if s.warmup_epochs > 0 and epoch < s.warmup_epochs:
+        warmup = 0.1 + 0.9 * epoch / s.warmup_epochs
+    if s.schedule == "step":
+        return warmup * s.gamma ** sum(epoch >= step for step in s.steps)
+    if s.schedule == "cosine":
+        return warmup * 0.5 * (1 + math.cos(math.pi * min(epoch / s.epochs, 1.0)))
+    raise ValueError(f"solver.schedule must be step or cosine, got {s.schedule!r}")
+
+
+def _check_solver(cfg: DictConfig) -> None:
+    s = cfg.solver
+    if s.amp not in AMP_DTYPES:
+        raise ValueError(f"solver.amp must be one of {list(AMP_DTYPES)}, got {s.amp!r}")
+    if s.batch_size % get_world_size():
+        raise ValueError(f"solver.batch_size={s.batch_size} is the total over ranks: it must be divisible by "
+                         f"the {get_world_size()} processes")
+
+
+def train(cfg: DictConfig, run_name: str) -> dict:
+    rank, world_size, device = init_distributed()
+    if cfg.device == "cpu":
+        device = torch.device("cpu")
+    _check_solver(cfg)
+    output_dir = cfg.output_dir or os.path.join("runs", run_name)
+    classes, train_samples, val_samples = prepare_data(cfg)
+    run = RunFolder(output_dir, cfg)
+    log = run.logger
+    seed_everything(cfg.seed + rank)
+    d, s = cfg.data, cfg.solver
+
+    model = build_classifier(cfg.model, len(classes))
+    if cfg.model.norm == "sync_bn" and world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if s.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world_size > 1 else model
+
+    lr = s.base_lr * s.batch_size / s.reference_batch_size
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay,
+                                nesterov=s.nesterov)
+    amp_dtype = AMP_DTYPES[s.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=s.amp == "fp16")
+
+    per_rank_batch = s.batch_size // world_size
+    train_set = ImageFolderDataset(train_samples, classes, train_transform(d.scale_range, d.crop_size, d.flip,
+                                   d.pca_lighting_std, d.crop_padding), seed=cfg.seed, skip_corrupt=d.skip_corrupt)
+    sampler = ShardedSampler(len(train_set), shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size)
+    iters_per_epoch = len(sampler) // per_rank_batch
+    if iters_per_epoch == 0:
+        raise DatasetError(f"{d.train_dir}: {len(train_set)} images are fewer than one batch of {s.batch_size}")
+    total_iters = iters_per_epoch * s.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it, iters_per_epoch))
+
+    start_iter, best_top1, skipped_total = 0, -1.0, 0
+    if cfg.resume and os.path.isfile(run.last_checkpoint):
+        state = load_checkpoint(run.last_checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        start_iter, best_top1, skipped_total = state["iteration"], state["best_top1"], state["skipped_corrupt"]
+        log.info("resumed from %s at iteration %d (epoch %.2f)", run.last_checkpoint, start_iter,
+                 start_iter / iters_per_epoch)
+    elif cfg.resume:
+        log.info("resume=true but %s does not exist: starting from scratch", run.last_checkpoint)
+
+    log.info("pretraining %s-%d (%s shortcuts, width %d) on %d classes: %d train / %d val images, "
+             "%d ranks, batch %d, lr %.4f, %d iterations", "plain" if cfg.model.plain else "resnet", cfg.model.depth,
+             cfg.model.shortcut, cfg.model.base_width, len(classes), len(train_samples), len(val_samples),
+             world_size, s.batch_size, lr, total_iters)
+
+    mean_t = torch.tensor(d.mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(d.std, device=device).view(1, 3, 1, 1)
+
+    def save_state(iteration: int) -> None:
+        rngs = all_gather_object(rng_state())  # every rank's generators, restored per rank
+        if is_main_process():
+            atomic_save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+                "iteration": iteration, "epoch": iteration // iters_per_epoch, "best_top1": best_top1,
+                "skipped_corrupt": skipped_total, "config": to_yaml(cfg),
+                "backbone": backbone_checkpoint(model, d.mean, d.std, classes, to_yaml(cfg)),
+            }, run.last_checkpoint)
+
+    def evaluate(mode: str) -> dict:
+        return evaluate_classifier(model, val_samples, classes, mode, device, d.mean, d.std,
+                                   resize=d.test_resize, crop=d.crop_size, scales=cfg.eval.multiscale_sizes,
+                                   batch_size=cfg.eval.batch_size, workers=d.workers, amp_dtype=amp_dtype,
+                                   channels_last=s.channels_last)
+
+    iteration = start_iter
+    val_metrics: dict = {}
+    progress = tqdm(total=total_iters, initial=start_iter, disable=not is_main_process(), dynamic_ncols=True,
+                    desc="pretrain", mininterval=2.0, file=sys.stdout)
+    window_loss, window_images, window_start = 0.0, 0, time.time()
+    for epoch in range(start_iter // iters_per_epoch, s.epochs):
+        model.train()
+        train_set.epoch = epoch
+        done_in_epoch = iteration - epoch * iters_per_epoch
+        sampler.set_epoch(epoch, start=done_in_epoch * per_rank_batch)
+        loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=d.workers,
+                            collate_fn=collate_skip_none, drop_last=True, pin_memory=device.type == "cuda",
+                            persistent_workers=False)
+        for images, labels, n_skipped in loader:
+            skipped_total += n_skipped
+            if images is not None:
+                images = normalize(images.to(device, non_blocking=True), mean_t, std_t, s.channels_last)
+                labels = labels.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = F.cross_entropy(ddp_model(images), labels)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if s.clip_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at iteration {iteration}; "
+                                             "lower solver.base_lr or enable solver.clip_grad_norm")
+                window_loss += loss.item() * labels.numel()
+                window_images += labels.numel()
+            scheduler.step()
+            iteration += 1
+            progress.update(1)
+            if cfg.debug_stop_at_iter and iteration == cfg.debug_stop_at_iter:
+                os._exit(3)  # simulate a killed process: no cleanup, no final checkpoint
+            if iteration % cfg.log_period == 0 or iteration % iters_per_epoch == 0:
+                elapsed = time.time() - window_start
+                stats = reduce_sum({"loss": window_loss, "images": window_images}, device)
+                train_loss = stats["loss"] / max(stats["images"], 1)
+                img_s = stats["images"] / max(elapsed, 1e-9)
+                progress.set_postfix(loss=f"{train_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}",
+                                     img_s=f"{img_s:.0f}")
+                run.log_metrics(iteration, {"loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                                            "img_per_s": img_s, "epoch": iteration / iters_per_epoch,
+                                            "skipped_corrupt": skipped_total}, prefix="train/")
+                window_loss, window_images, window_start = 0.0, 0, time.time()
+            if cfg.checkpoint_period and iteration % cfg.checkpoint_period == 0 and iteration % iters_per_epoch:
+                save_state(iteration)
+        end_of_run = epoch + 1 == s.epochs
+        if (epoch + 1) % cfg.eval.period == 0 or end_of_run:
+            val_metrics = evaluate("center")
+            model.train()
+            run.log_metrics(iteration, val_metrics, prefix="val/")
+            log.info("epoch %d/%d  val top-1 %.2f%%  top-5 %.2f%%  (center crop, %d images)", epoch + 1, s.epochs,
+                     100 * val_metrics["top1"], 100 * val_metrics["top5"], val_metrics["images"])
+            if val_metrics["top1"] > best_top1:
+                best_top1 = val_metrics["top1"]
+                if is_main_process():
+                    atomic_save(backbone_checkpoint(model, d.mean, d.std, classes, to_yaml(cfg)), run.best_checkpoint)
+        save_state(iteration)
+    progress.close()
+
+    final = {"center": val_metrics or evaluate("center")}
+    if cfg.eval.ten_crop:
+        final["ten_crop"] = evaluate("ten_crop")
+    if cfg.eval.multiscale_sizes:
+        final["multiscale"] = evaluate("multiscale")
+    backbone_path = os.path.join(run.checkpoint_dir, "backbone.pth")
+    if is_main_process():
+        atomic_save(backbone_checkpoint(model, d.mean, d.std, classes, to_yaml(cfg)), backbone_path)
+    for mode, m in final.items():
+        log.info("final %-10s top-1 %.2f%% (err %.2f%%)  top-5 %.2f%% (err %.2f%%)", mode, 100 * m["top1"],
+                 100 * m["top1_err"], 100 * m["top5"], 100 * m["top5_err"])
+    summary = {
+        "task": "pretrain", "classes": classes, "iterations": iteration, "epochs": s.epochs,
+        "val": final, "best_center_top1": best_top1, "skipped_corrupt_train": skipped_total,
+        "backbone_checkpoint": backbone_path, "last_checkpoint": run.last_checkpoint,
+        "best_checkpoint": run.best_checkpoint,
+    }
+    summary = run.write_summary(summary)
+    run.close()
+    return summary
+

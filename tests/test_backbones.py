@@ -1,0 +1,139 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import backbones
+from backbones import (CheckpointError, build_resnet, convert_torchvision_state_dict, count_multiply_adds,
+                       count_parameters, load_backbone_weights, resnet_from_arch)
+from backbones.resnet import ProjectionShortcut, ZeroPadShortcut
+
+# Parameter counts of the 1000-class nets with option B shortcuts (equal to torchvision's).
+PARAMS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_549_160, 152: 60_192_808}
+# Table 1 of the paper: multiply-adds at 224x224, in billions.
+PAPER_GMACS = {18: 1.8, 34: 3.6, 50: 3.8, 101: 7.6, 152: 11.3}
+
+
+@pytest.mark.parametrize("depth", sorted(PARAMS))
+def test_parameter_count_matches_known_figure(depth):
+    assert count_parameters(build_resnet(depth, num_classes=1000, shortcut="B")) == PARAMS[depth]
+
+
+@pytest.mark.parametrize("depth", sorted(PAPER_GMACS))
+def test_multiply_adds_close_to_paper_table1(depth):
+    gmacs = count_multiply_adds(build_resnet(depth)) / 1e9
+    assert gmacs == pytest.approx(PAPER_GMACS[depth], rel=0.03)
+
+
+def test_stride_in_3x3_costs_more_as_in_torchvision():
+    paper = count_multiply_adds(backbones.resnet50()) / 1e9
+    tv_layout = count_multiply_adds(backbones.resnet50(stride_in_1x1=False)) / 1e9
+    assert paper == pytest.approx(3.86, abs=0.01) and tv_layout == pytest.approx(4.09, abs=0.01)
+
+
+@pytest.mark.parametrize("depth,params_m", [(20, 0.27), (56, 0.85), (110, 1.7)])
+def test_cifar_resnets_match_table6(depth, params_m):
+    model = backbones.cifar_resnet(depth)
+    assert count_parameters(model) / 1e6 == pytest.approx(params_m, rel=0.03)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert model.stage_channels == {"stem": 16, "res2": 16, "res3": 32, "res4": 64}
+
+
+def test_cifar_depth_must_be_6n_plus_2():
+    with pytest.raises(ValueError, match="6n\\+2"):
+        backbones.cifar_resnet(21)
+
+
+def test_shortcut_options():
+    a, b, c = (backbones.resnet34(shortcut=s) for s in "ABC")
+    plain = backbones.plain34()
+    assert count_parameters(a) == count_parameters(plain)  # option A adds no parameters
+    assert count_parameters(a) < count_parameters(b) < count_parameters(c)
+    assert sum(isinstance(m, ZeroPadShortcut) for m in a.modules()) == 3  # one per stage transition
+    assert sum(isinstance(m, ProjectionShortcut) for m in b.modules()) == 3
+    assert sum(isinstance(m, ProjectionShortcut) for m in c.modules()) == 16  # every block
+    assert all(blk.shortcut is None for stage in ("res2", "res3", "res4", "res5") for blk in getattr(plain, stage))
+
+
+def test_zero_pad_shortcut_values():
+    x = torch.arange(2 * 4 * 4, dtype=torch.float32).view(1, 2, 4, 4)
+    y = ZeroPadShortcut(2, 5, stride=2)(x)
+    assert y.shape == (1, 5, 2, 2)
+    assert torch.equal(y[:, :2], x[:, :, ::2, ::2]) and not y[:, 2:].any()
+
+
+def test_named_stages_strides_and_shapes():
+    model = backbones.resnet50(num_classes=0, base_width=16)
+    assert model.stage_strides == {"stem": 4, "res2": 4, "res3": 8, "res4": 16, "res5": 32}
+    assert model.stage_channels == {"stem": 16, "res2": 64, "res3": 128, "res4": 256, "res5": 512}
+    feats = model.forward_features(torch.zeros(1, 3, 64, 96), ("res2", "res4"))
+    assert set(feats) == {"res2", "res4"}
+    assert feats["res2"].shape == (1, 64, 16, 24) and feats["res4"].shape == (1, 256, 4, 6)
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 512)
+
+
+def test_zero_init_last_bn_makes_blocks_identity():
+    model = backbones.resnet18(base_width=8, zero_init_last_bn=True).eval()
+    block = model.res3[1]
+    x = torch.relu(torch.randn(1, 16, 8, 8))
+    assert torch.allclose(block(x), x)
+
+
+def test_freeze_at_freezes_stem_and_res2_with_frozen_bn():
+    model = backbones.resnet18(base_width=8, freeze_at=2)
+    assert not any(p.requires_grad for p in model.stem.parameters())
+    assert not any(p.requires_grad for p in model.res2.parameters())
+    assert all(p.requires_grad for p in model.res3.parameters())
+    assert isinstance(model.stem.bn, torchvision.ops.FrozenBatchNorm2d)
+    assert isinstance(model.res3[0].bn1, nn.BatchNorm2d)
+
+
+def _randomise_bn(model):
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_torchvision_conversion_gives_same_outputs(name):
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, name)()
+    _randomise_bn(tv)
+    tv.eval()
+    state, arch = convert_torchvision_state_dict(tv.state_dict())
+    assert arch["stride_in_1x1"] is False and arch["num_classes"] == 1000
+    ours = resnet_from_arch(arch)
+    load_backbone_weights(ours, {"arch": arch, "state_dict": state}, strict_head=True)
+    ours.eval()
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), tv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_mismatched_checkpoint_names_keys_and_options():
+    src = backbones.resnet18(base_width=8)
+    ckpt = backbones.backbone_checkpoint(src, [0.5] * 3, [0.2] * 3, ["a"])
+    with pytest.raises(CheckpointError, match="base_width: checkpoint 8 vs model 16"):
+        load_backbone_weights(backbones.resnet18(base_width=16), ckpt, source="x.pth")
+    ckpt.pop("arch")
+    with pytest.raises(CheckpointError, match=r"x\.pth.*shape mismatch: stem\.conv\.weight"):
+        load_backbone_weights(backbones.resnet18(base_width=16), ckpt, source="x.pth")
+    del ckpt["state_dict"]["res2.0.conv1.weight"]
+    with pytest.raises(CheckpointError, match=r"missing keys: res2\.0\.conv1\.weight"):
+        load_backbone_weights(backbones.resnet18(base_width=8), ckpt, source="x.pth")
+
+
+def test_read_backbone_checkpoint_converts_torchvision_file(tmp_path):
+    tv = torchvision.models.resnet18()
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    ckpt = backbones.read_backbone_checkpoint(tmp_path / "tv.pth")
+    assert ckpt["arch"]["stage_blocks"] == [2, 2, 2, 2] and ckpt["arch"]["block"] == "basic"
+    model = resnet_from_arch(ckpt["arch"], num_classes=0)
+    load_backbone_weights(model, ckpt)  # the classifier is dropped for a feature extractor
+    torch.testing.assert_close(model.stem.conv.weight, tv.conv1.weight)
+    with pytest.raises(CheckpointError, match="not found"):
+        backbones.read_backbone_checkpoint(tmp_path / "missing.pth")

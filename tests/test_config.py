@@ -1,0 +1,60 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from backbones.engine.config import ConfigError, load_config
+
+
+@dataclass
+class Inner:
+    lr: float = 0.1
+    steps: list = field(default_factory=lambda: [30, 60])
+
+
+@dataclass
+class Schema:
+    solver: Inner = field(default_factory=Inner)
+    name: str = "x"
+
+
+def test_defaults_base_inheritance_and_override_order(tmp_path):
+    (tmp_path / "base.yaml").write_text("solver:\n  lr: 0.2\n  steps: [1, 2]\nname: base\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\nsolver:\n  lr: 0.3\n")
+    cfg = load_config(Schema, str(tmp_path / "child.yaml"), ["name=cli"])
+    assert cfg.solver.lr == 0.3 and list(cfg.solver.steps) == [1, 2] and cfg.name == "cli"
+    assert load_config(Schema).solver.lr == 0.1
+
+
+def test_unknown_key_in_file_names_file_key_and_closest(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("solver:\n  lrr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'solver\.lrr'; did you mean 'solver\.lr'"):
+        load_config(Schema, str(path))
+
+
+def test_unknown_override_and_bad_type():
+    with pytest.raises(ConfigError, match=r"command line: unknown config key 'solvr'; did you mean 'solver'"):
+        load_config(Schema, None, ["solvr.lr=1"])
+    with pytest.raises(ConfigError, match="command line"):
+        load_config(Schema, None, ["solver.lr=abc"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(Schema, None, ["solver.lr"])
+
+
+def test_missing_file_and_cycle(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Schema, str(tmp_path / "nope.yaml"))
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(Schema, str(tmp_path / "a.yaml"))
+
+
+def test_every_shipped_pretrain_config_loads(repo_root):
+    from backbones.pretraining.config import PretrainConfig
+
+    paths = sorted((repo_root / "configs" / "pretrain").glob("*.yaml"))
+    assert len(paths) >= 8
+    for path in paths:
+        load_config(PretrainConfig, str(path))
+    assert load_config(PretrainConfig, str(repo_root / "configs/pretrain/resnet101_imagenet.yaml")).model.depth == 101

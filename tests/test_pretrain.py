@@ -1,0 +1,183 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from backbones import read_backbone_checkpoint
+from backbones.pretraining.data import (DatasetError, ImageFolderDataset, PCALighting, ShardedSampler,
+                                        collate_skip_none, scan_image_folder, split_holdout, ten_crops,
+                                        train_transform)
+from backbones.pretraining.synthetic import make_synthetic_shapes
+from backbones.engine.config import load_config
+from backbones.pretraining.config import PretrainConfig
+from backbones.pretraining.trainer import lr_factor
+from conftest import ROOT, SHARED_DATA
+
+TOOL = str(ROOT / "tools" / "pretrain_backbone.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    make_synthetic_shapes(str(root / "train"), str(root / "val"), 6, 3, 32, seed=1)
+    return root
+
+
+def tiny_overrides(root, out, *extra):
+    return [f"data.train_dir={root}/train", f"data.val_dir={root}/val", "data.synthetic=false",
+            "data.scale_range=[32,40]", "data.crop_size=32", "data.test_resize=32", "data.workers=0",
+            "model.base_width=8", "solver.batch_size=8", "solver.epochs=2", "solver.steps=[1]",
+            "eval.period=1", "eval.multiscale_sizes=[32,48]", "eval.batch_size=16", "log_period=2",
+            f"output_dir={out}", *extra]
+
+
+def run_tool(args, env_extra=None, check=True):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    proc = subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_synthetic_dataset_is_imagefolder_and_reused(tiny_shapes):
+    classes, samples = scan_image_folder(str(tiny_shapes / "train"))
+    assert len(classes) == 8 and len(samples) == 48
+    before = os.path.getmtime(samples[0][0])
+    make_synthetic_shapes(str(tiny_shapes / "train"), str(tiny_shapes / "val"), 6, 3, 32, seed=1)
+    assert os.path.getmtime(samples[0][0]) == before  # same parameters: not rewritten
+
+
+def test_missing_dataset_error_names_path_and_layout(tmp_path):
+    with pytest.raises(DatasetError, match=r"not found: .*nowhere[\s\S]*expected layout: <root>/<class_name>"):
+        scan_image_folder(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no class sub-folders"):
+        scan_image_folder(str(tmp_path / "empty"))
+
+
+def test_tool_reports_missing_dataset_before_training(tmp_path):
+    proc = run_tool([str(ROOT / "configs/pretrain/resnet50_imagenet.yaml"), f"data.train_dir={tmp_path}/imagenet/train",
+                     f"output_dir={tmp_path}/run"], check=False)
+    assert proc.returncode == 2
+    assert f"{tmp_path}/imagenet/train" in proc.stderr and "expected layout" in proc.stderr
+    proc = run_tool(["solver.epocs=3"], check=False)
+    assert proc.returncode == 2 and "did you mean 'solver.epochs'" in proc.stderr
+
+
+def test_corrupt_image_is_skipped_and_counted(tiny_shapes, tmp_path):
+    classes, samples = scan_image_folder(str(tiny_shapes / "train"))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    samples = samples[:3] + [(str(bad), 0)]
+    ds = ImageFolderDataset(samples, classes, train_transform([32, 40], 32, True, 0.1))
+    assert ds[3] is None
+    images, labels, skipped = collate_skip_none([ds[i] for i in range(4)])
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8 and skipped == 1
+    strict = ImageFolderDataset(samples, classes, train_transform([32, 40], 32, True, 0.1), skip_corrupt=False)
+    with pytest.raises(RuntimeError, match="bad.jpg"):
+        strict[3]
+
+
+def test_augmentation_is_reproducible_per_sample(tiny_shapes):
+    classes, samples = scan_image_folder(str(tiny_shapes / "train"))
+    ds = ImageFolderDataset(samples, classes, train_transform([32, 48], 32, True, 0.1), seed=3)
+    a, b = ds[5][0], ds[5][0]
+    assert torch.equal(a, b)
+    ds.epoch = 1
+    assert not torch.equal(a, ds[5][0])  # a new epoch draws new crops
+
+
+def test_pca_lighting_shifts_along_imagenet_components():
+    img = np.full((4, 4, 3), 128, np.uint8)
+    out = PCALighting(std=0.5, p=1.0)(image=img)["image"].astype(int) - 128
+    assert out.std() == 0 or np.ptp(out.reshape(-1, 3), axis=0).max() == 0  # one offset for every pixel
+    assert np.abs(out[0, 0]).sum() > 0
+
+
+def test_ten_crops_are_corners_centre_and_mirrors():
+    img = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
+    crops = ten_crops(img, 4)
+    assert len(crops) == 10
+    assert np.array_equal(crops[0], img[:4, :4]) and np.array_equal(crops[3], img[2:, 4:])
+    assert np.array_equal(crops[4], img[1:5, 2:6]) and np.array_equal(crops[9], img[1:5, 2:6][:, ::-1])
+
+
+def test_sharded_sampler_covers_everything_once_and_resumes():
+    shards = [list(ShardedSampler(10, shuffle=True, seed=1, rank=r, world_size=3)) for r in range(3)]
+    assert all(len(s) == 4 for s in shards) and set(sum(shards, [])) == set(range(10))
+    evals = [list(ShardedSampler(10, shuffle=False, rank=r, world_size=3, pad=False)) for r in range(3)]
+    assert sorted(sum(evals, [])) == list(range(10))
+    s = ShardedSampler(10, shuffle=True, seed=1)
+    s.set_epoch(2)
+    full = list(s)
+    s.set_epoch(2, start=4)
+    assert list(s) == full[4:]
+
+
+def test_holdout_split_is_disjoint_and_per_class():
+    samples = [(f"{c}_{i}", c) for c in range(3) for i in range(10)]
+    train, val = split_holdout(samples, 0.2, seed=0)
+    assert len(val) == 6 and not set(train) & set(val) and {c for _, c in val} == {0, 1, 2}
+
+
+def test_step_schedule_divides_by_ten():
+    cfg = load_config(PretrainConfig, None, ["solver.steps=[2,4]", "solver.epochs=6"])
+    assert [lr_factor(cfg, it, 10) for it in (0, 19, 20, 40, 59)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
+    cfg = load_config(PretrainConfig, None, ["solver.schedule=cosine", "solver.epochs=2"])
+    assert lr_factor(cfg, 10, 10) == pytest.approx(0.5)
+
+
+def test_pretrain_run_writes_run_folder_and_backbone(tiny_shapes, tmp_path):
+    out = tmp_path / "run"
+    run_tool(tiny_overrides(tiny_shapes, out))
+    for name in ("config.yaml", "log.txt", "metrics.jsonl", "summary.json", "checkpoints/last.pth",
+                 "checkpoints/best.pth", "checkpoints/backbone.pth"):
+        assert (out / name).is_file(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["val"]) == {"center", "ten_crop", "multiscale"}
+    assert summary["val"]["center"]["images"] == 24
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in r for r in records) and any("val/top1" in r for r in records)
+    ckpt = read_backbone_checkpoint(out / "checkpoints/backbone.pth")
+    assert ckpt["arch"]["base_width"] == 8 and len(ckpt["class_names"]) == 8 and "solver" in ckpt["config"]
+
+
+def test_killed_and_resumed_run_ends_with_identical_weights(tiny_shapes, tmp_path):
+    common = ["checkpoint_period=4", "solver.epochs=2", "eval.ten_crop=false", "eval.multiscale_sizes=[]"]
+    run_tool(tiny_overrides(tiny_shapes, tmp_path / "straight", *common))
+    killed = run_tool(tiny_overrides(tiny_shapes, tmp_path / "resumed", *common, "debug_stop_at_iter=11"), check=False)
+    assert killed.returncode == 3  # died mid-epoch, after the checkpoint at iteration 8 (6 per epoch)
+    log = run_tool(tiny_overrides(tiny_shapes, tmp_path / "resumed", *common, "resume=true")).stdout
+    assert "resumed from" in log and "at iteration 8 " in log
+    a = torch.load(tmp_path / "straight/checkpoints/last.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed/checkpoints/last.pth", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+
+
+def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", TOOL,
+           *tiny_overrides(tiny_shapes, out, "eval.ten_crop=false", "eval.multiscale_sizes=[]")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val"]["center"]["images"] == 24  # each val image counted once across the 2 ranks
+    assert "2 ranks" in (out / "log.txt").read_text()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "imagenette-loc" / "images").is_dir(), reason="needs ../shared/data/imagenette-loc")
+def test_pretrain_few_steps_on_real_imagenet_sample(tmp_path):
+    out = tmp_path / "imagenette"
+    run_tool([str(ROOT / "configs/pretrain/resnet18_imagenette.yaml"), f"data.train_dir={SHARED_DATA}/imagenette-loc/images",
+              "model.base_width=8", "solver.epochs=1", "solver.batch_size=16", "data.scale_range=[64,80]",
+              "data.crop_size=64", "data.test_resize=64", "eval.ten_crop=false", "eval.multiscale_sizes=[]",
+              "data.workers=0", f"output_dir={out}"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val"]["center"]["images"] == 100 and len(summary["classes"]) == 10
+    assert summary["skipped_corrupt_train"] == 0
