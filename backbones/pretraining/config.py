@@ -44,7 +44,7 @@ class DataConfig:
 
 @dataclass
 class SolverConfig:
-    epochs: int = 30
+    epochs: int = 60
     batch_size: int = 64  # total over all ranks
     base_lr: float = 0.1  # at reference_batch_size; scaled linearly with batch_size
     reference_batch_size: int = 64  # demo: lr 0.1 at batch 64; the paper configs set 256
@@ -52,7 +52,7 @@ class SolverConfig:
     weight_decay: float = 1e-4
     nesterov: bool = False
     schedule: str = "step"  # step | cosine
-    steps: list[int] = field(default_factory=lambda: [20, 27])  # epochs at which lr /= 10 (step)
+    steps: list[int] = field(default_factory=lambda: [45, 55])  # epochs at which lr /= 10 (step)
     gamma: float = 0.1
     warmup_epochs: float = 0.0
     amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler)
