@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Pretraining speed, side by side in one run: training img/s of our ResNet-50 (paper layout and
+torchvision layout) and of torchvision's resnet50 on the same batch and settings, and the img/s of
+our data pipeline (OpenCV decode + albumentations augmentation) in one worker.
+
+    python bench/pretrain_speed.py                                   # CPU, small batch
+    python bench/pretrain_speed.py --device cuda --batch 256 --amp bf16 --channels-last
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+
+import backbones  # noqa: E402
+from backbones.engine.imageio import read_image_rgb  # noqa: E402
+from backbones.pretraining.data import train_transform  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_speed(model, device, batch, size, iters, warmup, amp_dtype, channels_last) -> float:
+    model = model.to(device).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(batch, 3, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync(device)
+    return batch * iters / (time.perf_counter() - start)
+
+
+def pipeline_speed(n_images: int) -> float:
+    """Decode + scale augmentation + crop + flip + PCA lighting of ImageNet-sized JPEGs, one process."""
+    rng = np.random.default_rng(0)
+    transform = train_transform([256, 480], 224, True, 0.1)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i in range(n_images):
+            img = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)
+            img = cv2.GaussianBlur(img, (0, 0), 3)  # photo-like entropy, not pure noise
+            paths.append(os.path.join(tmp, f"{i}.jpg"))
+            cv2.imwrite(paths[-1], img)
+        start = time.perf_counter()
+        for p in paths:
+            transform(image=read_image_rgb(p))
+        return n_images / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--pipeline-images", type=int, default=64)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    rows = []
+    for name, make in [("torchvision resnet50", lambda: torchvision.models.resnet50()),
+                       ("resdet resnet50 (stride in 3x3, = torchvision)", lambda: backbones.resnet50(stride_in_1x1=False)),
+                       ("resdet resnet50 (stride in 1x1, paper)", lambda: backbones.resnet50())]:
+        torch.manual_seed(0)
+        speed = train_speed(make(), device, args.batch, args.size, args.iters, args.warmup, amp, args.channels_last)
+        rows.append((name, f"{speed:.1f}"))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rows.append(("data pipeline, 1 worker (decode+augment, 500x375 JPEG)", f"{pipeline_speed(args.pipeline_images):.1f}"))
+    print(f"\ndevice {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
+          f"batch {args.batch}, {args.size}px, amp {args.amp}, channels_last {args.channels_last}, "
+          f"torch {torch.__version__}")
+    width = max(len(r[0]) for r in rows)
+    print(f"| {'what'.ljust(width)} | img/s |\n|{'-' * (width + 2)}|-------|")
+    for name, value in rows:
+        print(f"| {name.ljust(width)} | {value} |")
+
+
+if __name__ == "__main__":
+    main()
