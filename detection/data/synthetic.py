@@ -1,0 +1,223 @@
+"""A synthetic COCO-format shapes dataset written to disk, for trying the detector without a download.
+
+It is built to be a fair test of detection rather than an easy one: the class is given only by the
+shape (circle/ellipse, rectangle, triangle, cross), never by colour, which is drawn at random for every
+object; objects range from ``min_obj`` pixels to large, several per image, overlapping (each stays at
+least 70% visible, so its box is meaningful); backgrounds are gradients with noise and random lines;
+objects are filled with a slight texture. Images come in landscape, portrait and square shapes so the
+aspect-ratio grouping is exercised, a few images hold no object, and category ids are non-contiguous
+(1, 3, 7, 11) to exercise the label mapping.
+
+The files are those of a real COCO dataset (``train/*.jpg``, ``val/*.jpg``,
+``annotations/instances_{train,val}.json``), so everything downstream runs unchanged on it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import cv2
+import numpy as np
+
+CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 3, "name": "rectangle"},
+              {"id": 7, "name": "triangle"}, {"id": 11, "name": "cross"})
+FORMAT_VERSION = 1  # bump when the rendering changes, so stale datasets on disk are rebuilt
+MIN_VISIBLE = 0.7  # an object may be covered by later ones, but only up to 30% of it
+EMPTY_EVERY = 50  # image i with i % EMPTY_EVERY == 1 has no object (plus the last image of a split)
+SPLITS = ("train", "val")
+
+
+def make_synthetic_coco(root, num_train: int = 1500, num_val: int = 200, image_size: int = 128, seed: int = 0,
+                        min_obj: int = 10, max_obj: int = 70, objects_per_image: tuple[int, int] = (2, 6)) -> dict:
+    """Write the dataset under ``root`` (or reuse it when ``root/meta.json`` records the same parameters)
+    and return ``{"root", "train_images", "train_annotations", "val_images", "val_annotations"}``.
+
+    ``image_size`` is the longer image side; ``min_obj``/``max_obj`` bound the object size in pixels
+    (``max_obj`` is capped at 90% of the shorter side, 3/4 of ``image_size``);
+    ``objects_per_image`` is the inclusive range of objects per non-empty image. The dataset is written
+    to a temporary folder beside ``root`` and renamed into place, so an interrupted run leaves no half
+    dataset behind. The same parameters always give the same images and annotations."""
+    root = os.path.abspath(os.fspath(root))
+    max_obj = min(int(max_obj), int(0.9 * round(0.75 * image_size)))  # must fit in the shorter image side
+    params = {"version": FORMAT_VERSION, "num_train": int(num_train), "num_val": int(num_val),
+              "image_size": int(image_size), "seed": int(seed), "min_obj": int(min_obj), "max_obj": max_obj,
+              "objects_per_image": [int(v) for v in objects_per_image]}
+    _check_params(params)
+    paths = {"root": root}
+    for split in SPLITS:
+        paths[f"{split}_images"] = os.path.join(root, split)
+        paths[f"{split}_annotations"] = os.path.join(root, "annotations", f"instances_{split}.json")
+    if _is_complete(root, params):
+        return paths
+    if os.path.isdir(root) and os.listdir(root) and not os.path.isfile(os.path.join(root, "meta.json")):
+        raise FileExistsError(f"{root} exists and is not a synthetic dataset written by make_synthetic_coco; "
+                              "refusing to overwrite it (choose another synthetic_root)")
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=os.path.dirname(root))
+    try:
+        _write_dataset(tmp, params)
+        if os.path.isdir(root):
+            shutil.rmtree(root)  # an older or incomplete synthetic dataset (it has a meta.json, or is empty)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return paths
+
+
+def _check_params(p: dict) -> None:
+    lo, hi = p["objects_per_image"]
+    if not (0 < p["min_obj"] <= p["max_obj"] and 1 <= lo <= hi and p["num_train"] >= 0 and p["num_val"] >= 0):
+        raise ValueError(f"make_synthetic_coco: inconsistent parameters {p} (after capping max_obj to the image)")
+
+
+def _is_complete(root: str, params: dict) -> bool:
+    """True when ``root`` holds a finished dataset made with ``params`` (meta.json is written last)."""
+    try:
+        with open(os.path.join(root, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        counts = {split: len(os.listdir(os.path.join(root, split))) for split in SPLITS}
+    except (OSError, ValueError):
+        return False
+    return (meta == params and counts == {"train": params["num_train"], "val": params["num_val"]}
+            and all(os.path.isfile(os.path.join(root, "annotations", f"instances_{s}.json")) for s in SPLITS))
+
+
+def _write_dataset(out_dir: str, params: dict) -> None:
+    os.makedirs(os.path.join(out_dir, "annotations"))
+    for split_index, split in enumerate(SPLITS):
+        os.makedirs(os.path.join(out_dir, split))
+        coco = _write_split(out_dir, split, split_index, params)
+        with open(os.path.join(out_dir, "annotations", f"instances_{split}.json"), "w", encoding="utf-8") as f:
+            json.dump(coco, f)
+    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(params, f, indent=2)
+
+
+def _write_split(out_dir: str, split: str, split_index: int, p: dict) -> dict:
+    """Render and save one split's images; return its COCO json as a dict."""
+    num = p[f"num_{split}"]
+    images, annotations = [], []
+    for i in range(num):
+        rng = np.random.default_rng([p["seed"], split_index, i])  # per image: independent of the split size
+        height, width = _image_shape(rng, p["image_size"])
+        empty = i % EMPTY_EVERY == 1 or i == num - 1
+        num_objects = 0 if empty else int(rng.integers(p["objects_per_image"][0], p["objects_per_image"][1] + 1))
+        image, objects = _render_image(rng, height, width, num_objects, p["min_obj"], p["max_obj"])
+        image_id, file_name = i + 1, f"{i + 1:06d}.jpg"
+        cv2.imwrite(os.path.join(out_dir, split, file_name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                    [cv2.IMWRITE_JPEG_QUALITY, 92])
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        for category_id, bbox, area in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category_id,
+                                "bbox": bbox, "area": area, "iscrowd": 0})
+    return {"info": {"description": "resdet synthetic shapes", "params": p}, "licenses": [],
+            "images": images, "annotations": annotations, "categories": [dict(c, supercategory="shape")
+                                                                         for c in CATEGORIES]}
+
+
+def _image_shape(rng: np.random.Generator, size: int) -> tuple[int, int]:
+    """Square 60% of the time, else landscape or portrait with the shorter side at 3/4."""
+    short = round(0.75 * size)
+    return [(size, size), (short, size), (size, short)][int(rng.choice(3, p=[0.6, 0.2, 0.2]))]
+
+
+def _render_image(rng: np.random.Generator, height: int, width: int, num_objects: int, min_obj: int,
+                 max_obj: int) -> tuple[np.ndarray, list[tuple[int, list[float], float]]]:
+    """An RGB uint8 image and its objects as (category id, COCO [x, y, w, h] of the visible part, visible area)."""
+    canvas = _background(rng, height, width)
+    placed: list[tuple[int, np.ndarray]] = []  # (category id, visible mask)
+    for _ in range(num_objects):
+        obj = _place_object(rng, height, width, min_obj, max_obj, placed)
+        if obj is None:
+            continue
+        category_id, mask = obj
+        for _, visible in placed:
+            visible &= ~mask
+        placed.append((category_id, mask.copy()))
+        _paint(rng, canvas, mask)
+    canvas += rng.normal(0.0, rng.uniform(2.0, 8.0), canvas.shape).astype(np.float32)  # sensor noise
+    image = np.clip(canvas, 0, 255).astype(np.uint8)
+    return image, [(category_id, _mask_box(mask), float(mask.sum())) for category_id, mask in placed]
+
+
+def _place_object(rng, height, width, min_obj, max_obj, placed, attempts: int = 20):
+    """A random shape mask that leaves every earlier object at least MIN_VISIBLE visible, or None."""
+    for _ in range(attempts):
+        category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+        size = math.exp(rng.uniform(math.log(min_obj), math.log(max_obj)))  # log-uniform: as many small as large
+        cy, cx = rng.uniform(size / 2, height - size / 2), rng.uniform(size / 2, width - size / 2)
+        mask = _shape_mask(rng, category["name"], size, (cx, cy), (height, width))
+        if not mask.any():
+            continue
+        if all((visible & ~mask).sum() >= MIN_VISIBLE * visible.sum() for _, visible in placed):
+            return category["id"], mask
+    return None
+
+
+def _shape_mask(rng, name: str, size: float, center: tuple[float, float], shape: tuple[int, int]) -> np.ndarray:
+    """A filled shape of diameter about ``size`` at ``center``, random proportions and orientation."""
+    mask = np.zeros(shape, np.uint8)
+    cx, cy = center
+    angle = rng.uniform(0, 360)
+    if name == "circle":
+        axes = (size / 2, size / 2 * rng.uniform(0.6, 1.0))
+        cv2.ellipse(mask, ((cx, cy), (2 * axes[0], 2 * axes[1]), angle), 1, thickness=-1)
+    elif name == "rectangle":
+        long_side = size / math.sqrt(1 + 0.49)  # keeps the diagonal within ``size``
+        rect = ((cx, cy), (long_side, long_side * rng.uniform(0.4, 1.0)), rng.uniform(-30, 30))
+        cv2.fillPoly(mask, [np.round(cv2.boxPoints(rect)).astype(np.int32)], 1)
+    elif name == "triangle":
+        corners = np.deg2rad(angle + np.array([0.0, 120.0, 240.0]) + rng.uniform(-20, 20, 3))
+        points = np.stack([cx + size / 2 * np.cos(corners), cy + size / 2 * np.sin(corners)], axis=1)
+        cv2.fillPoly(mask, [np.round(points).astype(np.int32)], 1)
+    elif name == "cross":
+        thickness = size * rng.uniform(0.25, 0.38)
+        tilt = rng.uniform(-30, 30)
+        for arm_angle in (tilt, tilt + 90):
+            arm = ((cx, cy), (size / math.sqrt(2) * 1.25, thickness), arm_angle)
+            cv2.fillPoly(mask, [np.round(cv2.boxPoints(arm)).astype(np.int32)], 1)
+    else:
+        raise ValueError(f"unknown shape {name!r}")
+    return mask.astype(bool)
+
+
+def _background(rng, height: int, width: int) -> np.ndarray:
+    """Float32 HxWx3: a linear gradient between two random colours, noise, and a few random lines."""
+    direction = rng.uniform(0, 2 * math.pi)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    t = (xs * math.cos(direction) + ys * math.sin(direction)) / max(height, width)
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    start, end = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    canvas = (start + t[..., None] * (end - start)).astype(np.float32)
+    canvas += rng.normal(0.0, rng.uniform(5.0, 20.0), canvas.shape).astype(np.float32)
+    for _ in range(int(rng.integers(2, 8))):
+        p1 = (int(rng.integers(width)), int(rng.integers(height)))
+        p2 = (int(rng.integers(width)), int(rng.integers(height)))
+        cv2.line(canvas, p1, p2, tuple(float(c) for c in rng.uniform(0, 255, 3)), int(rng.integers(1, 3)))
+    return canvas
+
+
+def _paint(rng, canvas: np.ndarray, mask: np.ndarray) -> None:
+    """Fill ``mask`` with a random colour that stands out from the background there, plus a slight
+    gradient and noise, so the colour says nothing about the class and flat fills are not a cue."""
+    background = canvas[mask].mean(axis=0)
+    color = rng.uniform(0, 255, 3)
+    for _ in range(10):
+        if np.linalg.norm(color - background) >= 80:
+            break
+        color = rng.uniform(0, 255, 3)
+    ys, xs = np.nonzero(mask)
+    shade = rng.uniform(-25, 25) * (xs - xs.mean()) / max(float(np.ptp(xs)), 1.0)
+    fill = color + shade[:, None] + rng.normal(0.0, 8.0, (len(xs), 3))
+    canvas[ys, xs] = fill.astype(np.float32)
+
+
+def _mask_box(mask: np.ndarray) -> list[float]:
+    """COCO [x, y, w, h] enclosing the mask's pixels (pixel c spans [c, c + 1))."""
+    ys, xs = np.nonzero(mask)
+    x0, y0 = int(xs.min()), int(ys.min())
+    return [float(x0), float(y0), float(xs.max() + 1 - x0), float(ys.max() + 1 - y0)]

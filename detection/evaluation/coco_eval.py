@@ -1,0 +1,159 @@
+"""COCO box evaluation with pycocotools, gathered over DDP ranks.
+
+pycocotools is the judge: detections are converted to COCO results (xywh, original category ids) and
+scored by ``COCOeval`` exactly as the COCO leaderboard does; metrics are returned as fractions in [0, 1]
+with pycocotools' -1 for "undefined" (no ground truth in that area range or class).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from backbones.engine.dist import all_gather_object, get_rank
+from backbones.engine.run import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+# COCOeval.stats, in its order
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+class COCOEvaluator:
+    """Collects detections with :meth:`process` on every rank; :meth:`evaluate` scores them on rank 0.
+
+    ``coco_gt`` is a pycocotools ``COCO`` (e.g. ``CocoDetection.coco``) or the path of the instances json.
+    ``contiguous_to_cat_id`` maps the model's labels 1..K back to the json's category ids.
+    """
+
+    def __init__(self, coco_gt, contiguous_to_cat_id: dict[int, int], class_names: list[str],
+                 output_dir: str | None = None):
+        self.coco_gt = coco_gt if isinstance(coco_gt, COCO) else _quiet(COCO, os.fspath(coco_gt))
+        _complete_ground_truth(self.coco_gt)
+        self.contiguous_to_cat_id = {int(k): int(v) for k, v in contiguous_to_cat_id.items()}
+        self.cat_id_to_name = {self.contiguous_to_cat_id[label]: name for label, name in enumerate(class_names, 1)}
+        self.output_dir = output_dir
+        self.reset()
+
+    def reset(self) -> None:
+        self._results: dict[int, list[dict]] = {}  # image id -> its COCO results; keyed so repeats count once
+
+    def process(self, targets: list[dict], detections: list[dict]) -> None:
+        """Record one batch. ``detections[i]`` has ``boxes`` (xyxy, original image pixels), ``scores`` and
+        ``labels`` (1..K) for the image ``targets[i]["image_id"]``; images without detections count too."""
+        for target, det in zip(targets, detections):
+            image_id = int(target["image_id"])
+            boxes = _to_numpy(det["boxes"]).reshape(-1, 4).astype(np.float64)
+            scores, labels = _to_numpy(det["scores"]).reshape(-1), _to_numpy(det["labels"]).reshape(-1)
+            self._results[image_id] = [
+                {"image_id": image_id, "category_id": self.contiguous_to_cat_id[int(label)],
+                 "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "score": float(score)}
+                for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels)
+            ]
+
+    def evaluate(self) -> dict:
+        """Gather every rank's results and score them on rank 0 (other ranks return {}). Only the images
+        that were processed are evaluated, so a subset of the annotation file can be scored."""
+        merged: dict[int, list[dict]] = {}
+        for part in all_gather_object(self._results):
+            merged.update(part)
+        if get_rank() != 0:
+            return {}
+        results = [r for image_results in merged.values() for r in image_results]
+        metrics = self._score(results, sorted(merged))
+        if self.output_dir:
+            self._write(results, metrics)
+        return metrics
+
+    def _score(self, results: list[dict], image_ids: list[int]) -> dict:
+        if not image_ids:
+            logger.warning("COCOEvaluator: no image was processed; every metric is -1")
+            return {**{name: -1.0 for name in METRIC_NAMES},
+                    "per_class_AP": {name: -1.0 for name in self.cat_id_to_name.values()}}
+        # loadRes adds area, id and segmentation to the dicts it is given: hand it copies
+        coco_dt = _quiet(self.coco_gt.loadRes, [dict(r) for r in results]) if results else _empty_results(self.coco_gt)
+        coco_eval = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
+        coco_eval.params.imgIds = image_ids
+        _quiet(coco_eval.evaluate)
+        _quiet(coco_eval.accumulate)
+        _quiet(coco_eval.summarize)
+        metrics = {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
+        metrics["per_class_AP"] = self._per_class_ap(coco_eval)
+        return metrics
+
+    def _per_class_ap(self, coco_eval: COCOeval) -> dict[str, float]:
+        """AP at IoU .50:.95, all areas, 100 detections, per category (-1 for one without ground truth)."""
+        precision = coco_eval.eval["precision"]  # [IoU thresholds, recall points, categories, areas, max dets]
+        per_class = {}
+        for k, cat_id in enumerate(coco_eval.params.catIds):
+            p = precision[:, :, k, 0, -1]
+            p = p[p > -1]
+            per_class[self.cat_id_to_name.get(cat_id, str(cat_id))] = float(p.mean()) if p.size else -1.0
+        return per_class
+
+    def _write(self, results: list[dict], metrics: dict) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+        write_json_atomic(os.path.join(self.output_dir, "coco_results.json"), results)
+        write_json_atomic(os.path.join(self.output_dir, "coco_metrics.json"), metrics)
+        path = os.path.join(self.output_dir, "per_class_ap.txt")
+        with open(f"{path}.tmp.{os.getpid()}", "w", encoding="utf-8") as f:
+            f.write(format_per_class_table(metrics["per_class_AP"]) + "\n")
+        os.replace(f"{path}.tmp.{os.getpid()}", path)
+
+
+def format_metrics_table(metrics: dict) -> str:
+    """The twelve COCO numbers (in percent, "n/a" for -1) and, when present, the per-class AP table."""
+    def pct(v: float) -> str:
+        return f"{100 * v:6.2f}" if v >= 0 else "   n/a"
+
+    header = " ".join(f"{name:>6}" for name in METRIC_NAMES[:6])
+    lines = [header, " ".join(pct(metrics[name]) for name in METRIC_NAMES[:6]),
+             " ".join(f"{name:>6}" for name in METRIC_NAMES[6:]),
+             " ".join(pct(metrics[name]) for name in METRIC_NAMES[6:])]
+    if metrics.get("per_class_AP"):
+        lines += ["", format_per_class_table(metrics["per_class_AP"])]
+    return "\n".join(lines)
+
+
+def format_per_class_table(per_class_ap: dict[str, float], columns: int = 3) -> str:
+    """Per-class AP (percent) in ``columns`` side-by-side (class, AP) pairs, for the 80 COCO classes."""
+    width = max([len("class")] + [len(name) for name in per_class_ap])
+    cells = [f"{name:<{width}} {100 * ap:6.2f}" if ap >= 0 else f"{name:<{width}}    n/a"
+             for name, ap in per_class_ap.items()]
+    header = "  |  ".join([f"{'class':<{width}} {'AP':>6}"] * min(columns, max(1, len(cells))))
+    rows = ["  |  ".join(cells[i:i + columns]) for i in range(0, len(cells), columns)]
+    return "\n".join([header, "-" * len(header)] + rows)
+
+
+def _complete_ground_truth(coco: COCO) -> None:
+    """COCOeval needs ``area`` and ``iscrowd`` on every annotation; COCO-format files from other tools
+    sometimes omit them. Fill in the box area and "not crowd" where missing."""
+    for ann in coco.dataset.get("annotations", []):
+        if "area" not in ann:
+            ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+        ann.setdefault("iscrowd", 0)
+
+
+def _empty_results(coco_gt: COCO) -> COCO:
+    """A results object with no detection (``loadRes`` rejects an empty list)."""
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                       "annotations": []}
+    _quiet(coco_dt.createIndex)
+    return coco_dt
+
+
+def _quiet(fn, *args):
+    """Run a pycocotools call without its progress prints."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+def _to_numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
