@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Detection speed, side by side in one run, same inputs and settings:
+
+* our R50-C4 / R101-C4 against the same C4 design assembled from torchvision parts
+  (``FasterRCNN`` with a res4 trunk, 14x14 RoIAlign and res5 as the box head);
+* our R50-FPN against torchvision's ``fasterrcnn_resnet50_fpn``.
+
+Training img/s, inference ms/img and peak GPU memory (CUDA only).
+
+    python bench/det_speed.py                                     # CPU: small images, few steps
+    python bench/det_speed.py --device cuda --batch 8 --height 800 --width 1216 --amp bf16 --iters 20
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from torch import nn  # noqa: E402
+from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn  # noqa: E402
+from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: E402
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor  # noqa: E402
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign  # noqa: E402
+
+from detection.config import DetConfig  # noqa: E402
+from detection.modeling.build import build_detector  # noqa: E402
+
+NUM_CLASSES = 80
+
+
+def make_inputs(batch, height, width, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, 3, height, width), generator=g, dtype=torch.uint8)
+    targets = []
+    for _ in range(batch):
+        n = 8
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([width * 0.7, height * 0.7])
+        wh = 32 + torch.rand(n, 2, generator=g) * torch.tensor([width * 0.3, height * 0.3])
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
+                        "labels": torch.randint(1, NUM_CLASSES + 1, (n,), generator=g).to(device),
+                        "crowd_boxes": torch.zeros(0, 4, device=device)})
+    return images.to(device), targets
+
+
+def ours(depth, neck, cfg_overrides=()):
+    cfg = OmegaConf.structured(DetConfig)
+    cfg.model.backbone.depth = depth
+    cfg.model.backbone.stride_in_1x1 = False  # torchvision's layout, so both sides do the same work
+    cfg.model.neck = neck
+    if neck == "fpn":
+        cfg.model.roi_heads.pooler_resolution = 7
+        cfg.model.rpn.pre_nms_topk_train, cfg.model.rpn.post_nms_topk_train = 2000, 1000
+        cfg.model.rpn.pre_nms_topk_test, cfg.model.rpn.post_nms_topk_test = 1000, 1000
+    return build_detector(cfg.model, num_classes=NUM_CLASSES)
+
+
+def torchvision_c4(depth, height, width):
+    """The paper's C4 design from torchvision parts, with our defaults (proposals, RoIs, sizes)."""
+    resnet = getattr(torchvision.models, f"resnet{depth}")(norm_layer=FrozenBatchNorm2d)
+    trunk = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1, resnet.layer2,
+                          resnet.layer3)
+    for module in (resnet.conv1, resnet.layer1):  # freeze_at=2, as ours
+        for p in module.parameters():
+            p.requires_grad_(False)
+    trunk.out_channels = 1024
+    box_head = nn.Sequential(resnet.layer4, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return FasterRCNN(
+        trunk, num_classes=None, min_size=height, max_size=max(height, width),
+        rpn_anchor_generator=AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),)),
+        box_roi_pool=MultiScaleRoIAlign(["0"], 14, 0), box_head=box_head,
+        box_predictor=FastRCNNPredictor(2048, NUM_CLASSES + 1),
+        rpn_pre_nms_top_n_train=12000, rpn_post_nms_top_n_train=2000,
+        rpn_pre_nms_top_n_test=6000, rpn_post_nms_top_n_test=1000, box_batch_size_per_image=512,
+    )
+
+
+def torchvision_fpn(height, width):
+    return fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=NUM_CLASSES + 1,
+                                   min_size=height, max_size=max(height, width))
+
+
+def run_ours(model, images, targets, train):
+    batch = {"images": images, "image_sizes": [tuple(images.shape[-2:])] * len(images), "targets": targets}
+    out = model(batch)
+    return sum(out.values()) if train else out
+
+
+def run_tv(model, images, targets, train):
+    floats = [im.float() / 255.0 for im in images]
+    if train:
+        return sum(model(floats, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]).values())
+    return model(floats)
+
+
+def measure(model, runner, images, targets, device, amp, iters, warmup):
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+
+    def train_step():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = runner(model, images, targets, True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    model.train()
+    for _ in range(warmup):
+        train_step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        train_step()
+    sync()
+    train_ips = len(images) * iters / (time.perf_counter() - t0)
+    model.eval()
+    one = images[:1]
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        for _ in range(warmup):
+            runner(model, one, None, False)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            runner(model, one, None, False)
+        sync()
+    infer_ms = 1000 * (time.perf_counter() - t0) / iters
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    model.to("cpu")
+    return train_ips, infer_ms, peak
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--height", type=int, default=320)
+    parser.add_argument("--width", type=int, default=480)
+    parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    parser.add_argument("--models", default="r50c4,r101c4,r50fpn")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    images, targets = make_inputs(args.batch, args.height, args.width, device)
+    pairs = {
+        "r50c4": [("resdet R50-C4", lambda: ours(50, "none"), run_ours),
+                  ("torchvision parts R50-C4", lambda: torchvision_c4(50, args.height, args.width), run_tv)],
+        "r101c4": [("resdet R101-C4", lambda: ours(101, "none"), run_ours),
+                   ("torchvision parts R101-C4", lambda: torchvision_c4(101, args.height, args.width), run_tv)],
+        "r50fpn": [("resdet R50-FPN", lambda: ours(50, "fpn"), run_ours),
+                   ("torchvision fasterrcnn_resnet50_fpn", lambda: torchvision_fpn(args.height, args.width), run_tv)],
+    }
+    rows = []
+    for key in args.models.split(","):
+        for name, make, runner in pairs[key]:
+            torch.manual_seed(0)
+            ips, ms, peak = measure(make(), runner, images, targets, device, amp, args.iters, args.warmup)
+            rows.append((name, ips, ms, peak))
+            print(f"{name}: {ips:.2f} img/s train, {ms:.1f} ms/img inference, peak {peak:.1f} GiB", flush=True)
+    print(f"\ndevice {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), batch {args.batch}, "
+          f"{args.height}x{args.width}, amp {args.amp}, torch {torch.__version__}, 80 classes, 8 boxes/image")
+    print("| model | train img/s | inference ms/img | peak GPU mem (GiB) |\n|---|---|---|---|")
+    for name, ips, ms, peak in rows:
+        print(f"| {name} | {ips:.2f} | {ms:.1f} | {peak:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

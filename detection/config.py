@@ -1,0 +1,73 @@
+"""Schema of a detection run (model, data, solver, evaluation).
+
+The defaults are the paper's COCO settings for data and solver (appendix A: shorter side 600,
+8 images per batch, lr 0.001 for 240k iterations then 0.0001 for 80k); ``configs/*.yaml`` pick
+the depth, the neck and the schedule, and ``configs/frcnn_demo.yaml`` shrinks everything so the
+same code runs on a laptop CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .modeling.config import DetectorConfig
+
+
+@dataclass
+class DetDataConfig:
+    train_images: str = "datasets/coco/train2017"
+    train_annotations: str = "datasets/coco/annotations/instances_train2017.json"
+    val_images: str = "datasets/coco/val2017"
+    val_annotations: str = "datasets/coco/annotations/instances_val2017.json"
+    # Synthetic shapes in COCO format, materialised on first use (the demo; no download).
+    synthetic: bool = False
+    synthetic_root: str = "datasets/synthetic_coco"
+    synthetic_num_train: int = 1500
+    synthetic_num_val: int = 200
+    synthetic_image_size: int = 128
+    min_size_train: list[int] = field(default_factory=lambda: [600])  # several = multi-scale training
+    max_size_train: int = 1000
+    min_size_test: int = 600
+    max_size_test: int = 1000
+    flip_prob: float = 0.5
+    filter_empty_train: bool = True  # images without boxes teach the RPN nothing in Faster R-CNN
+    size_divisibility: int = 32
+    workers: int = 4
+    skip_corrupt: bool = True
+
+
+@dataclass
+class DetSolverConfig:
+    max_iter: int = 320000
+    batch_size: int = 8  # images per iteration, total over ranks
+    base_lr: float = 0.001  # at reference_batch_size; scaled linearly with batch_size
+    reference_batch_size: int = 8
+    momentum: float = 0.9
+    weight_decay: float = 0.0001
+    steps: list[int] = field(default_factory=lambda: [240000])  # iterations at which lr *= gamma
+    gamma: float = 0.1
+    warmup_iters: int = 0
+    warmup_factor: float = 0.001
+    amp: str = "none"  # none | bf16 | fp16
+    channels_last: bool = False
+    clip_grad_norm: float = 0.0  # 0 = off
+
+
+@dataclass
+class DetEvalConfig:
+    period: int = 20000  # iterations between COCO evaluations (and at the end); 0 = only at the end
+    batch_size: int = 8
+
+
+@dataclass
+class DetConfig:
+    model: DetectorConfig = field(default_factory=DetectorConfig)
+    data: DetDataConfig = field(default_factory=DetDataConfig)
+    solver: DetSolverConfig = field(default_factory=DetSolverConfig)
+    eval: DetEvalConfig = field(default_factory=DetEvalConfig)
+    output_dir: str = ""  # "" = runs/<config name>
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    log_period: int = 20
+    checkpoint_period: int = 5000
+    debug_stop_at_iter: int = 0  # tests: exit abruptly at this iteration, as a killed run would

@@ -1,0 +1,47 @@
+"""Small box utilities the heads share (xyxy boxes in pixels); IoU itself is torchvision.ops.box_iou."""
+from __future__ import annotations
+
+import torch
+
+
+def clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Clip ``(..., 4)`` boxes to an ``(height, width)`` image."""
+    h, w = image_size
+    x = boxes[..., 0::2].clamp(min=0, max=w)
+    y = boxes[..., 1::2].clamp(min=0, max=h)
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+
+
+def nonempty(boxes: torch.Tensor, min_size: float = 0.0) -> torch.Tensor:
+    """Mask of boxes whose sides are both longer than ``min_size`` pixels."""
+    return ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)
+
+
+def pairwise_ioa(regions: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """(M, N) intersection of ``regions[m]`` and ``boxes[n]`` divided by the area of ``boxes[n]``.
+
+    Used for crowd regions: a box this much inside a crowd box is neither clearly background nor a
+    single object.
+    """
+    lt = torch.max(regions[:, None, :2], boxes[None, :, :2])
+    rb = torch.min(regions[:, None, 2:], boxes[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=1e-6)
+    return inter / area[None, :]
+
+
+def crowd_mask(crowd_boxes: torch.Tensor | None, boxes: torch.Tensor, thresh: float) -> torch.Tensor:
+    """Mask of ``boxes`` that lie ``>= thresh`` inside some crowd box (all False without crowd boxes)."""
+    if crowd_boxes is None or crowd_boxes.numel() == 0 or boxes.numel() == 0:
+        return torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    ioa = pairwise_ioa(crowd_boxes.to(device=boxes.device, dtype=torch.float32), boxes.float())
+    return ioa.max(dim=0).values >= thresh
+
+
+def smooth_l1(input: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
+    """Element-wise smooth L1 (Huber / beta); ``beta`` 0 is plain L1. Not reduced."""
+    diff = (input.float() - target.float()).abs()
+    if beta < 1e-5:
+        return diff
+    return torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)

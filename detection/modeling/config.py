@@ -1,0 +1,72 @@
+"""Schema of the detector (``model:`` in a detection config), as omegaconf structured dataclasses.
+
+The defaults are the ResNet paper's COCO entry: Faster R-CNN on a ResNet-101 "C4" trunk (conv1..res4,
+RoI pooling on res4, res5 run per region), backbone BN frozen, stem and res2 frozen. ``neck: fpn``
+switches to the FPN variant (RPN over P2..P6, 2-fc box head over P2..P5; set
+``roi_heads.pooler_resolution: 7`` for it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class BackboneConfig:
+    depth: int = 101  # 18, 34, 50, 101, 152
+    base_width: int = 64  # channels of the stem and res2
+    shortcut: str = "B"  # A | B | C
+    stride_in_1x1: bool = True  # the paper's layout; torchvision's weights need false
+    norm: str = "frozen_bn"  # bn | frozen_bn | sync_bn
+    freeze_at: int = 2  # 0: train all, 1: freeze stem, 2: stem + res2, ...
+    # A resdet backbone checkpoint or a torchvision ResNet state_dict file; "" = random initialisation.
+    weights: str = ""
+
+
+@dataclass
+class RPNConfig:
+    # C4: all sizes on the single res4 level. FPN: one size per level, P2..P6 (so exactly five).
+    anchor_sizes: list[float] = field(default_factory=lambda: [32.0, 64.0, 128.0, 256.0, 512.0])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # height / width
+    pre_nms_topk_train: int = 12000  # per feature level and image
+    post_nms_topk_train: int = 2000  # per image
+    pre_nms_topk_test: int = 6000
+    post_nms_topk_test: int = 1000
+    nms_thresh: float = 0.7
+    min_size: float = 0.0  # proposals with a side <= this (pixels) are dropped
+    batch_size_per_image: int = 256  # anchors sampled per image for the losses
+    positive_fraction: float = 0.5
+    iou_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.7])  # below: negative, above: positive
+    # Anchors covering >= this fraction of their own area with a crowd box are not used as negatives.
+    crowd_ioa_thresh: float = 0.7
+    box_loss: str = "smooth_l1"  # smooth_l1 | l1
+    smooth_l1_beta: float = 0.111
+
+
+@dataclass
+class ROIHeadsConfig:
+    pooler_type: str = "ROIAlignV2"  # ROIAlignV2 (aligned) | ROIAlign | ROIPool (the paper's)
+    pooler_resolution: int = 14  # C4: 14 (res5 halves it to 7); FPN: 7
+    pooler_sampling_ratio: int = 0  # 0 = adaptive
+    fc_dim: int = 1024  # FPN box head: two fully connected layers of this width
+    batch_size_per_image: int = 512  # RoIs sampled per image for the losses
+    positive_fraction: float = 0.25
+    fg_iou_thresh: float = 0.5  # IoU >= this: foreground, below: background
+    crowd_ioa_thresh: float = 0.7  # background proposals this much inside a crowd box are not sampled
+    bbox_reg_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
+    smooth_l1_beta: float = 0.0  # 0 = L1
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+
+
+@dataclass
+class DetectorConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    neck: str = "none"  # none (C4) | fpn
+    fpn_channels: int = 256
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_heads: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
+    # RGB, 0-255 scale. Empty = the backbone checkpoint's normalisation (x 255) when weights are
+    # given, else ImageNet's. The values end up as buffers in the detector's state_dict.
+    pixel_mean: list[float] = field(default_factory=list)
+    pixel_std: list[float] = field(default_factory=list)

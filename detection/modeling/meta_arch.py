@@ -1,0 +1,71 @@
+"""Faster R-CNN as a whole: normalise the batch, trunk (+ neck), RPN, RoI heads.
+
+``forward(batch)`` takes the data pipeline's batch dict:
+
+* ``images``: uint8 (B, 3, H, W), RGB, each image at the top-left, zero-padded to a common size;
+* ``image_sizes``: the unpadded ``(h, w)`` of each image;
+* ``targets`` (training): per image ``boxes`` float (N, 4) xyxy pixels, ``labels`` int64 (N,) in 1..K,
+  and optionally ``crowd_boxes`` (M, 4).
+
+Training returns the loss dict (``loss_rpn_cls``, ``loss_rpn_loc``, ``loss_cls``, ``loss_box_reg``);
+evaluation returns per image ``{"boxes", "scores", "labels"}`` in the pixels of the network's input
+(the resized image); mapping back to the original file is the caller's job.
+
+Pixels are normalised as ``(x - mean) / std`` inside each image's own area; the padding is 0 after
+normalisation, as if the padding had been added to the normalised image (Detectron2's order).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class GeneralizedRCNN(nn.Module):
+    def __init__(self, trunk: nn.Module, rpn: nn.Module, roi_heads: nn.Module, pixel_mean: Sequence[float],
+                 pixel_std: Sequence[float], neck: nn.Module | None = None,
+                 rpn_in_features: Sequence[str] | None = None):
+        super().__init__()
+        self.trunk = trunk
+        self.neck = neck
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.rpn_in_features = list(rpn_in_features) if rpn_in_features is not None else None
+        self.register_buffer("pixel_mean", torch.tensor(list(pixel_mean), dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(list(pixel_std), dtype=torch.float32).view(-1, 1, 1))
+
+    def _channels_last(self) -> bool:
+        for p in self.parameters():
+            if p.dim() == 4:
+                return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        return False
+
+    def preprocess(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
+        images = images.to(self.pixel_mean.device, non_blocking=True)
+        x = (images.float() - self.pixel_mean) / self.pixel_std
+        height, width = x.shape[-2:]
+        for i, (h, w) in enumerate(image_sizes):
+            if h < height:
+                x[i, :, h:, :] = 0
+            if w < width:
+                x[i, :, :, w:] = 0
+        if self._channels_last():
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def forward(self, batch: dict):
+        image_sizes = [(int(h), int(w)) for h, w in batch["image_sizes"]]
+        images = self.preprocess(batch["images"], image_sizes)
+        features = self.trunk(images)
+        if self.neck is not None:
+            features = self.neck(features)
+        rpn_features = [features[f] for f in self.rpn_in_features] if self.rpn_in_features else list(features.values())
+        targets = batch.get("targets") if self.training else None
+        if self.training and targets is None:
+            raise ValueError("GeneralizedRCNN: training needs batch['targets']")
+        proposals, rpn_losses = self.rpn(rpn_features, image_sizes, targets)
+        detections, head_losses = self.roi_heads(features, proposals, image_sizes, targets)
+        if self.training:
+            return {**rpn_losses, **head_losses}
+        return detections

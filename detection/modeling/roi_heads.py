@@ -1,0 +1,192 @@
+"""The second stage of Faster R-CNN: classify each proposal and refine its box, per class.
+
+``ROIHeads`` holds what both designs share:
+
+* training targets: the ground-truth boxes are added to the proposals; each proposal is matched to
+  its best ground truth (IoU >= 0.5 foreground with that object's class, below background, label 0;
+  classes are 1..K); background proposals >= 0.7 inside a crowd box (intersection over the
+  proposal's area) are left out; 512 RoIs per image are sampled with at most 25% foreground; box
+  targets are encoded with weights (10, 10, 5, 5);
+* ``FastRCNNOutputLayers``: the sibling classifier (K + 1 scores) and class-specific box regressor
+  (4K), their losses and the inference post-processing.
+
+``Res5ROIHeads`` is the ResNet paper's C4 head: 14x14 RoI features from res4, the backbone's res5
+(whose first block halves them to 7x7), global average pooling. ``StandardROIHeads`` is the FPN head:
+7x7 features from P2..P5, two 1024-d fully connected layers.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import batched_nms, box_iou
+
+from .box_coder import BoxCoder
+from .box_ops import clip_boxes, crowd_mask, smooth_l1
+from .matcher import Matcher
+from .poolers import ROIPooler
+from .sampling import sample_balanced
+
+
+class FastRCNNOutputLayers(nn.Module):
+    def __init__(self, in_features: int, num_classes: int, box_coder: BoxCoder | None = None,
+                 smooth_l1_beta: float = 0.0, score_thresh: float = 0.05, nms_thresh: float = 0.5,
+                 detections_per_img: int = 100):
+        super().__init__()
+        self.num_classes = num_classes
+        self.cls_score = nn.Linear(in_features, num_classes + 1)  # index 0: background
+        self.bbox_pred = nn.Linear(in_features, 4 * num_classes)  # class c (1..K) at columns 4(c-1)..4c-1
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+        self.box_coder = box_coder or BoxCoder((10.0, 10.0, 5.0, 5.0))
+        self.smooth_l1_beta = smooth_l1_beta
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.flatten(x, 1)
+        return self.cls_score(x), self.bbox_pred(x)
+
+    def losses(self, class_logits: torch.Tensor, box_deltas: torch.Tensor, labels: torch.Tensor,
+               regression_targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cross-entropy over the sampled RoIs; box loss on foreground RoIs for their class, divided by
+        the number of sampled RoIs."""
+        loss_cls = F.cross_entropy(class_logits.float(), labels)
+        fg = torch.nonzero(labels > 0, as_tuple=True)[0]
+        deltas = box_deltas.view(box_deltas.shape[0], self.num_classes, 4)[fg, labels[fg] - 1]
+        loss_box = smooth_l1(deltas, regression_targets[fg], self.smooth_l1_beta).sum() / max(labels.numel(), 1)
+        return {"loss_cls": loss_cls, "loss_box_reg": loss_box}
+
+    @torch.no_grad()
+    def inference(self, class_logits: torch.Tensor, box_deltas: torch.Tensor, proposals: Sequence[torch.Tensor],
+                  image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        """Per image: softmax scores, per-class decoded and clipped boxes, scores > ``score_thresh``,
+        NMS per class, the ``detections_per_img`` best. Labels are 1..K."""
+        counts = [len(p) for p in proposals]
+        scores_all = F.softmax(class_logits.float(), dim=1).split(counts)
+        deltas_all = box_deltas.float().split(counts)
+        results = []
+        for scores, deltas, boxes, size in zip(scores_all, deltas_all, proposals, image_sizes):
+            results.append(self.inference_single_image(scores, deltas, boxes, tuple(size)))
+        return results
+
+    def inference_single_image(self, scores: torch.Tensor, deltas: torch.Tensor, proposals: torch.Tensor,
+                               image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        k = self.num_classes
+        boxes = self.box_coder.decode(deltas, proposals).view(len(proposals), k, 4)
+        boxes = clip_boxes(boxes, image_size)
+        scores = scores[:, 1:]  # drop background
+        finite = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=1)
+        boxes, scores = boxes[finite], scores[finite]
+        roi_idx, cls_idx = torch.nonzero(scores > self.score_thresh, as_tuple=True)
+        boxes = boxes[roi_idx, cls_idx]
+        scores = scores[roi_idx, cls_idx]
+        keep = batched_nms(boxes, scores, cls_idx, self.nms_thresh)[: self.detections_per_img]
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": cls_idx[keep] + 1}
+
+
+class ROIHeads(nn.Module):
+    """Proposal sampling + a box-feature extractor (``box_features``, subclasses) + output layers."""
+
+    def __init__(self, box_predictor: FastRCNNOutputLayers, batch_size_per_image: int = 512,
+                 positive_fraction: float = 0.25, fg_iou_thresh: float = 0.5, crowd_ioa_thresh: float = 0.7,
+                 proposal_append_gt: bool = True):
+        super().__init__()
+        self.box_predictor = box_predictor
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+        self.matcher = Matcher([fg_iou_thresh], [0, 1], allow_low_quality_matches=False)
+        self.crowd_ioa_thresh = crowd_ioa_thresh
+        self.proposal_append_gt = proposal_append_gt
+        self.generator: torch.Generator | None = None  # set for reproducible sampling in tests
+
+    @torch.no_grad()
+    def label_and_sample_proposals(self, proposals: Sequence[torch.Tensor], targets: Sequence[dict]
+                                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Per image: the sampled RoIs (foreground first), their class labels (0 = background) and
+        their box regression targets (meaningful for foreground only)."""
+        sampled_boxes, sampled_labels, sampled_targets = [], [], []
+        box_coder = self.box_predictor.box_coder
+        for boxes, target in zip(proposals, targets):
+            gt_boxes = target["boxes"].to(device=boxes.device, dtype=torch.float32)
+            gt_labels = target["labels"].to(boxes.device)
+            boxes = boxes.float()
+            if self.proposal_append_gt:
+                boxes = torch.cat([boxes, gt_boxes])
+            if gt_boxes.numel() == 0:
+                matched_idx = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
+                classes = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
+            else:
+                matched_idx, match_labels = self.matcher(box_iou(gt_boxes, boxes))
+                classes = gt_labels[matched_idx].clone()
+                classes[match_labels == 0] = 0
+                classes[match_labels == -1] = -1
+            classes[(classes == 0) & crowd_mask(target.get("crowd_boxes"), boxes, self.crowd_ioa_thresh)] = -1
+            pos, neg = sample_balanced(classes, self.batch_size_per_image, self.positive_fraction, self.generator)
+            idx = torch.cat([pos, neg])
+            sampled_boxes.append(boxes[idx])
+            sampled_labels.append(classes[idx])
+            targets_i = torch.zeros((len(idx), 4), device=boxes.device)
+            fg = classes[idx] > 0
+            targets_i[fg] = box_coder.encode(gt_boxes[matched_idx[idx[fg]]], boxes[idx[fg]])
+            sampled_targets.append(targets_i)
+        return sampled_boxes, sampled_labels, sampled_targets
+
+    def box_features(self, features: dict[str, torch.Tensor], proposals: Sequence[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, features: dict[str, torch.Tensor], proposals: Sequence[torch.Tensor],
+                image_sizes: Sequence[tuple[int, int]], targets: Sequence[dict] | None = None
+                ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        if self.training:
+            if targets is None:
+                raise ValueError("ROIHeads: targets are needed in training mode")
+            proposals, labels, regression_targets = self.label_and_sample_proposals(proposals, targets)
+        class_logits, box_deltas = self.box_predictor(self.box_features(features, proposals))
+        if self.training:
+            return [], self.box_predictor.losses(class_logits, box_deltas, torch.cat(labels),
+                                                 torch.cat(regression_targets))
+        return self.box_predictor.inference(class_logits, box_deltas, proposals, image_sizes), {}
+
+
+class Res5ROIHeads(ROIHeads):
+    """C4: pool from res4 (14x14), run the backbone's res5 on each RoI (-> 7x7), average-pool."""
+
+    def __init__(self, res5: nn.Module, pooler: ROIPooler, box_predictor: FastRCNNOutputLayers,
+                 in_feature: str = "res4", **kwargs):
+        super().__init__(box_predictor, **kwargs)
+        self.in_feature = in_feature
+        self.pooler = pooler
+        self.res5 = res5
+
+    def box_features(self, features, proposals):
+        x = self.pooler([features[self.in_feature]], proposals)
+        return self.res5(x).mean(dim=(2, 3))
+
+
+class StandardROIHeads(ROIHeads):
+    """FPN: pool 7x7 from the level each box belongs to, then two fully connected layers + ReLU."""
+
+    def __init__(self, pooler: ROIPooler, box_predictor: FastRCNNOutputLayers, in_features: Sequence[str],
+                 in_channels: int, fc_dim: int = 1024, num_fc: int = 2, **kwargs):
+        super().__init__(box_predictor, **kwargs)
+        self.in_features = list(in_features)
+        self.pooler = pooler
+        layers: list[nn.Module] = [nn.Flatten()]
+        dim = in_channels * pooler.output_size[0] * pooler.output_size[1]
+        for _ in range(num_fc):
+            fc = nn.Linear(dim, fc_dim)
+            nn.init.kaiming_uniform_(fc.weight, a=1)  # "Xavier" fill of Caffe2 / Detectron2
+            nn.init.zeros_(fc.bias)
+            layers += [fc, nn.ReLU(inplace=True)]
+            dim = fc_dim
+        self.box_head = nn.Sequential(*layers)
+
+    def box_features(self, features, proposals):
+        x = self.pooler([features[f] for f in self.in_features], proposals)
+        return self.box_head(x)

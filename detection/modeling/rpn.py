@@ -1,0 +1,190 @@
+"""Region Proposal Network (Ren et al. 2015): objectness and box deltas for every anchor.
+
+Training labels each anchor by IoU with the ground truth (Matcher: < 0.3 negative, >= 0.7 positive,
+plus each object's best anchors), samples 256 anchors per image with up to half positives, and
+computes a binary cross-entropy and a smooth-L1 box loss, both divided by the number of sampled
+anchors (the box loss too, as in Detectron2, so its scale does not depend on how many positives
+there are).
+
+Crowd regions: an anchor that is not positive and whose area lies >= ``crowd_ioa_thresh`` (0.7)
+inside a crowd box (intersection over the anchor's area) is ignored (label -1), neither positive nor
+negative. Anchors crossing the image border are kept (Detectron2's default, not the paper's).
+
+Proposals: per image and level, the ``pre_nms_topk`` highest-scoring anchors are decoded, clipped to
+the image, stripped of empty boxes, and NMS-ed (levels kept apart); the ``post_nms_topk`` best per
+image survive. They carry no gradient.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import batched_nms, box_iou
+
+from .anchor_generator import AnchorGenerator
+from .box_coder import BoxCoder
+from .box_ops import clip_boxes, crowd_mask, nonempty, smooth_l1
+from .matcher import Matcher
+from .sampling import sample_balanced
+
+
+class RPNHead(nn.Module):
+    """A shared 3x3 conv + ReLU, then sibling 1x1 convs: A objectness logits and 4A box deltas."""
+
+    def __init__(self, in_channels: int, num_anchors: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        self.objectness = nn.Conv2d(in_channels, num_anchors, 1)
+        self.anchor_deltas = nn.Conv2d(in_channels, 4 * num_anchors, 1)
+        for layer in (self.conv, self.objectness, self.anchor_deltas):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        logits, deltas = [], []
+        for x in features:
+            t = F.relu(self.conv(x))
+            logits.append(self.objectness(t))
+            deltas.append(self.anchor_deltas(t))
+        return logits, deltas
+
+
+def flatten_logits(x: torch.Tensor) -> torch.Tensor:
+    """(N, A, H, W) -> (N, H*W*A), in the anchors' (y, x, anchor) order."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+
+
+def flatten_deltas(x: torch.Tensor) -> torch.Tensor:
+    """(N, 4A, H, W) -> (N, H*W*A, 4)."""
+    n, _, h, w = x.shape
+    return x.view(n, -1, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
+
+
+def filter_proposals(boxes: torch.Tensor, scores: torch.Tensor, level_ids: torch.Tensor, image_size: tuple[int, int],
+                     nms_thresh: float, post_nms_topk: int, min_size: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's candidate boxes -> its proposals: clip, drop empty/non-finite, NMS per level, top-k.
+
+    Returns ``(boxes, scores)`` sorted by decreasing score.
+    """
+    boxes = clip_boxes(boxes, image_size)
+    keep = nonempty(boxes, min_size) & torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+    boxes, scores, level_ids = boxes[keep], scores[keep], level_ids[keep]
+    keep = batched_nms(boxes, scores, level_ids, nms_thresh)[:post_nms_topk]
+    return boxes[keep], scores[keep]
+
+
+class RPN(nn.Module):
+    def __init__(
+        self,
+        head: RPNHead,
+        anchor_generator: AnchorGenerator,
+        box_coder: BoxCoder | None = None,
+        matcher: Matcher | None = None,
+        batch_size_per_image: int = 256,
+        positive_fraction: float = 0.5,
+        pre_nms_topk_train: int = 12000,
+        post_nms_topk_train: int = 2000,
+        pre_nms_topk_test: int = 6000,
+        post_nms_topk_test: int = 1000,
+        nms_thresh: float = 0.7,
+        min_size: float = 0.0,
+        loss: str = "smooth_l1",
+        smooth_l1_beta: float = 1.0 / 9,
+        crowd_ioa_thresh: float = 0.7,
+    ):
+        super().__init__()
+        if loss not in ("smooth_l1", "l1"):
+            raise ValueError(f"RPN box loss must be 'smooth_l1' or 'l1', got {loss!r}")
+        self.head = head
+        self.anchor_generator = anchor_generator
+        self.box_coder = box_coder or BoxCoder((1.0, 1.0, 1.0, 1.0))
+        self.matcher = matcher or Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True)
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+        self.pre_nms_topk = {True: pre_nms_topk_train, False: pre_nms_topk_test}
+        self.post_nms_topk = {True: post_nms_topk_train, False: post_nms_topk_test}
+        self.nms_thresh = nms_thresh
+        self.min_size = min_size
+        self.smooth_l1_beta = 0.0 if loss == "l1" else smooth_l1_beta
+        self.crowd_ioa_thresh = crowd_ioa_thresh
+        self.generator: torch.Generator | None = None  # set for reproducible sampling in tests
+
+    def forward(self, features: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]],
+                targets: Sequence[dict] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        features = list(features)
+        anchors = self.anchor_generator(features)
+        logits, deltas = self.head(features)
+        logits = [flatten_logits(x) for x in logits]
+        deltas = [flatten_deltas(x) for x in deltas]
+        proposals = self.predict_proposals(anchors, logits, deltas, image_sizes)
+        losses: dict[str, torch.Tensor] = {}
+        if self.training:
+            if targets is None:
+                raise ValueError("RPN: targets are needed in training mode")
+            all_anchors = torch.cat(anchors)
+            labels, matched_boxes = self.label_and_sample_anchors(all_anchors, targets)
+            losses = self.losses(all_anchors, torch.cat(logits, dim=1), torch.cat(deltas, dim=1), labels, matched_boxes)
+        return proposals, losses
+
+    # -- proposals ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict_proposals(self, anchors: list[torch.Tensor], logits: list[torch.Tensor], deltas: list[torch.Tensor],
+                          image_sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        num_images = logits[0].shape[0]
+        pre_nms_topk = self.pre_nms_topk[self.training]
+        cand_boxes, cand_scores, cand_levels = [], [], []
+        for level, (anchors_l, logits_l, deltas_l) in enumerate(zip(anchors, logits, deltas)):
+            k = min(pre_nms_topk, logits_l.shape[1])
+            scores, idx = logits_l.float().topk(k, dim=1)  # (N, k)
+            batch_idx = torch.arange(num_images, device=idx.device)[:, None]
+            boxes = self.box_coder.decode(deltas_l[batch_idx, idx].reshape(-1, 4), anchors_l[idx].reshape(-1, 4))
+            cand_boxes.append(boxes.view(num_images, k, 4))
+            cand_scores.append(scores)
+            cand_levels.append(torch.full((k,), level, dtype=torch.int64, device=idx.device))
+        boxes = torch.cat(cand_boxes, dim=1)
+        scores = torch.cat(cand_scores, dim=1)
+        levels = torch.cat(cand_levels)
+        post_nms_topk = self.post_nms_topk[self.training]
+        return [filter_proposals(boxes[i], scores[i], levels, tuple(image_sizes[i]), self.nms_thresh, post_nms_topk,
+                                 self.min_size)[0] for i in range(num_images)]
+
+    # -- training -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def label_and_sample_anchors(self, anchors: torch.Tensor, targets: Sequence[dict]
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image: labels (A,) with 1 sampled positive, 0 sampled negative, -1 unused, and each
+        anchor's matched ground-truth box (A, 4). Returned stacked over images."""
+        all_labels, all_matched = [], []
+        for target in targets:
+            gt_boxes = target["boxes"].to(device=anchors.device, dtype=torch.float32)
+            if gt_boxes.numel() == 0:
+                labels = torch.zeros(anchors.shape[0], dtype=torch.int8, device=anchors.device)
+                matched = torch.zeros_like(anchors)
+            else:
+                matched_idx, labels = self.matcher(box_iou(gt_boxes, anchors))
+                matched = gt_boxes[matched_idx]
+            labels[(labels == 0) & crowd_mask(target.get("crowd_boxes"), anchors, self.crowd_ioa_thresh)] = -1
+            pos, neg = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction, self.generator)
+            sampled = torch.full_like(labels, -1)
+            sampled[pos] = 1
+            sampled[neg] = 0
+            all_labels.append(sampled)
+            all_matched.append(matched)
+        return torch.stack(all_labels), torch.stack(all_matched)
+
+    def losses(self, anchors: torch.Tensor, logits: torch.Tensor, deltas: torch.Tensor, labels: torch.Tensor,
+               matched_boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``logits`` (N, A), ``deltas`` (N, A, 4), ``labels`` (N, A), ``matched_boxes`` (N, A, 4)."""
+        sampled = labels >= 0
+        positive = labels == 1
+        num_sampled = sampled.sum().clamp(min=1)
+        loss_cls = F.binary_cross_entropy_with_logits(logits[sampled].float(), labels[sampled].float(),
+                                                      reduction="sum") / num_sampled
+        anchors_pos = anchors[None].expand_as(matched_boxes)[positive]
+        targets = self.box_coder.encode(matched_boxes[positive], anchors_pos)
+        loss_loc = smooth_l1(deltas[positive], targets, self.smooth_l1_beta).sum() / num_sampled
+        return {"loss_rpn_cls": loss_cls, "loss_rpn_loc": loss_loc}

@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Run a trained detector on an image, several, or a folder.
+
+    python tools/infer.py runs/frcnn_demo datasets/synthetic_coco/val --out runs/frcnn_demo/infer
+
+Writes detections.json (boxes in each file's pixel coordinates, class names, scores) and one
+image per input with the boxes drawn.
+"""
+import argparse
+import json
+import os
+import sys
+
+import _bootstrap  # noqa: F401
+
+import cv2
+
+from backbones.engine.config import ConfigError, load_config
+from backbones.engine.imageio import CorruptImageError, is_image_file, read_image_rgb
+from detection.config import DetConfig
+from detection.predictor import Predictor, draw_detections, load_trained_detector
+
+
+def list_images(inputs: list[str]) -> list[str]:
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            files += sorted(os.path.join(item, f) for f in os.listdir(item) if is_image_file(f))
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {item}")
+    return files
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="run folder written by tools/train_det.py")
+    parser.add_argument("inputs", nargs="+", help="image files and/or folders")
+    parser.add_argument("--out", default=None, help="output folder (default: <run>/infer)")
+    parser.add_argument("--checkpoint", default="last", help="last | best | PATH")
+    parser.add_argument("--score-thresh", type=float, default=0.5)
+    parser.add_argument("--limit", type=int, default=0, help="at most this many images (0 = all)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(DetConfig, os.path.join(args.run, "config.yaml"))
+        files = list_images(args.inputs)
+        if args.limit:
+            files = files[: args.limit]
+        import torch
+
+        state = torch.load(os.path.join(args.run, "checkpoints", "last.pth"), map_location="cpu", weights_only=True)
+        class_names = state["class_names"]
+        model, _ = load_trained_detector(args.run, cfg, args.checkpoint, len(class_names), args.device)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out_dir = args.out or os.path.join(args.run, "infer")
+    os.makedirs(out_dir, exist_ok=True)
+    predictor = Predictor(model, cfg, class_names, args.device, args.score_thresh)
+    results = []
+    for path in files:
+        try:
+            result = predictor(path)
+        except CorruptImageError as exc:
+            print(f"skipping: {exc}", file=sys.stderr)
+            continue
+        results.append(result)
+        drawn = draw_detections(read_image_rgb(path), result["detections"])
+        cv2.imwrite(os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_det.jpg"), drawn)
+    with open(os.path.join(out_dir, "detections.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"{len(results)} images, {sum(len(r['detections']) for r in results)} detections -> {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
