@@ -22,6 +22,7 @@ def test_defaults_base_inheritance_and_override_order(tmp_path):
     (tmp_path / "child.yaml").write_text("_base_: base.yaml\nsolver:\n  lr: 0.3\n")
     cfg = load_config(Schema, str(tmp_path / "child.yaml"), ["name=cli"])
     assert cfg.solver.lr == 0.3 and list(cfg.solver.steps) == [1, 2] and cfg.name == "cli"
+    assert load_config(Schema, None, ["name="]).name == ""  # key= is the empty string
     assert load_config(Schema).solver.lr == 0.1
 
 
@@ -58,3 +59,15 @@ def test_every_shipped_pretrain_config_loads(repo_root):
     for path in paths:
         load_config(PretrainConfig, str(path))
     assert load_config(PretrainConfig, str(repo_root / "configs/pretrain/resnet101_imagenet.yaml")).model.depth == 101
+
+
+def test_every_shipped_detection_config_loads(repo_root):
+    from detection.config import DetConfig
+
+    paths = sorted(repo_root.glob("configs/*.yaml"))
+    assert {p.name for p in paths} >= {"frcnn_r101_coco.yaml", "frcnn_demo.yaml", "frcnn_r50_fpn_coco.yaml"}
+    for path in paths:
+        load_config(DetConfig, str(path))
+    paper = load_config(DetConfig, str(repo_root / "configs/frcnn_r101_coco.yaml"))
+    assert (paper.model.backbone.depth, paper.model.roi_heads.pooler_type, paper.solver.base_lr) == (101, "ROIPool", 0.001)
+    assert load_config(DetConfig, str(repo_root / "configs/frcnn_r50_fpn_coco.yaml")).model.neck == "fpn"

@@ -62,6 +62,8 @@ def _parse_overrides(overrides: Sequence[str]) -> dict:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"command-line overrides must be key=value, got: {' '.join(bad)}")
+    # ``key=`` means the empty string (e.g. ``model.backbone.weights=`` for no weights), not null.
+    overrides = [f"{o}''" if o.endswith("=") else o for o in overrides]
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:

@@ -1,0 +1,148 @@
+"""End-to-end checks of the detection tools: train_det, eval_det, infer, resume, DDP, real COCO data."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, SHARED_DATA
+from detection.data.synthetic import make_synthetic_coco
+
+COCO128 = SHARED_DATA / "coco128"
+
+
+@pytest.fixture(scope="module")
+def tiny_coco(tmp_path_factory):
+    return make_synthetic_coco(tmp_path_factory.mktemp("synth") / "coco", num_train=12, num_val=6, image_size=96,
+                               seed=3, min_obj=16, max_obj=48, objects_per_image=(1, 3))
+
+
+def data_overrides(paths, train_on_val=False):
+    split = "train" if train_on_val else "val"
+    return [f"data.train_images={paths['train_images']}", f"data.train_annotations={paths['train_annotations']}",
+            f"data.val_images={paths[split + '_images']}", f"data.val_annotations={paths[split + '_annotations']}"]
+
+
+# A slim detector that trains from scratch (no pretraining file): trainable BN, nothing frozen.
+SLIM = ["model.backbone.depth=18", "model.backbone.base_width=8", "model.backbone.weights=",
+        "model.backbone.norm=bn", "model.backbone.freeze_at=0", "model.rpn.anchor_sizes=[16,32,64]",
+        "model.rpn.pre_nms_topk_train=300", "model.rpn.post_nms_topk_train=100", "model.rpn.pre_nms_topk_test=300",
+        "model.rpn.post_nms_topk_test=50", "model.rpn.batch_size_per_image=64", "model.roi_heads.batch_size_per_image=32",
+        "model.roi_heads.pooler_resolution=10", "data.min_size_train=[96]", "data.max_size_train=96",
+        "data.min_size_test=96", "data.max_size_test=96", "data.workers=0", "solver.batch_size=4",
+        "solver.base_lr=0.02", "solver.reference_batch_size=4", "solver.steps=[1000]", "eval.batch_size=4",
+        "log_period=2"]
+
+
+def run(tool, args, check=True, env=None):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / tool), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{tool} exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_missing_coco_stops_at_once_with_layout_and_demo(tmp_path):
+    proc = run("train_det.py", ["configs/frcnn_r101_coco.yaml", f"data.train_images={tmp_path}/coco/train2017",
+                                f"output_dir={tmp_path}/run"], check=False)
+    assert proc.returncode == 2
+    assert f"{tmp_path}/coco/train2017" in proc.stderr
+    assert "expected layout" in proc.stderr and "configs/frcnn_demo.yaml" in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_bad_annotation_is_reported_before_training(tiny_coco, tmp_path):
+    data = json.loads(open(tiny_coco["train_annotations"]).read())
+    data["annotations"][0]["category_id"] = 999
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    args = ["configs/frcnn_demo.yaml", *data_overrides(tiny_coco), f"data.train_annotations={bad}",
+            "data.synthetic=false", *SLIM, f"output_dir={tmp_path}/run"]
+    proc = run("train_det.py", args, check=False)
+    assert proc.returncode == 2 and "bad.json" in proc.stderr and "999" in proc.stderr
+
+
+def test_train_eval_infer_write_their_files(tiny_coco, tmp_path):
+    out = tmp_path / "run"
+    run("train_det.py", ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides(tiny_coco), *SLIM,
+                         "solver.max_iter=4", "checkpoint_period=2", "eval.period=2", f"output_dir={out}"])
+    for name in ("config.yaml", "log.txt", "metrics.jsonl", "summary.json", "checkpoints/last.pth",
+                 "coco_results.json", "coco_metrics.json", "per_class_ap.txt"):
+        assert (out / name).is_file(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 4 and {"AP", "AP50", "AP75", "APs", "AR100"} <= set(summary["coco_val"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss_rpn_cls" in r for r in records) and any("val/AP" in r for r in records)
+
+    run("eval_det.py", [out])
+    metrics = json.loads((out / "eval_last" / "coco_metrics.json").read_text())
+    assert metrics["AP"] == pytest.approx(summary["coco_val"]["AP"], abs=1e-9)  # same weights, same data
+
+    run("infer.py", [out, tiny_coco["val_images"], "--score-thresh", "0.0", "--limit", "3"])
+    results = json.loads((out / "infer" / "detections.json").read_text())
+    assert len(results) == 3 and len(list((out / "infer").glob("*_det.jpg"))) == 3
+    for r in results:
+        for d in r["detections"]:
+            x1, y1, x2, y2 = d["box_xyxy"]
+            assert 0 <= x1 <= x2 <= r["width"] and 0 <= y1 <= y2 <= r["height"]
+
+
+def test_killed_and_resumed_detector_matches_uninterrupted(tiny_coco, tmp_path):
+    # 12 train images at batch 4 = 3 iterations per epoch; checkpoints every 2; killed at 5.
+    common = ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides(tiny_coco), *SLIM,
+              "solver.max_iter=6", "checkpoint_period=2", "eval.period=0"]
+    run("train_det.py", [*common, f"output_dir={tmp_path}/straight"])
+    killed = run("train_det.py", [*common, f"output_dir={tmp_path}/resumed", "debug_stop_at_iter=5"], check=False)
+    assert killed.returncode == 3
+    log = run("train_det.py", [*common, f"output_dir={tmp_path}/resumed", "resume=true"]).stdout
+    assert "at iteration 4" in log  # mid-epoch: epoch 1, one batch in
+    a = torch.load(tmp_path / "straight/checkpoints/last.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed/checkpoints/last.pth", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+
+
+def test_overfits_a_few_synthetic_images(tiny_coco, tmp_path):
+    """Learning through the whole tool chain: AP50 >= 0.9 on the (few) images it trained on."""
+    out = tmp_path / "overfit"
+    run("train_det.py", ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides(tiny_coco, True), *SLIM,
+                         "model.backbone.base_width=16", "data.flip_prob=0", "solver.max_iter=240",
+                         "solver.steps=[200]", "solver.warmup_iters=20", "eval.period=0", "checkpoint_period=1000",
+                         "log_period=40", f"output_dir={out}"], env={"OMP_NUM_THREADS": "1"})
+    ap = json.loads((out / "summary.json").read_text())["coco_val"]
+    assert ap["AP50"] >= 0.9, ap
+
+
+def test_ddp_two_processes_gather_evaluation(tiny_coco, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           str(ROOT / "tools" / "train_det.py"), "configs/frcnn_demo.yaml", "data.synthetic=false",
+           *data_overrides(tiny_coco), *SLIM, "solver.max_iter=2", "eval.period=0", f"output_dir={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((out / "coco_results.json").read_text())
+    val = json.loads(open(tiny_coco["val_annotations"]).read())
+    # Each rank saw half of the val images; rank 0 scored the union.
+    assert {r["image_id"] for r in results} <= {im["id"] for im in val["images"]}
+    assert "2 ranks" in (out / "log.txt").read_text()
+    assert json.loads((out / "summary.json").read_text())["coco_val"]["AP"] >= 0
+
+
+@pytest.mark.skipif(not COCO128.is_dir(), reason="needs ../shared/data/coco128")
+def test_coco128_trains_and_evaluates_with_pycocotools(tmp_path):
+    images, ann = COCO128 / "train2017", COCO128 / "annotations" / "instances_train2017.json"
+    out = tmp_path / "coco128"
+    args = ["configs/frcnn_demo.yaml", "data.synthetic=false", f"data.train_images={images}",
+            f"data.train_annotations={ann}", f"data.val_images={images}", f"data.val_annotations={ann}", *SLIM,
+            "data.min_size_train=[160]", "data.max_size_train=256", "data.min_size_test=160",
+            "data.max_size_test=256", "solver.max_iter=2", "eval.period=0", f"output_dir={out}"]
+    run("train_det.py", args)
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["class_names"]) == 80
+    assert 0 <= summary["coco_val"]["AP"] <= 1 and len(summary["coco_val"]["per_class_AP"]) == 80
+    results = json.loads((out / "coco_results.json").read_text())
+    coco_ids = {c["id"] for c in json.loads(ann.read_text())["categories"]}
+    assert results and {r["category_id"] for r in results} <= coco_ids  # original (gapped) ids
