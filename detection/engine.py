@@ -17,7 +17,8 @@ from backbones.engine.config import to_yaml
 from backbones.engine.dist import (all_gather_object, barrier, get_world_size, init_distributed, is_main_process,
                                    reduce_mean, reduce_sum)
 from backbones.engine.run import RunFolder, get_logger
-from backbones.engine.state import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state, unwrap
+from backbones.engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, training_state,
+                                   unwrap)
 
 from .data.batching import build_batch_sampler, collate_detection
 from .data.coco import CocoDetection
@@ -194,12 +195,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
 
     start_iter, best_ap, skipped_total = 0, -1.0, 0
     if cfg.resume and os.path.isfile(run.last_checkpoint):
-        state = load_checkpoint(run.last_checkpoint)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        state = restore_training_state(run.last_checkpoint, model, optimizer, scheduler, scaler, rank)
         start_iter, best_ap, skipped_total = state["iteration"], state["best_ap"], state["skipped_corrupt"]
         log.info("resumed from %s at iteration %d", run.last_checkpoint, start_iter)
 
@@ -212,12 +208,11 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     def save_state(iteration: int) -> None:
         rngs = all_gather_object(rng_state())
         if is_main_process():
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-                         "iteration": iteration, "best_ap": best_ap, "skipped_corrupt": skipped_total,
-                         "config": to_yaml(cfg), "class_names": list(train_set.class_names),
-                         "contiguous_to_cat_id": {int(k): int(v) for k, v in train_set.contiguous_to_cat_id.items()}},
-                        run.last_checkpoint)
+            atomic_save(training_state(
+                model, optimizer, scheduler, scaler, iteration, rngs, best_ap=best_ap,
+                skipped_corrupt=skipped_total, config=to_yaml(cfg), class_names=list(train_set.class_names),
+                contiguous_to_cat_id={int(k): int(v) for k, v in train_set.contiguous_to_cat_id.items()},
+            ), run.last_checkpoint)
 
     loader_val = val_loader(cfg, val_set)
 

@@ -58,3 +58,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def training_state(model, optimizer, scheduler, scaler, iteration: int, rngs: list, **extra) -> dict:
+    """Everything a killed run needs to continue exactly: weights, optimizer, schedule, scaler, RNGs."""
+    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(), rng=rngs, iteration=iteration, **extra)
+
+
+def restore_training_state(path: str, model, optimizer, scheduler, scaler, rank: int) -> dict:
+    """Load ``path`` (written by ``training_state``) into the objects; return the whole state dict."""
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    rngs = state["rng"]
+    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])  # more ranks than saved: reuse rank 0's
+    return state

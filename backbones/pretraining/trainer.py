@@ -18,7 +18,7 @@ from ..engine.config import to_yaml
 from ..engine.dist import (all_gather_object, barrier, get_world_size, init_distributed, is_main_process,
                            reduce_sum)
 from ..engine.run import RunFolder
-from ..engine.state import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+from ..engine.state import atomic_save, restore_training_state, rng_state, seed_everything, training_state
 from ..resnet import build_resnet
 from .data import (DatasetError, ImageFolderDataset, ShardedSampler, collate_skip_none, scan_image_folder,
                    split_holdout, train_transform)
@@ -121,12 +121,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
 
     start_iter, best_top1, skipped_total = 0, -1.0, 0
     if cfg.resume and os.path.isfile(run.last_checkpoint):
-        state = load_checkpoint(run.last_checkpoint)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        state = restore_training_state(run.last_checkpoint, model, optimizer, scheduler, scaler, rank)
         start_iter, best_top1, skipped_total = state["iteration"], state["best_top1"], state["skipped_corrupt"]
         log.info("resumed from %s at iteration %d (epoch %.2f)", run.last_checkpoint, start_iter,
                  start_iter / iters_per_epoch)
@@ -144,13 +139,11 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     def save_state(iteration: int) -> None:
         rngs = all_gather_object(rng_state())  # every rank's generators, restored per rank
         if is_main_process():
-            atomic_save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-                "iteration": iteration, "epoch": iteration // iters_per_epoch, "best_top1": best_top1,
-                "skipped_corrupt": skipped_total, "config": to_yaml(cfg),
-                "backbone": backbone_checkpoint(model, d.mean, d.std, classes, to_yaml(cfg)),
-            }, run.last_checkpoint)
+            atomic_save(training_state(
+                model, optimizer, scheduler, scaler, iteration, rngs, epoch=iteration // iters_per_epoch,
+                best_top1=best_top1, skipped_corrupt=skipped_total, config=to_yaml(cfg),
+                backbone=backbone_checkpoint(model, d.mean, d.std, classes, to_yaml(cfg)),
+            ), run.last_checkpoint)
 
     def evaluate(mode: str) -> dict:
         return evaluate_classifier(model, val_samples, classes, mode, device, d.mean, d.std,
