@@ -4,19 +4,17 @@ from __future__ import annotations
 import functools
 import os
 import random
-import sys
 import time
 
 import torch
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from backbones.engine.config import to_yaml
 from backbones.engine.dist import (all_gather_object, barrier, get_world_size, init_distributed, is_main_process,
                                    reduce_mean, reduce_sum)
-from backbones.engine.run import RunFolder, get_logger
+from backbones.engine.run import RunFolder, progress_bar
 from backbones.engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, training_state,
                                    unwrap)
 
@@ -91,8 +89,7 @@ def evaluate(model, loader: DataLoader, dataset, device, output_dir: str | None,
     was_training = model.training
     model.eval()
     skipped = 0
-    for batch in tqdm(loader, desc="eval", disable=not (progress and is_main_process()), file=sys.stdout,
-                      mininterval=2.0, dynamic_ncols=True):
+    for batch in progress_bar(iterable=loader, desc="eval", disable=not (progress and is_main_process())):
         skipped += batch["num_skipped"]
         if not batch["targets"]:
             continue
@@ -224,8 +221,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
         return metrics
 
     iteration = start_iter
-    progress = tqdm(total=s.max_iter, initial=start_iter, disable=not is_main_process(), desc="train_det",
-                    file=sys.stdout, mininterval=2.0, dynamic_ncols=True)
+    progress = progress_bar(total=s.max_iter, initial=start_iter, desc="train_det")
     window: dict[str, float] = {}
     window_n, window_images, window_start = 0, 0, time.time()
     metrics: dict = {}

@@ -117,3 +117,13 @@ class RunFolder:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def progress_bar(**kwargs):
+    """tqdm on rank 0 (it/s, ETA, and the postfix we set: loss, img/s). Redrawn every 2 s on a terminal,
+    every 30 s into a log file or CI, so logs stay readable."""
+    from tqdm import tqdm
+
+    interactive = sys.stdout.isatty()
+    kwargs.setdefault("disable", not is_main_process())
+    return tqdm(file=sys.stdout, dynamic_ncols=interactive, mininterval=2.0 if interactive else 30.0, **kwargs)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 
 import torch
@@ -11,13 +10,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ..checkpoint import backbone_checkpoint
 from ..engine.config import to_yaml
 from ..engine.dist import (all_gather_object, barrier, get_world_size, init_distributed, is_main_process,
                            reduce_sum)
-from ..engine.run import RunFolder
+from ..engine.run import RunFolder, progress_bar
 from ..engine.state import atomic_save, restore_training_state, rng_state, seed_everything, training_state
 from ..resnet import build_resnet
 from .data import (DatasetError, ImageFolderDataset, ShardedSampler, collate_skip_none, scan_image_folder,
@@ -153,8 +151,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
 
     iteration = start_iter
     val_metrics: dict = {}
-    progress = tqdm(total=total_iters, initial=start_iter, disable=not is_main_process(), dynamic_ncols=True,
-                    desc="pretrain", mininterval=2.0, file=sys.stdout)
+    progress = progress_bar(total=total_iters, initial=start_iter, desc="pretrain")
     window_loss, window_images, window_start = 0.0, 0, time.time()
     for epoch in range(start_iter // iters_per_epoch, s.epochs):
         model.train()
