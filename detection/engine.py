@@ -83,8 +83,7 @@ def val_loader(cfg: DictConfig, dataset) -> DataLoader:
 def evaluate(model, loader: DataLoader, dataset, device, output_dir: str | None, amp_dtype=None,
              progress: bool = True) -> dict:
     """COCO-evaluate ``model`` on ``loader`` (sharded over ranks; gathered and scored on rank 0)."""
-    evaluator = COCOEvaluator(dataset.coco if hasattr(dataset, "coco") else dataset.ann_file,
-                              dataset.contiguous_to_cat_id, dataset.class_names, output_dir=output_dir)
+    evaluator = COCOEvaluator(dataset.coco, dataset.contiguous_to_cat_id, dataset.class_names, output_dir=output_dir)
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -276,8 +275,8 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                 if metrics and metrics["AP"] > best_ap:
                     best_ap = metrics["AP"]
                     if is_main_process():
-                        atomic_save({"model": model.state_dict(), "iteration": iteration, "AP": best_ap},
-                                    run.best_checkpoint)
+                        atomic_save({"model": model.state_dict(), "iteration": iteration, "AP": best_ap,
+                                     "class_names": list(train_set.class_names)}, run.best_checkpoint)
             if iteration >= s.max_iter:
                 break
     progress.close()

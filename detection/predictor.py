@@ -22,14 +22,18 @@ def resolve_checkpoint(run_dir: str, which: str) -> str:
     return path
 
 
-def load_trained_detector(run_dir: str, cfg: DictConfig, which: str, num_classes: int, device):
-    """Rebuild the run's detector and load its weights (the backbone file is not needed any more)."""
+def load_trained_detector(run_dir: str, cfg: DictConfig, which: str, device):
+    """Rebuild the run's detector and load its weights (the backbone file is not needed any more).
+
+    Returns ``(model, checkpoint path, class names)``; the class names travel in the checkpoint.
+    """
     path = resolve_checkpoint(run_dir, which)
     state = load_checkpoint(path)
+    class_names = list(state["class_names"])
     cfg.model.backbone.weights = ""  # every weight, the normalisation buffers too, comes from the checkpoint
-    model = build_detector(cfg.model, num_classes=num_classes)
+    model = build_detector(cfg.model, num_classes=len(class_names))
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), path
+    return model.to(device).eval(), path, class_names
 
 
 class Predictor:

@@ -12,12 +12,14 @@ import os
 import sys
 
 import _bootstrap  # noqa: F401
+import torch
 
 from backbones.engine.config import ConfigError, load_config
 from backbones.engine.dist import cleanup, init_distributed, is_main_process
 from backbones.engine.run import write_json_atomic
 from detection.config import DetConfig
 from detection.engine import AMP_DTYPES, build_datasets, evaluate, prepare_data_paths, val_loader
+from detection.evaluation.coco_eval import format_metrics_table
 from detection.predictor import load_trained_detector
 
 
@@ -37,10 +39,13 @@ def main(argv=None) -> int:
         cfg = load_config(DetConfig, os.path.join(args.run, "config.yaml"), overrides)
         _, _, device = init_distributed()
         if cfg.device == "cpu":
-            device = "cpu"
+            device = torch.device("cpu")
         prepare_data_paths(cfg)
         _, val_set = build_datasets(cfg, train=False)
-        model, ckpt_path = load_trained_detector(args.run, cfg, checkpoint, len(val_set.class_names), device)
+        model, ckpt_path, class_names = load_trained_detector(args.run, cfg, checkpoint, device)
+        if class_names != val_set.class_names:
+            raise ValueError(f"{ckpt_path} was trained on classes {class_names[:5]}..., but "
+                             f"{cfg.data.val_annotations} has {val_set.class_names[:5]}...")
         out_dir = os.path.join(args.run, f"eval_{os.path.splitext(os.path.basename(ckpt_path))[0]}")
         if is_main_process():
             os.makedirs(out_dir, exist_ok=True)
@@ -52,7 +57,6 @@ def main(argv=None) -> int:
     finally:
         cleanup()
     if is_main_process():
-        from detection.evaluation.coco_eval import format_metrics_table
         print(format_metrics_table(metrics))
         write_json_atomic(os.path.join(out_dir, "summary.json"), {"checkpoint": ckpt_path, "coco_val": metrics})
         print(f"results in {out_dir}")

@@ -48,11 +48,7 @@ def main(argv=None) -> int:
         files = list_images(args.inputs)
         if args.limit:
             files = files[: args.limit]
-        import torch
-
-        state = torch.load(os.path.join(args.run, "checkpoints", "last.pth"), map_location="cpu", weights_only=True)
-        class_names = state["class_names"]
-        model, _ = load_trained_detector(args.run, cfg, args.checkpoint, len(class_names), args.device)
+        model, _, class_names = load_trained_detector(args.run, cfg, args.checkpoint, args.device)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
