@@ -233,6 +233,11 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                             num_workers=cfg.data.workers, pin_memory=device.type == "cuda")
         for batch in loader:
             skipped_total += batch["num_skipped"]
+            if not batch["targets"]:  # every image was unreadable (counted): the step is spent, untrained,
+                scheduler.step()  # so that iterations still map to epochs exactly
+                iteration += 1
+                progress.update(1)
+                continue
             batch["images"] = batch["images"].to(device, non_blocking=True)
             for t in batch["targets"]:
                 for key in ("boxes", "labels", "crowd_boxes"):
