@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from backbones.engine.config import RunConfig
+
 from .modeling.config import DetectorConfig
 
 
@@ -59,15 +61,9 @@ class DetEvalConfig:
 
 
 @dataclass
-class DetConfig:
+class DetConfig(RunConfig):
     model: DetectorConfig = field(default_factory=DetectorConfig)
     data: DetDataConfig = field(default_factory=DetDataConfig)
     solver: DetSolverConfig = field(default_factory=DetSolverConfig)
     eval: DetEvalConfig = field(default_factory=DetEvalConfig)
-    output_dir: str = ""  # "" = runs/<config name>
-    resume: bool = False
-    seed: int = 0
-    device: str = "auto"
-    log_period: int = 20
     checkpoint_period: int = 5000
-    debug_stop_at_iter: int = 0  # tests: exit abruptly at this iteration, as a killed run would

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from backbones.engine.config import to_yaml
 from backbones.engine.dist import (all_gather_object, barrier, get_world_size, init_distributed, is_main_process,
                                    reduce_mean, reduce_sum)
+from backbones.engine.precision import check_solver
 from backbones.engine.run import RunFolder, progress_bar
 from backbones.engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, training_state,
                                    unwrap)
@@ -25,7 +26,6 @@ from .data.transforms import boxes_to_original, build_transform
 from .evaluation.coco_eval import COCOEvaluator, format_metrics_table
 from .modeling.build import build_detector
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COCO_LAYOUT = ("  expected layout:\n"
                "    datasets/coco/train2017/*.jpg\n"
                "    datasets/coco/val2017/*.jpg\n"
@@ -158,10 +158,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     if cfg.device == "cpu":
         device = torch.device("cpu")
     s = cfg.solver
-    if s.amp not in AMP_DTYPES:
-        raise ValueError(f"solver.amp must be one of {list(AMP_DTYPES)}, got {s.amp!r}")
-    if s.batch_size % world_size:
-        raise ValueError(f"solver.batch_size={s.batch_size} must be divisible by the {world_size} processes")
+    amp_dtype = check_solver(s, world_size)
     prepare_data_paths(cfg)
     train_set, val_set = build_datasets(cfg)  # annotation problems surface here, before any training
     run = RunFolder(cfg.output_dir or os.path.join("runs", run_name), cfg)
@@ -177,7 +174,6 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     lr = s.base_lr * s.batch_size / s.reference_batch_size
     optimizer = torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
-    amp_dtype = AMP_DTYPES[s.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=s.amp == "fp16")
 
     per_rank_batch = s.batch_size // world_size

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from backbones.engine.imageio import read_image_rgb
 from backbones.engine.state import load_checkpoint
 
+from .data.batching import collate_detection
 from .data.transforms import boxes_to_original, build_transform
 from .modeling.build import build_detector
 
@@ -52,12 +53,9 @@ class Predictor:
         out = self.transform(image=image, bboxes=np.zeros((0, 4), np.float32), labels=[])
         resized = out["image"]
         rh, rw = resized.shape[:2]
-        d = self.size_divisibility
-        ph, pw = -(-rh // d) * d, -(-rw // d) * d
-        padded = np.zeros((ph, pw, 3), np.uint8)
-        padded[:rh, :rw] = resized
-        batch = {"images": torch.from_numpy(padded).permute(2, 0, 1)[None].to(self.device),
-                 "image_sizes": [(rh, rw)], "targets": []}
+        batch = collate_detection([{"image": torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)}],
+                                  self.size_divisibility)
+        batch["images"] = batch["images"].to(self.device)
         det = self.model(batch)[0]
         scale = (rh / h, rw / w)
         boxes = boxes_to_original(det["boxes"].float().cpu(), scale, False, transformed_width=rw)

@@ -18,7 +18,8 @@ from backbones.engine.config import ConfigError, load_config
 from backbones.engine.dist import cleanup, init_distributed, is_main_process
 from backbones.engine.run import write_json_atomic
 from detection.config import DetConfig
-from detection.engine import AMP_DTYPES, build_datasets, evaluate, prepare_data_paths, val_loader
+from backbones.engine.precision import AMP_DTYPES
+from detection.engine import build_datasets, evaluate, prepare_data_paths, val_loader
 from detection.evaluation.coco_eval import format_metrics_table
 from detection.predictor import load_trained_detector
 

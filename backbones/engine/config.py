@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import yaml
@@ -15,6 +16,19 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 BASE_KEY = "_base_"
+
+
+@dataclass
+class RunConfig:
+    """Run-level keys every training config has (subclasses add model/data/solver/eval first)."""
+
+    output_dir: str = ""  # "" = runs/<config name>
+    resume: bool = False  # continue from <output_dir>/checkpoints/last.pth
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    log_period: int = 20  # iterations between metrics.jsonl/TensorBoard records
+    checkpoint_period: int = 0  # iterations between checkpoints (pretraining: 0 = end of each epoch only)
+    debug_stop_at_iter: int = 0  # tests: exit abruptly at this iteration, as a killed run would
 
 
 class ConfigError(ValueError):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..engine.config import RunConfig
+
 
 @dataclass
 class ModelConfig:
@@ -70,15 +72,8 @@ class EvalConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: str = ""  # "" = runs/<config name>
-    resume: bool = False  # continue from <output_dir>/checkpoints/last.pth
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    log_period: int = 20  # iterations between metrics.jsonl/TensorBoard records
-    checkpoint_period: int = 0  # iterations between mid-epoch checkpoints; 0 = end of each epoch only
-    debug_stop_at_iter: int = 0  # tests: exit abruptly at this iteration, as a killed run would

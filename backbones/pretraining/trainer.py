@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import backbone_checkpoint
 from ..engine.config import to_yaml
-from ..engine.dist import (all_gather_object, barrier, get_world_size, init_distributed, is_main_process,
+from ..engine.dist import (all_gather_object, barrier, init_distributed, is_main_process,
                            reduce_sum)
+from ..engine.precision import check_solver
 from ..engine.run import RunFolder, progress_bar
 from ..engine.state import atomic_save, restore_training_state, rng_state, seed_everything, training_state
 from ..resnet import build_resnet
@@ -22,9 +23,6 @@ from .data import (DatasetError, ImageFolderDataset, ShardedSampler, collate_ski
                    split_holdout, train_transform)
 from .evaluate import evaluate_classifier, normalize
 from .synthetic import make_synthetic_shapes
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def build_classifier(model_cfg, num_classes: int):
     return build_resnet(
@@ -71,20 +69,11 @@ def lr_factor(cfg: DictConfig, iteration: int, iters_per_epoch: int) -> float:
     raise ValueError(f"solver.schedule must be step or cosine, got {s.schedule!r}")
 
 
-def _check_solver(cfg: DictConfig) -> None:
-    s = cfg.solver
-    if s.amp not in AMP_DTYPES:
-        raise ValueError(f"solver.amp must be one of {list(AMP_DTYPES)}, got {s.amp!r}")
-    if s.batch_size % get_world_size():
-        raise ValueError(f"solver.batch_size={s.batch_size} is the total over ranks: it must be divisible by "
-                         f"the {get_world_size()} processes")
-
-
 def train(cfg: DictConfig, run_name: str) -> dict:
     rank, world_size, device = init_distributed()
     if cfg.device == "cpu":
         device = torch.device("cpu")
-    _check_solver(cfg)
+    amp_dtype = check_solver(cfg.solver, world_size)
     output_dir = cfg.output_dir or os.path.join("runs", run_name)
     classes, train_samples, val_samples = prepare_data(cfg)
     run = RunFolder(output_dir, cfg)
@@ -104,7 +93,6 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     lr = s.base_lr * s.batch_size / s.reference_batch_size
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay,
                                 nesterov=s.nesterov)
-    amp_dtype = AMP_DTYPES[s.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=s.amp == "fp16")
 
     per_rank_batch = s.batch_size // world_size
