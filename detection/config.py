@@ -58,6 +58,12 @@ class DetSolverConfig:
 class DetEvalConfig:
     period: int = 20000  # iterations between COCO evaluations (and at the end); 0 = only at the end
     batch_size: int = 8
+    # Test-time additions of the ResNet paper's COCO entry (appendix B); all off = the plain detector.
+    box_refinement: bool = False  # re-score the regressed boxes, merge, NMS at refinement_nms_thresh, vote
+    refinement_nms_thresh: float = 0.3
+    box_voting_iou: float = 0.5  # box voting after refinement; 0 = off
+    test_scales: list[int] = field(default_factory=list)  # multi-scale testing (paper: 200..1000); [] = off
+    flip: bool = False  # horizontal-flip testing
 
 
 @dataclass

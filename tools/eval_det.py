@@ -3,31 +3,86 @@
 
     python tools/eval_det.py runs/frcnn_demo                       # the run's config and last checkpoint
     python tools/eval_det.py runs/frcnn_r101_coco checkpoint=best data.val_annotations=...
+    python tools/eval_det.py runs/A eval.box_refinement=true eval.flip=true eval.test_scales=[200,400,600,800,1000]
+    python tools/eval_det.py runs/A --ensemble runs/B runs/C         # the paper's ensemble of detectors
+    python tools/eval_det.py runs/A --ladder --context runs/A_ctx --ensemble runs/B
     torchrun --nproc_per_node=8 tools/eval_det.py runs/frcnn_r101_coco
 
 Writes coco_results.json, coco_metrics.json and per_class_ap.txt into <run>/eval_<checkpoint>/.
+
+``--ladder`` evaluates the paper's additions one on top of the other (its Table 9) and prints a table:
+baseline -> +box refinement -> +global context (the ``--context`` run: a detector trained with
+``model.roi_heads.global_context=true``) -> +multi-scale testing (``eval.test_scales``, or the paper's
+{200..1000} rescaled to the run's test scale) -> +flip -> +ensemble (with the ``--ensemble`` runs).
+It writes ladder.md and ladder.json into <run>/eval_<checkpoint>/.
 """
 import argparse
 import os
 import sys
+import time
 
 import _bootstrap  # noqa: F401
 import torch
 
 from backbones.engine.config import ConfigError, load_config
 from backbones.engine.dist import cleanup, init_distributed, is_main_process
+from backbones.engine.precision import AMP_DTYPES
 from backbones.engine.run import write_json_atomic
 from detection.config import DetConfig
-from backbones.engine.precision import AMP_DTYPES
 from detection.engine import build_datasets, evaluate, prepare_data_paths, val_loader
 from detection.evaluation.coco_eval import format_metrics_table
+from detection.modeling.test_time import for_testing, options_from_config, paper_test_scales
 from detection.predictor import load_trained_detector
+
+
+def load_member(run_dir: str, overrides: list[str], checkpoint: str, device, val_set):
+    """A run's detector, checked against the validation set's classes."""
+    cfg = load_config(DetConfig, os.path.join(run_dir, "config.yaml"), overrides)
+    model, path, class_names = load_trained_detector(run_dir, cfg, checkpoint, device)
+    if class_names != val_set.class_names:
+        raise ValueError(f"{path} was trained on classes {class_names[:5]}..., but "
+                         f"{cfg.data.val_annotations} has {val_set.class_names[:5]}...")
+    return model, path
+
+
+def ladder_rows(cfg, base, context, ensemble):
+    """(name, members, test-time options) for each rung, each adding one thing to the one above."""
+    options = options_from_config(cfg.eval)
+    options.box_refinement, options.flip, options.scales = False, False, ()
+    scales = tuple(int(s) for s in cfg.eval.test_scales) or paper_test_scales(cfg.data.min_size_test)
+    main = context if context is not None else base
+    steps = [("baseline", [base], {}), ("+ box refinement", [base], {"box_refinement": True})]
+    if context is not None:
+        steps.append(("+ global context", [context], {"box_refinement": True}))
+    steps.append((f"+ multi-scale testing {list(scales)}", [main], {"box_refinement": True, "scales": scales}))
+    steps.append(("+ horizontal flip", [main], {"box_refinement": True, "scales": scales, "flip": True}))
+    if ensemble:
+        steps.append((f"+ ensemble of {1 + len(ensemble)}", [main, *ensemble],
+                      {"box_refinement": True, "scales": scales, "flip": True}))
+    rows = []
+    for name, members, changes in steps:
+        opts = type(options)(**{**options.__dict__, **changes})
+        rows.append((name, members, opts))
+    return rows
+
+
+def format_ladder(results: list[dict]) -> str:
+    lines = ["| test-time setting | AP | AP50 | AP75 | APs | APm | APl | s/img |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        m = r["metrics"]
+        lines.append(f"| {r['name']} | {100 * m['AP']:.1f} | {100 * m['AP50']:.1f} | {100 * m['AP75']:.1f} | "
+                     f"{100 * m['APs']:.1f} | {100 * m['APm']:.1f} | {100 * m['APl']:.1f} | {r['sec_per_image']:.3f} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run folder written by tools/train_det.py")
     parser.add_argument("overrides", nargs="*", help="checkpoint=last|best|PATH and config key=value overrides")
+    parser.add_argument("--ensemble", nargs="+", default=[], metavar="RUN",
+                        help="more run folders: their proposals join the union and every head scores them")
+    parser.add_argument("--ladder", action="store_true", help="evaluate the appendix-B additions step by step")
+    parser.add_argument("--context", metavar="RUN", help="with --ladder: a run trained with global context")
     args = parser.parse_args(argv)
     checkpoint = "last"
     overrides = []
@@ -36,6 +91,8 @@ def main(argv=None) -> int:
             checkpoint = o.split("=", 1)[1]
         else:
             overrides.append(o)
+    if args.context and not args.ladder:
+        parser.error("--context is a rung of --ladder; evaluate that run on its own otherwise")
     try:
         cfg = load_config(DetConfig, os.path.join(args.run, "config.yaml"), overrides)
         _, _, device = init_distributed()
@@ -43,24 +100,52 @@ def main(argv=None) -> int:
             device = torch.device("cpu")
         prepare_data_paths(cfg)
         _, val_set = build_datasets(cfg, train=False)
-        model, ckpt_path, class_names = load_trained_detector(args.run, cfg, checkpoint, device)
-        if class_names != val_set.class_names:
-            raise ValueError(f"{ckpt_path} was trained on classes {class_names[:5]}..., but "
-                             f"{cfg.data.val_annotations} has {val_set.class_names[:5]}...")
+        model, ckpt_path = load_member(args.run, overrides, checkpoint, device, val_set)
+        ensemble = [load_member(r, overrides, checkpoint, device, val_set)[0] for r in args.ensemble]
+        context = load_member(args.context, overrides, checkpoint, device, val_set)[0] if args.context else None
         out_dir = os.path.join(args.run, f"eval_{os.path.splitext(os.path.basename(ckpt_path))[0]}")
         if is_main_process():
             os.makedirs(out_dir, exist_ok=True)
-        metrics = evaluate(model, val_loader(cfg, val_set), val_set, device, out_dir if is_main_process() else None,
-                           AMP_DTYPES[cfg.solver.amp])
+        loader = val_loader(cfg, val_set)
+        amp = AMP_DTYPES[cfg.solver.amp]
+        d = cfg.data
+
+        def run_eval(members, options, output_dir):
+            start = time.time()
+            tester = for_testing(members, options, d.min_size_test, d.size_divisibility)
+            metrics = evaluate(tester, loader, val_set, device, output_dir if is_main_process() else None, amp)
+            return metrics, (time.time() - start) / max(len(val_set), 1)
+
+        if args.ladder:
+            results = []
+            for name, members, options in ladder_rows(cfg, model, context, ensemble):
+                print(f"\n=== {name}", flush=True)
+                metrics, sec = run_eval(members, options, None)
+                results.append({"name": name, "options": dict(options.__dict__, scales=list(options.scales)),
+                                "members": len(members), "metrics": metrics, "sec_per_image": sec})
+        else:
+            metrics, _ = run_eval([model, *ensemble], options_from_config(cfg.eval), out_dir)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         cleanup()
-    if is_main_process():
-        print(format_metrics_table(metrics))
-        write_json_atomic(os.path.join(out_dir, "summary.json"), {"checkpoint": ckpt_path, "coco_val": metrics})
+    if not is_main_process():
+        return 0
+    if args.ladder:
+        table = format_ladder(results)
+        print("\n" + table)
+        with open(os.path.join(out_dir, "ladder.md"), "w") as f:
+            f.write(table + "\n")
+        write_json_atomic(os.path.join(out_dir, "ladder.json"), {
+            "checkpoint": ckpt_path, "context_run": args.context, "ensemble_runs": args.ensemble, "rows": results})
         print(f"results in {out_dir}")
+        return 0
+    print(format_metrics_table(metrics))
+    write_json_atomic(os.path.join(out_dir, "summary.json"), {
+        "checkpoint": ckpt_path, "ensemble_runs": args.ensemble, "coco_val": metrics,
+        "test_time": dict(options_from_config(cfg.eval).__dict__)})
+    print(f"results in {out_dir}")
     return 0
 
 

@@ -4,7 +4,8 @@
     python tools/infer.py runs/frcnn_demo datasets/synthetic_coco/val --out runs/frcnn_demo/infer
 
 Writes detections.json (boxes in each file's pixel coordinates, class names, scores) and one
-image per input with the boxes drawn.
+image per input with the boxes drawn. The run's ``eval:`` test-time settings apply (box refinement,
+multi-scale, flip); change them with ``--set eval.flip=true``.
 """
 import argparse
 import json
@@ -18,6 +19,7 @@ import cv2
 from backbones.engine.config import ConfigError, load_config
 from backbones.engine.imageio import CorruptImageError, is_image_file, read_image_rgb
 from detection.config import DetConfig
+from detection.modeling.test_time import for_testing, options_from_config
 from detection.predictor import Predictor, draw_detections, load_trained_detector
 
 
@@ -42,9 +44,11 @@ def main(argv=None) -> int:
     parser.add_argument("--score-thresh", type=float, default=0.5)
     parser.add_argument("--limit", type=int, default=0, help="at most this many images (0 = all)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set eval.box_refinement=true --set eval.flip=true")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(DetConfig, os.path.join(args.run, "config.yaml"))
+        cfg = load_config(DetConfig, os.path.join(args.run, "config.yaml"), args.set)
         files = list_images(args.inputs)
         if args.limit:
             files = files[: args.limit]
@@ -54,6 +58,7 @@ def main(argv=None) -> int:
         return 2
     out_dir = args.out or os.path.join(args.run, "infer")
     os.makedirs(out_dir, exist_ok=True)
+    model = for_testing([model], options_from_config(cfg.eval), cfg.data.min_size_test, cfg.data.size_divisibility)
     predictor = Predictor(model, cfg, class_names, args.device, args.score_thresh)
     results = []
     for path in files:

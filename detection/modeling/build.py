@@ -125,7 +125,9 @@ def build_detector(model_cfg, num_classes: int) -> GeneralizedRCNN:
     )
 
     head_kwargs = dict(batch_size_per_image=h.batch_size_per_image, positive_fraction=h.positive_fraction,
-                       fg_iou_thresh=h.fg_iou_thresh, crowd_ioa_thresh=h.crowd_ioa_thresh)
+                       fg_iou_thresh=h.fg_iou_thresh, crowd_ioa_thresh=h.crowd_ioa_thresh,
+                       global_context=h.global_context)
+    context_factor = 2 if h.global_context else 1  # the sibling layers see [region, whole image]
 
     def predictor(in_features: int) -> FastRCNNOutputLayers:
         return FastRCNNOutputLayers(in_features, num_classes, BoxCoder(_floats(h.bbox_reg_weights)),
@@ -135,11 +137,11 @@ def build_detector(model_cfg, num_classes: int) -> GeneralizedRCNN:
     if neck is not None:
         levels = neck.out_features[:4]  # P2..P5; P6 is for the RPN only
         pooler = ROIPooler(h.pooler_resolution, [1.0 / s for s in strides[:4]], h.pooler_sampling_ratio, h.pooler_type)
-        roi_heads = StandardROIHeads(pooler, predictor(h.fc_dim), levels, model_cfg.fpn_channels, fc_dim=h.fc_dim,
+        roi_heads = StandardROIHeads(pooler, predictor(context_factor * h.fc_dim), levels, model_cfg.fpn_channels, fc_dim=h.fc_dim,
                                      **head_kwargs)
     else:
         pooler = ROIPooler(h.pooler_resolution, [1.0 / resnet.stage_strides["res4"]], h.pooler_sampling_ratio,
                            h.pooler_type)
-        roi_heads = Res5ROIHeads(resnet.res5, pooler, predictor(resnet.stage_channels["res5"]), "res4", **head_kwargs)
+        roi_heads = Res5ROIHeads(resnet.res5, pooler, predictor(context_factor * resnet.stage_channels["res5"]), "res4", **head_kwargs)
 
     return GeneralizedRCNN(trunk, rpn, roi_heads, mean, std, neck=neck)

@@ -57,6 +57,9 @@ class ROIHeadsConfig:
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
+    # The ResNet paper's global context (appendix B): the whole image pooled as one more RoI through the
+    # post-RoI layers, its feature concatenated with each region's before the sibling layers.
+    global_context: bool = False
 
 
 @dataclass

@@ -54,17 +54,21 @@ class GeneralizedRCNN(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalised images -> named feature maps (trunk, then the neck if any)."""
+        features = self.trunk(images)
+        return self.neck(features) if self.neck is not None else features
+
+    def rpn_inputs(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [features[f] for f in self.rpn_in_features] if self.rpn_in_features else list(features.values())
+
     def forward(self, batch: dict):
         image_sizes = [(int(h), int(w)) for h, w in batch["image_sizes"]]
-        images = self.preprocess(batch["images"], image_sizes)
-        features = self.trunk(images)
-        if self.neck is not None:
-            features = self.neck(features)
-        rpn_features = [features[f] for f in self.rpn_in_features] if self.rpn_in_features else list(features.values())
+        features = self.features(self.preprocess(batch["images"], image_sizes))
         targets = batch.get("targets") if self.training else None
         if self.training and targets is None:
             raise ValueError("GeneralizedRCNN: training needs batch['targets']")
-        proposals, rpn_losses = self.rpn(rpn_features, image_sizes, targets)
+        proposals, rpn_losses = self.rpn(self.rpn_inputs(features), image_sizes, targets)
         detections, head_losses = self.roi_heads(features, proposals, image_sizes, targets)
         if self.training:
             return {**rpn_losses, **head_losses}

@@ -13,6 +13,10 @@
 ``Res5ROIHeads`` is the ResNet paper's C4 head: 14x14 RoI features from res4, the backbone's res5
 (whose first block halves them to 7x7), global average pooling. ``StandardROIHeads`` is the FPN head:
 7x7 features from P2..P5, two 1024-d fully connected layers.
+
+``global_context`` (appendix B of the ResNet paper): the whole image is pooled as one more RoI and run
+through the same post-RoI layers; its feature is concatenated with every region's before the
+sibling layers (which then take twice the features), trained end to end.
 """
 from __future__ import annotations
 
@@ -77,17 +81,39 @@ class FastRCNNOutputLayers(nn.Module):
 
     def inference_single_image(self, scores: torch.Tensor, deltas: torch.Tensor, proposals: torch.Tensor,
                                image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        k = self.num_classes
-        boxes = self.box_coder.decode(deltas, proposals).view(len(proposals), k, 4)
-        boxes = clip_boxes(boxes, image_size)
-        scores = scores[:, 1:]  # drop background
-        finite = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=1)
-        boxes, scores = boxes[finite], scores[finite]
-        roi_idx, cls_idx = torch.nonzero(scores > self.score_thresh, as_tuple=True)
-        boxes = boxes[roi_idx, cls_idx]
-        scores = scores[roi_idx, cls_idx]
-        keep = batched_nms(boxes, scores, cls_idx, self.nms_thresh)[: self.detections_per_img]
-        return {"boxes": boxes[keep], "scores": scores[keep], "labels": cls_idx[keep] + 1}
+        boxes = self.box_coder.decode(deltas, proposals).view(len(proposals), self.num_classes, 4)
+        return postprocess_detections(clip_boxes(boxes, image_size), scores[:, 1:], self.score_thresh,
+                                      self.nms_thresh, self.detections_per_img)
+
+
+def postprocess_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: float, nms_thresh: float,
+                           detections_per_img: int, box_voting_iou: float = 0.0) -> dict[str, torch.Tensor]:
+    """One image's per-class boxes ``(N, K, 4)`` and foreground scores ``(N, K)`` -> its detections:
+    scores > ``score_thresh``, NMS per class, optionally box voting, the ``detections_per_img`` best.
+    Labels are 1..K."""
+    finite = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=1)
+    boxes, scores = boxes[finite], scores[finite]
+    roi_idx, cls_idx = torch.nonzero(scores > score_thresh, as_tuple=True)
+    boxes = boxes[roi_idx, cls_idx]
+    scores = scores[roi_idx, cls_idx]
+    keep = batched_nms(boxes, scores, cls_idx, nms_thresh)[:detections_per_img]
+    kept_boxes = boxes[keep]
+    if box_voting_iou > 0:
+        kept_boxes = box_voting(kept_boxes, cls_idx[keep], boxes, scores, cls_idx, box_voting_iou)
+    return {"boxes": kept_boxes, "scores": scores[keep], "labels": cls_idx[keep] + 1}
+
+
+def box_voting(kept_boxes: torch.Tensor, kept_labels: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
+               labels: torch.Tensor, iou_thresh: float = 0.5) -> torch.Tensor:
+    """Box voting (Gidaris & Komodakis 2015, used by the ResNet paper's COCO entry): each box NMS kept
+    becomes the score-weighted mean of all candidates of its class (before NMS, itself included) that
+    overlap it by IoU >= ``iou_thresh``. Scores are unchanged."""
+    if kept_boxes.numel() == 0:
+        return kept_boxes
+    iou = box_iou(kept_boxes, boxes)
+    weights = ((iou >= iou_thresh) & (kept_labels[:, None] == labels[None, :])).float() * scores[None, :]
+    # a kept box always votes for itself (IoU 1), so the weights never sum to zero for scores > 0
+    return (weights @ boxes) / weights.sum(dim=1, keepdim=True).clamp(min=1e-12)
 
 
 class ROIHeads(nn.Module):
@@ -95,9 +121,10 @@ class ROIHeads(nn.Module):
 
     def __init__(self, box_predictor: FastRCNNOutputLayers, batch_size_per_image: int = 512,
                  positive_fraction: float = 0.25, fg_iou_thresh: float = 0.5, crowd_ioa_thresh: float = 0.7,
-                 proposal_append_gt: bool = True):
+                 proposal_append_gt: bool = True, global_context: bool = False):
         super().__init__()
         self.box_predictor = box_predictor
+        self.global_context = global_context
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
         self.matcher = Matcher([fg_iou_thresh], [0, 1], allow_low_quality_matches=False)
@@ -138,7 +165,30 @@ class ROIHeads(nn.Module):
         return sampled_boxes, sampled_labels, sampled_targets
 
     def box_features(self, features: dict[str, torch.Tensor], proposals: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(sum K_i, C): one feature vector per box (RoI pooling + the post-RoI layers)."""
         raise NotImplementedError
+
+    def context_features(self, features: dict[str, torch.Tensor], image_sizes: Sequence[tuple[int, int]]
+                         ) -> torch.Tensor:
+        """(B, C): each whole image pooled as one RoI through the same post-RoI layers (the ResNet paper's
+        global context, appendix B)."""
+        whole = [torch.tensor([[0.0, 0.0, float(w), float(h)]]) for h, w in image_sizes]
+        device = next(iter(features.values())).device
+        return self.box_features(features, [b.to(device) for b in whole])
+
+    @staticmethod
+    def attach_context(region_features: torch.Tensor, context: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """Concatenate each region's feature with its image's context feature: (N, C) -> (N, 2C)."""
+        per_roi = context.repeat_interleave(torch.as_tensor(list(counts), device=context.device), dim=0)
+        return torch.cat([region_features, per_roi.to(region_features.dtype)], dim=1)
+
+    def predict(self, features: dict[str, torch.Tensor], boxes: Sequence[torch.Tensor],
+                image_sizes: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits (N, K+1) and per-class box deltas (N, 4K) for the boxes of each image."""
+        x = self.box_features(features, boxes)
+        if self.global_context:
+            x = self.attach_context(x, self.context_features(features, image_sizes), [len(b) for b in boxes])
+        return self.box_predictor(x)
 
     def forward(self, features: dict[str, torch.Tensor], proposals: Sequence[torch.Tensor],
                 image_sizes: Sequence[tuple[int, int]], targets: Sequence[dict] | None = None
@@ -147,7 +197,7 @@ class ROIHeads(nn.Module):
             if targets is None:
                 raise ValueError("ROIHeads: targets are needed in training mode")
             proposals, labels, regression_targets = self.label_and_sample_proposals(proposals, targets)
-        class_logits, box_deltas = self.box_predictor(self.box_features(features, proposals))
+        class_logits, box_deltas = self.predict(features, proposals, image_sizes)
         if self.training:
             return [], self.box_predictor.losses(class_logits, box_deltas, torch.cat(labels),
                                                  torch.cat(regression_targets))
@@ -163,6 +213,11 @@ class Res5ROIHeads(ROIHeads):
         self.in_feature = in_feature
         self.pooler = pooler
         self.res5 = res5
+
+    @property
+    def canonical_box_size(self) -> float:
+        """The box side (input pixels) whose RoI covers exactly the pooling grid (14 cells x stride 16)."""
+        return self.pooler.output_size[0] / self.pooler.scales[0]
 
     def box_features(self, features, proposals):
         x = self.pooler([features[self.in_feature]], proposals)
@@ -186,6 +241,11 @@ class StandardROIHeads(ROIHeads):
             layers += [fc, nn.ReLU(inplace=True)]
             dim = fc_dim
         self.box_head = nn.Sequential(*layers)
+
+    @property
+    def canonical_box_size(self) -> float:
+        """The box side (input pixels) FPN maps to P4 (its eq. 1)."""
+        return self.pooler.canonical_box_size
 
     def box_features(self, features, proposals):
         x = self.pooler([features[f] for f in self.in_features], proposals)
