@@ -90,6 +90,26 @@ def test_train_eval_infer_write_their_files(tiny_coco, tmp_path):
             assert 0 <= x1 <= x2 <= r["width"] and 0 <= y1 <= y2 <= r["height"]
 
 
+def test_ladder_of_the_papers_additions_prints_its_table(tiny_coco, tmp_path):
+    common = ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides(tiny_coco), *SLIM,
+              "solver.max_iter=6", "checkpoint_period=100", "eval.period=0"]
+    run("train_det.py", [*common, f"output_dir={tmp_path}/base"])
+    run("train_det.py", [*common, "model.roi_heads.global_context=true", "seed=1", f"output_dir={tmp_path}/ctx"])
+    out = run("eval_det.py", [tmp_path / "base", "--ladder", "--context", tmp_path / "ctx",
+                              "--ensemble", tmp_path / "base"]).stdout
+    ladder = json.loads((tmp_path / "base/eval_last/ladder.json").read_text())
+    names = [r["name"] for r in ladder["rows"]]
+    assert names[:3] == ["baseline", "+ box refinement", "+ global context"]
+    assert names[3].startswith("+ multi-scale testing [32, 64, 96, 128, 160]")  # the paper's pyramid at base 96
+    assert names[4:] == ["+ horizontal flip", "+ ensemble of 2"]
+    assert [r["members"] for r in ladder["rows"]] == [1, 1, 1, 1, 1, 2]
+    # the baseline rung is the plain detector: the same AP as its own end-of-training evaluation
+    summary = json.loads((tmp_path / "base/summary.json").read_text())
+    assert ladder["rows"][0]["metrics"]["AP"] == pytest.approx(summary["coco_val"]["AP"], abs=1e-9)
+    table = (tmp_path / "base/eval_last/ladder.md").read_text()
+    assert table.count("\n") == 8 and "| + ensemble of 2 |" in table and table.splitlines()[0] in out
+
+
 def test_killed_and_resumed_detector_matches_uninterrupted(tiny_coco, tmp_path):
     # 12 train images at batch 4 = 3 iterations per epoch; checkpoints every 2; killed at 5.
     common = ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides(tiny_coco), *SLIM,
