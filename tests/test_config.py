@@ -64,10 +64,14 @@ def test_every_shipped_pretrain_config_loads(repo_root):
 def test_every_shipped_detection_config_loads(repo_root):
     from detection.config import DetConfig
 
-    paths = sorted(repo_root.glob("configs/*.yaml"))
-    assert {p.name for p in paths} >= {"frcnn_r101_coco.yaml", "frcnn_demo.yaml", "frcnn_r50_fpn_coco.yaml"}
+    paths = sorted(repo_root.glob("configs/frcnn_*.yaml"))  # loc_*.yaml are localization configs
+    assert {p.name for p in paths} >= {"frcnn_r101_coco.yaml", "frcnn_demo.yaml", "frcnn_r50_fpn_coco.yaml",
+                                       "frcnn_r101_coco_full.yaml"}
     for path in paths:
         load_config(DetConfig, str(path))
     paper = load_config(DetConfig, str(repo_root / "configs/frcnn_r101_coco.yaml"))
     assert (paper.model.backbone.depth, paper.model.roi_heads.pooler_type, paper.solver.base_lr) == (101, "ROIPool", 0.001)
     assert load_config(DetConfig, str(repo_root / "configs/frcnn_r50_fpn_coco.yaml")).model.neck == "fpn"
+    full = load_config(DetConfig, str(repo_root / "configs/frcnn_r101_coco_full.yaml"))
+    assert full.model.roi_heads.global_context and full.eval.box_refinement
+    assert list(full.eval.test_scales) == [200, 400, 600, 800, 1000] and full.model.backbone.depth == 101
