@@ -16,11 +16,22 @@ from .modeling.config import DetectorConfig
 
 @dataclass
 class DetDataConfig:
+    # coco: the four paths below. voc | imagenet_det: XML datasets given as ROOT:SPLIT sets
+    # (detection/data/voc.py), e.g. datasets/VOCdevkit/VOC2007:trainval or datasets/ILSVRC:val.
+    format: str = "coco"
+    train_sets: list[str] = field(default_factory=list)  # voc/imagenet_det: concatenated (VOC 07+12)
+    val_sets: list[str] = field(default_factory=list)
+    # voc/imagenet_det: the XML <name>s in label order; [] = the 20 VOC classes (voc), the synsets file's
+    # wnids sorted, or without one every wnid in the sets sorted (imagenet_det).
+    class_names: list[str] = field(default_factory=list)
+    synsets_file: str = ""  # imagenet_det: "wnid [index] name" lines (devkit data/map_det.txt): class names
+    train_difficult: str = "ignore"  # VOC difficult objects in training: ignore (like crowd) | train | drop
     train_images: str = "datasets/coco/train2017"
     train_annotations: str = "datasets/coco/annotations/instances_train2017.json"
     val_images: str = "datasets/coco/val2017"
     val_annotations: str = "datasets/coco/annotations/instances_val2017.json"
-    # Synthetic shapes in COCO format, materialised on first use (the demo; no download).
+    # Synthetic shapes in COCO format, materialised on first use (the demo; no download). With
+    # format voc/imagenet_det the same shapes are written in that layout to <synthetic_root>_<format>.
     synthetic: bool = False
     synthetic_root: str = "datasets/synthetic_coco"
     synthetic_num_train: int = 1500
@@ -58,6 +69,10 @@ class DetSolverConfig:
 class DetEvalConfig:
     period: int = 20000  # iterations between COCO evaluations (and at the end); 0 = only at the end
     batch_size: int = 8
+    # voc/imagenet_det: which mAP@0.5 is metrics["AP"] (and picks best.pth): voc07 (11-point, how VOC2007
+    # test is scored) | area (VOC2010+, ImageNet DET) | auto (voc07 when every val set is a VOC2007 one).
+    voc_metric: str = "auto"
+    coco_metrics: bool = True  # voc/imagenet_det: also pycocotools' metrics (difficult = crowd), under "coco"
     # Test-time additions of the ResNet paper's COCO entry (appendix B); all off = the plain detector.
     box_refinement: bool = False  # re-score the regressed boxes, merge, NMS at refinement_nms_thresh, vote
     refinement_nms_thresh: float = 0.3

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from backbones.engine.config import to_yaml
+from backbones.engine.config import ConfigError, to_yaml
 from backbones.engine.dist import (all_gather_object, barrier, get_world_size, init_distributed, is_main_process,
                                    reduce_mean, reduce_sum)
 from backbones.engine.precision import check_solver
@@ -21,9 +21,11 @@ from backbones.engine.state import (atomic_save, restore_training_state, rng_sta
 
 from .data.batching import build_batch_sampler, collate_detection
 from .data.coco import CocoDetection
-from .data.synthetic import make_synthetic_coco
+from .data.synthetic import make_synthetic_coco, make_synthetic_voc
 from .data.transforms import boxes_to_original, build_transform
+from .data.voc import DIFFICULT_MODES, FORMATS as XML_FORMATS, LAYOUTS as XML_LAYOUTS, VocDetection, parse_set_spec
 from .evaluation.coco_eval import COCOEvaluator, format_metrics_table
+from .evaluation.voc_eval import METRICS as VOC_METRICS, VOCEvaluator, ground_truth_from_coco
 from .modeling.build import build_detector
 
 COCO_LAYOUT = ("  expected layout:\n"
@@ -32,6 +34,7 @@ COCO_LAYOUT = ("  expected layout:\n"
                "    datasets/coco/annotations/instances_{train,val}2017.json\n"
                "  (or set data.train_images / data.train_annotations / data.val_images / data.val_annotations)\n"
                "  to try resdet without any download: python tools/train_det.py configs/frcnn_demo.yaml")
+DEMO_HINT = "  to try resdet without any download: python tools/train_det.py configs/frcnn_demo.yaml"
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -41,6 +44,9 @@ class DataNotFoundError(FileNotFoundError):
 def prepare_data_paths(cfg: DictConfig) -> None:
     """Materialise the synthetic set if asked; otherwise fail at once when files are missing."""
     d = cfg.data
+    if d.format != "coco":
+        _prepare_xml_sets(cfg)
+        return
     if d.synthetic:
         make = functools.partial(make_synthetic_coco, d.synthetic_root, num_train=d.synthetic_num_train,
                                  num_val=d.synthetic_num_val, image_size=d.synthetic_image_size, seed=cfg.seed)
@@ -57,8 +63,82 @@ def prepare_data_paths(cfg: DictConfig) -> None:
                                 + "\n" + COCO_LAYOUT)
 
 
+def _prepare_xml_sets(cfg: DictConfig) -> None:
+    """PASCAL VOC / ImageNet DET: check the settings and that every set's folders are there (their files
+    are checked when the sets are loaded)."""
+    d = cfg.data
+    if d.format not in XML_FORMATS:
+        raise ConfigError(f"data.format={d.format!r}; use coco or one of {list(XML_FORMATS)}")
+    if d.train_difficult not in DIFFICULT_MODES:
+        raise ConfigError(f"data.train_difficult={d.train_difficult!r}; use one of {list(DIFFICULT_MODES)}")
+    if cfg.eval.voc_metric not in (*VOC_METRICS, "auto"):
+        raise ConfigError(f"eval.voc_metric={cfg.eval.voc_metric!r}; use one of {[*VOC_METRICS, 'auto']}")
+    if d.synthetic:
+        make = functools.partial(make_synthetic_voc, f"{d.synthetic_root}_{d.format}", num_train=d.synthetic_num_train,
+                                 num_val=d.synthetic_num_val, image_size=d.synthetic_image_size, seed=cfg.seed,
+                                 layout=d.format)
+        if is_main_process():
+            make()
+        barrier()
+        paths = make()
+        d.train_sets, d.val_sets, d.synsets_file = paths["train_sets"], paths["val_sets"], paths["synsets_file"]
+        if d.format == "voc":
+            d.class_names = paths["class_names"]
+        return
+    layout = XML_LAYOUTS[d.format]
+    if not d.train_sets or not d.val_sets:
+        raise DataNotFoundError(f"data.format={d.format} needs data.train_sets and data.val_sets (ROOT:SPLIT lists); "
+                                f"got {list(d.train_sets)} and {list(d.val_sets)}\n{layout}\n{DEMO_HINT}")
+    missing = []
+    for spec in [*d.train_sets, *d.val_sets]:
+        image_set = parse_set_spec(spec, d.format)
+        for folder in (image_set.image_set_dir, image_set.annotation_dir, image_set.image_dir):
+            if not os.path.isdir(folder) and folder not in missing:
+                missing.append(folder)
+    if missing:
+        raise DataNotFoundError("dataset not found; looked for:\n    " + "\n    ".join(os.path.abspath(p) for p in missing)
+                                + f"\n{layout}\n  (or set data.train_sets / data.val_sets)\n{DEMO_HINT}")
+
+
+def data_source(cfg: DictConfig, split: str) -> str:
+    """What a split is read from, for messages and the summary."""
+    d = cfg.data
+    if d.format == "coco":
+        return os.path.abspath(d[f"{split}_annotations"])
+    return " + ".join(d[f"{split}_sets"])
+
+
+def _xml_dataset(cfg: DictConfig, sets, transform, train: bool, class_names=None) -> VocDetection:
+    d = cfg.data
+    dataset = VocDetection(sets, d.format, class_names=class_names or list(d.class_names) or None,
+                           synsets_file=d.synsets_file, difficult=d.train_difficult if train else "ignore",
+                           transform=transform, skip_corrupt=d.skip_corrupt, filter_empty=train and d.filter_empty_train)
+    metric = cfg.eval.voc_metric
+    if metric == "auto":
+        roots = [os.path.basename(parse_set_spec(s, d.format).root) for s in sets]
+        metric = "voc07" if d.format == "voc" and all(r == "VOC2007" for r in roots) else "area"
+    # How this set is scored travels with it, so evaluate() (and tools/eval_det.py) need no new argument.
+    dataset.eval_options = {"protocol": "voc" if d.format == "voc" else "imagenet", "metric": metric,
+                            "coco": bool(cfg.eval.coco_metrics)}
+    return dataset
+
+
+def _build_xml_datasets(cfg: DictConfig, train: bool):
+    d = cfg.data
+    val_transform = build_transform((d.min_size_test,), d.max_size_test, 0.0, train=False)
+    if not train:
+        return None, _xml_dataset(cfg, d.val_sets, val_transform, train=False)
+    train_set = _xml_dataset(cfg, d.train_sets, build_transform(tuple(d.min_size_train), d.max_size_train,
+                                                                d.flip_prob, train=True), train=True)
+    # the training sets fix the class list (ImageNet DET without a synsets file: the wnids found there)
+    val_set = _xml_dataset(cfg, d.val_sets, val_transform, train=False, class_names=train_set.xml_class_names)
+    return train_set, val_set
+
+
 def build_datasets(cfg: DictConfig, train: bool = True):
     d = cfg.data
+    if d.format != "coco":
+        return _build_xml_datasets(cfg, train)
     val_set = CocoDetection(d.val_images, d.val_annotations,
                             transform=build_transform((d.min_size_test,), d.max_size_test, 0.0, train=False),
                             skip_corrupt=d.skip_corrupt)
@@ -82,8 +162,22 @@ def val_loader(cfg: DictConfig, dataset) -> DataLoader:
 @torch.no_grad()
 def evaluate(model, loader: DataLoader, dataset, device, output_dir: str | None, amp_dtype=None,
              progress: bool = True) -> dict:
-    """COCO-evaluate ``model`` on ``loader`` (sharded over ranks; gathered and scored on rank 0)."""
-    evaluator = COCOEvaluator(dataset.coco, dataset.contiguous_to_cat_id, dataset.class_names, output_dir=output_dir)
+    """COCO-evaluate ``model`` on ``loader`` (sharded over ranks; gathered and scored on rank 0).
+
+    A PASCAL VOC / ImageNet DET dataset (a :class:`VocDetection` from :func:`build_datasets`) is scored
+    with :class:`VOCEvaluator` instead: ``metrics["AP"]`` is then its mAP at IoU 0.5 (11-point or area,
+    per ``eval.voc_metric``), the key the training loop keeps best.pth by; pycocotools' metrics on the
+    same detections are under ``metrics["coco"]`` when ``eval.coco_metrics`` is set."""
+    options = getattr(dataset, "eval_options", None)
+    if options is None:
+        evaluators = [COCOEvaluator(dataset.coco, dataset.contiguous_to_cat_id, dataset.class_names,
+                                    output_dir=output_dir)]
+    else:
+        evaluators = [VOCEvaluator(ground_truth_from_coco(dataset.coco, dataset.cat_id_to_contiguous),
+                                   dataset.class_names, protocol=options["protocol"], metric=options["metric"],
+                                   output_dir=output_dir, image_names=getattr(dataset, "image_names", None))]
+        if options["coco"]:
+            evaluators.append(COCOEvaluator(dataset.coco, dataset.contiguous_to_cat_id, dataset.class_names))
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -95,9 +189,15 @@ def evaluate(model, loader: DataLoader, dataset, device, output_dir: str | None,
         batch["images"] = batch["images"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             detections = model(batch)
-        evaluator.process(batch["targets"], [to_original(det, t) for det, t in zip(detections, batch["targets"])])
+        originals = [to_original(det, t) for det, t in zip(detections, batch["targets"])]
+        for evaluator in evaluators:
+            evaluator.process(batch["targets"], originals)
     model.train(was_training)
-    metrics = evaluator.evaluate()
+    metrics = evaluators[0].evaluate()
+    if len(evaluators) > 1:
+        coco_metrics = evaluators[1].evaluate()  # every rank takes part in the gather
+        if metrics:
+            metrics["coco"] = coco_metrics
     skipped = int(reduce_sum({"s": skipped}, device)["s"])
     if metrics is not None and is_main_process():
         metrics["skipped_corrupt"] = skipped
@@ -181,7 +281,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                                         distributed=world_size > 1, drop_last=True)
     iters_per_epoch = len(batch_sampler)
     if iters_per_epoch == 0:
-        raise ValueError(f"{cfg.data.train_annotations}: fewer training images than one batch of {per_rank_batch}")
+        raise ValueError(f"{data_source(cfg, 'train')}: fewer training images than one batch of {per_rank_batch}")
     seeded_train_set = EpochSeeded(train_set, cfg.seed)
     collate = functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility)
 
@@ -195,7 +295,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
              run_name, len(train_set), len(train_set.class_names), world_size, per_rank_batch, lr, s.max_iter)
     if train_set.stats.get("degenerate_boxes_dropped"):
         log.info("dropped %d degenerate boxes from %s", train_set.stats["degenerate_boxes_dropped"],
-                 cfg.data.train_annotations)
+                 data_source(cfg, "train"))
 
     def save_state(iteration: int) -> None:
         rngs = all_gather_object(rng_state())
@@ -212,7 +312,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
         metrics = evaluate(ddp_model, loader_val, val_set, device, run.dir if is_main_process() else None, amp_dtype)
         if is_main_process() and metrics:
             run.log_metrics(iteration, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, prefix="val/")
-            log.info("iteration %d COCO val:\n%s", iteration, format_metrics_table(metrics))
+            log.info("iteration %d %s val:\n%s", iteration, cfg.data.format.upper(), format_metrics_table(metrics))
         return metrics
 
     iteration = start_iter
@@ -283,9 +383,10 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     progress.close()
     save_state(iteration)
     metrics = run_eval(iteration)
+    # "coco_val" keeps its name for every data format (tools read it); data_format says which metrics it holds.
     summary = {"task": "detection", "iterations": iteration, "class_names": list(train_set.class_names),
-               "coco_val": metrics, "last_checkpoint": run.last_checkpoint,
-               "skipped_corrupt_train": skipped_total, "val_annotations": os.path.abspath(cfg.data.val_annotations)}
+               "coco_val": metrics, "data_format": cfg.data.format, "last_checkpoint": run.last_checkpoint,
+               "skipped_corrupt_train": skipped_total, "val_annotations": data_source(cfg, "val")}
     summary = run.write_summary(summary)
     run.close()
     return summary

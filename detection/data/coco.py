@@ -40,10 +40,13 @@ class CocoDetection(Dataset):
     ``skip_corrupt`` is set (the collate function drops and counts those).
     """
 
-    def __init__(self, image_dir, ann_file, transform=None, skip_corrupt: bool = True, filter_empty: bool = False):
+    def __init__(self, image_dir, ann_file, transform=None, skip_corrupt: bool = True, filter_empty: bool = False,
+                 data: dict | None = None):
+        """``data``: an already loaded COCO-style dict (e.g. converted from PASCAL VOC XML by
+        :func:`detection.data.voc.voc_to_coco_dict`); ``ann_file`` then only names it in messages."""
         self.image_dir, self.ann_file = os.fspath(image_dir), os.fspath(ann_file)
         self.transform, self.skip_corrupt = transform, skip_corrupt
-        data = _load_json(self.ann_file)
+        data = _load_json(self.ann_file) if data is None else data
         self._check_top_level(data)
         images = self._check_images(data["images"])
         self._build_category_maps(data["categories"])

@@ -221,3 +221,122 @@ def _mask_box(mask: np.ndarray) -> list[float]:
     ys, xs = np.nonzero(mask)
     x0, y0 = int(xs.min()), int(ys.min())
     return [float(x0), float(y0), float(xs.max() + 1 - x0), float(ys.max() + 1 - y0)]
+
+
+# ---- the same shapes as PASCAL VOC / ImageNet DET XML datasets ----------------------------------------
+
+SYNSETS = {"circle": "n90000001", "rectangle": "n90000003", "triangle": "n90000007", "cross": "n90000011"}
+
+
+def make_synthetic_voc(root, num_train: int = 60, num_val: int = 20, image_size: int = 128, seed: int = 0,
+                       min_obj: int = 10, max_obj: int = 70, objects_per_image: tuple[int, int] = (2, 6),
+                       layout: str = "voc", difficult_below: int = 12) -> dict:
+    """The synthetic shapes (same images and boxes as :func:`make_synthetic_coco` with these parameters)
+    written in the PASCAL VOC or ImageNet DET layout, with one XML file per image.
+
+    Objects whose box is narrower or lower than ``difficult_below`` pixels are marked
+    ``<difficult>1</difficult>`` (small, hard ones, as VOC's annotators did). Boxes are written in
+    VOC's 1-based inclusive coordinates. ``layout="voc"`` writes ``root/VOC2007/{JPEGImages,
+    Annotations,ImageSets/Main/{train,val,trainval}.txt}`` with class names circle/rectangle/
+    triangle/cross; ``layout="imagenet_det"`` writes ``root/ILSVRC/{Data,Annotations}/DET/{train,val}``
+    with wnid-like class names, per-class ``ImageSets/DET/train_<k>.txt`` (``name 1`` / ``name -1``),
+    ``val.txt`` (``name index``) and a ``map_det.txt`` synset file. Returns ``{"root", "train_sets",
+    "val_sets", "class_names", "synsets_file"}`` (``synsets_file`` is "" for VOC). An existing dataset
+    with the same parameters is reused."""
+    if layout not in ("voc", "imagenet_det"):
+        raise ValueError(f"make_synthetic_voc: layout must be 'voc' or 'imagenet_det', got {layout!r}")
+    root = os.path.abspath(os.fspath(root))
+    max_obj = min(int(max_obj), int(0.9 * round(0.75 * image_size)))
+    params = {"version": FORMAT_VERSION, "num_train": int(num_train), "num_val": int(num_val),
+              "image_size": int(image_size), "seed": int(seed), "min_obj": int(min_obj), "max_obj": max_obj,
+              "objects_per_image": [int(v) for v in objects_per_image], "layout": layout,
+              "difficult_below": int(difficult_below)}
+    _check_params(params)
+    base = os.path.join(root, "VOC2007" if layout == "voc" else "ILSVRC")
+    names = [c["name"] for c in CATEGORIES]
+    out = {"root": root, "train_sets": [f"{base}:train"], "val_sets": [f"{base}:val"],
+           "class_names": names if layout == "voc" else sorted(SYNSETS[n] for n in names),
+           "synsets_file": "" if layout == "voc" else os.path.join(base, "map_det.txt")}
+    meta_path = os.path.join(root, "meta.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            if json.load(f) == params:
+                return out
+    if os.path.isdir(root) and os.listdir(root):
+        raise FileExistsError(f"{root} exists and is not this synthetic dataset; refusing to overwrite it")
+    lists: dict[str, list[str]] = {}
+    for split_index, split in enumerate(SPLITS):
+        for i in range(params[f"num_{split}"]):
+            rng = np.random.default_rng([params["seed"], split_index, i])  # as make_synthetic_coco draws them
+            height, width = _image_shape(rng, params["image_size"])
+            empty = i % EMPTY_EVERY == 1 or i == params[f"num_{split}"] - 1
+            lo, hi = params["objects_per_image"]
+            image, objects = _render_image(rng, height, width, 0 if empty else int(rng.integers(lo, hi + 1)),
+                                           params["min_obj"], params["max_obj"])
+            name = _write_xml_image(base, layout, split, split_index, i, image, objects, params["difficult_below"])
+            lists.setdefault(split, []).append(name)
+            for category_id, _, _ in objects:
+                lists.setdefault(f"{split}/{category_id}", []).append(name)
+    _write_image_sets(base, layout, lists)
+    if layout == "imagenet_det":
+        with open(out["synsets_file"], "w", encoding="utf-8") as f:
+            f.writelines(f"{wnid} {k} {name}\n" for k, (name, wnid) in enumerate(sorted(SYNSETS.items()), 1))
+    with open(meta_path, "w", encoding="utf-8") as f:
+        json.dump(params, f, indent=2)
+    return out
+
+
+def _write_xml_image(base: str, layout: str, split: str, split_index: int, i: int, image: np.ndarray,
+                     objects: list, difficult_below: int) -> str:
+    """Save one image and its XML; return its image-set name."""
+    if layout == "voc":  # one folder for all splits, as in VOC: the names must not collide
+        name, image_dir, ann_dir, ext = f"{split_index}{i + 1:05d}", "JPEGImages", "Annotations", ".jpg"
+    else:
+        folder = "ILSVRC2013_train/synthetic" if split == "train" else ""
+        name = f"{folder}/{split}_{i + 1:06d}".lstrip("/")
+        image_dir, ann_dir, ext = os.path.join("Data", "DET", split), os.path.join("Annotations", "DET", split), ".JPEG"
+    height, width = image.shape[:2]
+    image_path, xml_path = os.path.join(base, image_dir, name + ext), os.path.join(base, ann_dir, name + ".xml")
+    for path in (image_path, xml_path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+    assert ok
+    with open(image_path, "wb") as f:
+        f.write(encoded.tobytes())
+    by_id = {c["id"]: c["name"] for c in CATEGORIES}
+    lines = ["<annotation>", f"  <folder>{'VOC2007' if layout == 'voc' else split}</folder>",
+             f"  <filename>{os.path.basename(name)}{ext if layout == 'voc' else ''}</filename>",
+             f"  <size><width>{width}</width><height>{height}</height><depth>3</depth></size>"]
+    for category_id, (x, y, w, h), _ in objects:
+        cls = by_id[category_id] if layout == "voc" else SYNSETS[by_id[category_id]]
+        difficult = int(min(w, h) < difficult_below)
+        # COCO-style [x, y, w, h] (pixel c spans [c, c + 1)) -> VOC's 1-based inclusive pixel indices
+        lines += ["  <object>", f"    <name>{cls}</name>", "    <pose>Unspecified</pose>",
+                  "    <truncated>0</truncated>", f"    <difficult>{difficult}</difficult>",
+                  f"    <bndbox><xmin>{int(x) + 1}</xmin><ymin>{int(y) + 1}</ymin>"
+                  f"<xmax>{int(x + w)}</xmax><ymax>{int(y + h)}</ymax></bndbox>", "  </object>"]
+    with open(xml_path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines + ["</annotation>"]) + "\n")
+    return name
+
+
+def _write_image_sets(base: str, layout: str, lists: dict[str, list[str]]) -> None:
+    folder = os.path.join(base, "ImageSets", "Main" if layout == "voc" else "DET")
+    os.makedirs(folder, exist_ok=True)
+
+    def write(file_name: str, lines: list[str]) -> None:
+        with open(os.path.join(folder, file_name), "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+
+    train, val = lists.get("train", []), lists.get("val", [])
+    if layout == "voc":
+        write("train.txt", train)
+        write("val.txt", val)
+        write("trainval.txt", train + val)
+        return
+    # ImageNet DET: per-class train lists over the wnids sorted (the devkit numbers its 200 classes 1..200)
+    for k, (name, wnid) in enumerate(sorted(SYNSETS.items(), key=lambda item: item[1]), 1):
+        category_id = next(c["id"] for c in CATEGORIES if c["name"] == name)
+        positives = set(lists.get(f"train/{category_id}", []))
+        write(f"train_{k}.txt", [f"{n} {1 if n in positives else -1}" for n in train])
+    write("val.txt", [f"{n} {index}" for index, n in enumerate(val, 1)])

@@ -108,7 +108,12 @@ class COCOEvaluator:
 
 
 def format_metrics_table(metrics: dict) -> str:
-    """The twelve COCO numbers (in percent, "n/a" for -1) and, when present, the per-class AP table."""
+    """The twelve COCO numbers (in percent, "n/a" for -1) and, when present, the per-class AP table.
+    A VOC evaluator's dict (it has ``mAP_07``) gets the VOC table instead."""
+    if "mAP_07" in metrics:
+        from .voc_eval import format_voc_metrics_table
+        return format_voc_metrics_table(metrics)
+
     def pct(v: float) -> str:
         return f"{100 * v:6.2f}" if v >= 0 else "   n/a"
 

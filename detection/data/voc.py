@@ -1,0 +1,322 @@
+"""PASCAL VOC and ImageNet DET (XML annotations), loaded into the COCO-style structure CocoDetection uses.
+
+Both datasets annotate each image with one XML file (``<size>``, then one ``<object>`` per box with
+``<name>``, ``<difficult>`` and ``<bndbox>``); image-set files list which images form a split. They are
+converted once, at load time, to the in-memory COCO dict (``images``, ``annotations``, ``categories``)
+that :class:`~detection.data.coco.CocoDetection` takes, so transforms, batching, the training loop,
+checkpoint class names and the COCO evaluator work on them unchanged; :class:`VocDetection` is that
+dataset. Every problem (missing image-set file, XML without ``<size>``, unknown class name, a box
+outside its image, missing images) is reported here, naming the file, the field and a fix.
+
+Sets are written ``ROOT:SPLIT`` and can be concatenated (VOC 07+12):
+
+* ``voc``: ``ROOT`` is e.g. ``datasets/VOCdevkit/VOC2007``, holding ``JPEGImages/<id>.jpg``,
+  ``Annotations/<id>.xml`` and ``ImageSets/Main/<SPLIT>.txt`` (train, val, trainval, test).
+* ``imagenet_det``: ``ROOT`` is the ``ILSVRC`` folder, holding ``Data/DET/{train,val}/<name>.JPEG``,
+  ``Annotations/DET/{train,val}/<name>.xml`` and ``ImageSets/DET/<SPLIT>.txt``. Splits whose name
+  starts with ``train`` read from the train folders, all others from val. ``train`` with no
+  ``train.txt`` is the union of the 200 per-class lists ``train_1.txt`` .. ``train_200.txt``.
+
+Image-set lines are ``name`` or ``name number``; a number of ``-1`` marks an image listed as a
+negative (ImageNet DET ``train_<k>.txt``: the image holds no object of class k; VOC per-class lists
+likewise), which is skipped; any other number (``val.txt``'s running index) is ignored.
+
+Box convention: VOC XML coordinates are 1-based inclusive pixel indices (``xmin=1, xmax=10`` is the
+first ten pixel columns). Here pixel ``c`` (0-based) spans ``[c, c + 1)``, as in the rest of resdet, so a
+box becomes ``x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax`` (0-based, exclusive end; width
+``xmax - xmin + 1`` as the devkit counts it). :mod:`detection.evaluation.voc_eval` relies on this: the
+plain IoU of such boxes equals the devkit's IoU with its ``+ 1`` on the inclusive coordinates.
+
+Difficult objects (``<difficult>1</difficult>``) are kept with a flag. For training, ``difficult``
+chooses: ``ignore`` (default) makes them ignore regions like COCO crowd boxes, so anchors and
+proposals lying mostly inside one are neither positive nor negative (they are hard or ambiguous
+examples, but they are objects, so teaching the detector they are background would be wrong);
+``train`` trains them as ordinary objects; ``drop`` removes them (anything overlapping them may
+then be sampled as background). Evaluation sets always use ``ignore``: the VOC evaluator ignores
+them as the devkit does, and pycocotools sees them as crowd regions.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+from .coco import MAX_MISSING_LISTED, CocoDetection, DatasetError
+
+# The 20 PASCAL VOC classes in the devkit's order (labels 1..20).
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+FORMATS = ("voc", "imagenet_det")
+DIFFICULT_MODES = ("ignore", "train", "drop")
+
+VOC_LAYOUT = ("  expected layout (data.format=voc, sets written ROOT:SPLIT, e.g. datasets/VOCdevkit/VOC2007:trainval):\n"
+              "    ROOT/JPEGImages/<id>.jpg\n"
+              "    ROOT/Annotations/<id>.xml\n"
+              "    ROOT/ImageSets/Main/{train,val,trainval,test}.txt")
+IMAGENET_DET_LAYOUT = ("  expected layout (data.format=imagenet_det, sets written ROOT:SPLIT, e.g. datasets/ILSVRC:val):\n"
+                       "    ROOT/Data/DET/{train,val}/<name>.JPEG\n"
+                       "    ROOT/Annotations/DET/{train,val}/<name>.xml\n"
+                       "    ROOT/ImageSets/DET/{train_1..train_200,val}.txt  (ROOT:train = the union of train_*.txt)")
+LAYOUTS = {"voc": VOC_LAYOUT, "imagenet_det": IMAGENET_DET_LAYOUT}
+
+
+@dataclass(frozen=True)
+class XmlImageSet:
+    """One ``ROOT:SPLIT`` set of an XML-annotated dataset, with where its files live."""
+
+    spec: str
+    root: str
+    split: str
+    layout: str
+
+    @property
+    def image_set_dir(self) -> str:
+        return os.path.join(self.root, "ImageSets", "Main" if self.layout == "voc" else "DET")
+
+    @property
+    def image_dir(self) -> str:
+        if self.layout == "voc":
+            return os.path.join(self.root, "JPEGImages")
+        return os.path.join(self.root, "Data", "DET", self._folder)
+
+    @property
+    def annotation_dir(self) -> str:
+        if self.layout == "voc":
+            return os.path.join(self.root, "Annotations")
+        return os.path.join(self.root, "Annotations", "DET", self._folder)
+
+    @property
+    def _folder(self) -> str:
+        return "train" if self.split.startswith("train") else "val"
+
+    @property
+    def image_ext(self) -> str:
+        return ".jpg" if self.layout == "voc" else ".JPEG"
+
+    def image_set_files(self) -> list[str]:
+        """The image-set file(s) of the split; raises when there is none."""
+        path = os.path.join(self.image_set_dir, f"{self.split}.txt")
+        if os.path.isfile(path):
+            return [path]
+        if self.layout == "imagenet_det" and self.split == "train":
+            per_class = glob.glob(os.path.join(self.image_set_dir, "train_*.txt"))
+            per_class = sorted((p for p in per_class if re.fullmatch(r"train_\d+\.txt", os.path.basename(p))),
+                               key=lambda p: int(re.findall(r"\d+", os.path.basename(p))[0]))
+            if per_class:
+                return per_class
+        available = sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(self.image_set_dir, "*.txt")))
+        hint = f"splits there: {', '.join(available[:12])}{' ...' if len(available) > 12 else ''}" if available \
+            else "that folder has no image-set file"
+        raise DatasetError(f"{path}: image-set file for {self.spec!r} not found ({hint}); fix: name an existing "
+                           f"split after the ':' or point ROOT at the dataset folder\n{LAYOUTS[self.layout]}")
+
+
+def parse_set_spec(spec: str, layout: str) -> XmlImageSet:
+    """``"datasets/VOCdevkit/VOC2007:trainval"`` -> the set's root and split."""
+    if layout not in FORMATS:
+        raise ValueError(f"unknown XML dataset format {layout!r}; use one of {FORMATS}")
+    root, sep, split = str(spec).rpartition(":")
+    if not sep or not root or not split or "/" in split:
+        example = "datasets/VOCdevkit/VOC2007:trainval" if layout == "voc" else "datasets/ILSVRC:val"
+        raise DatasetError(f"set {spec!r} is not ROOT:SPLIT; fix: write it like {example!r}")
+    return XmlImageSet(spec=str(spec), root=os.path.normpath(root), split=split, layout=layout)
+
+
+def read_image_set(image_set: XmlImageSet) -> list[str]:
+    """The image names of a set, in file order, without duplicates and without images listed as -1."""
+    names: dict[str, None] = {}
+    for path in image_set.image_set_files():
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                tokens = line.split()
+                if not tokens:
+                    continue
+                if len(tokens) > 2:
+                    raise DatasetError(f"{path}: line {line_no} has {len(tokens)} fields ({line.strip()!r}); fix: "
+                                       "an image-set line is 'name' or 'name number'")
+                if len(tokens) == 2 and tokens[1] == "-1":
+                    continue  # listed as a negative of a per-class list: no object of that class
+                names[tokens[0]] = None
+    return list(names)
+
+
+def read_synsets_file(path: str) -> dict[str, str]:
+    """wnid -> name from a mapping file whose lines are ``wnid [index] name words`` (the ILSVRC devkit's
+    ``map_det.txt``: ``n02672831 1 accordion``; or ``n01440764 tench, Tinca tinca``). The file defines the
+    class list, so it should hold exactly the detection classes (200 for ImageNet DET)."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: synset mapping file not found; fix: set data.synsets_file to a file of "
+                           "'wnid [index] name' lines (e.g. the ILSVRC devkit's data/map_det.txt), or to '' to "
+                           "use the wnids as class names")
+    mapping: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            words = tokens[1:]
+            if words and words[0].isdigit():
+                words = words[1:]
+            if tokens[0] in mapping:
+                raise DatasetError(f"{path}: line {line_no}: wnid {tokens[0]} appears twice; fix: list each once")
+            mapping[tokens[0]] = " ".join(words) or tokens[0]
+    if not mapping:
+        raise DatasetError(f"{path}: no synset listed; fix: one 'wnid [index] name' per line")
+    return mapping
+
+
+def voc_to_coco_dict(sets, layout: str = "voc", class_names=None, synsets_file: str = "",
+                     difficult: str = "ignore") -> dict:
+    """Read the XML sets (``"ROOT:SPLIT"`` strings, concatenated in order) into a COCO-style dict.
+
+    ``class_names``: the XML ``<name>`` values in label order (labels 1..K). Default: the 20 VOC classes
+    for ``voc``; for ``imagenet_det`` the wnids of ``synsets_file`` when given, else every wnid found in
+    these sets, sorted. The categories' display names come from ``synsets_file`` when given.
+    ``difficult``: ``ignore`` (difficult objects become crowd regions), ``train`` or ``drop``; see the
+    module docstring. Images carry their absolute path as ``file_name`` (several roots can mix),
+    plus ``xml_id`` (the image-set name) and ``xml_set``; annotations carry ``difficult`` (0/1).
+    """
+    if difficult not in DIFFICULT_MODES:
+        raise ValueError(f"difficult={difficult!r}; use one of {DIFFICULT_MODES}")
+    image_sets = [parse_set_spec(s, layout) for s in sets]
+    if not image_sets:
+        raise DatasetError(f"no {layout} set given; fix: list sets as ROOT:SPLIT (e.g. "
+                           f"{'datasets/VOCdevkit/VOC2007:trainval' if layout == 'voc' else 'datasets/ILSVRC:val'})")
+    parsed = []  # (image set, image name, width, height, objects)
+    for image_set in image_sets:
+        names = read_image_set(image_set)
+        _check_files(image_set, names)
+        for name in names:
+            xml_path = os.path.join(image_set.annotation_dir, name + ".xml")
+            parsed.append((image_set, name, *_parse_xml(xml_path)))
+    keys, display = _resolve_classes(layout, class_names, synsets_file, parsed)
+    label_of = {key: label for label, key in enumerate(keys, start=1)}
+    images, annotations = [], []
+    for image_set, name, width, height, objects in parsed:
+        image_id = len(images) + 1
+        images.append({"id": image_id, "file_name": os.path.abspath(os.path.join(image_set.image_dir,
+                                                                                 name + image_set.image_ext)),
+                       "width": width, "height": height, "xml_id": name, "xml_set": image_set.spec})
+        xml_path = os.path.join(image_set.annotation_dir, name + ".xml")
+        for n, (cls, (x1, y1, x2, y2), is_difficult) in enumerate(objects, 1):
+            if cls not in label_of:
+                shown = ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "")
+                raise DatasetError(f"{xml_path}: <object> #{n} has <name>{cls}</name>, which is not one of the "
+                                   f"{len(keys)} classes ({shown}); fix: correct the name, or set "
+                                   "data.class_names" + (" / data.synsets_file" if layout == "imagenet_det" else "")
+                                   + " to the dataset's classes")
+            if is_difficult and difficult == "drop":
+                continue
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label_of[cls],
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                                "iscrowd": int(is_difficult and difficult == "ignore"),
+                                "difficult": int(is_difficult)})
+    categories = [{"id": label, "name": display[key], "xml_name": key} for key, label in label_of.items()]
+    return {"info": {"description": f"{layout} sets {list(sets)} (difficult: {difficult})"},
+            "images": images, "annotations": annotations, "categories": categories}
+
+
+def _resolve_classes(layout: str, class_names, synsets_file: str, parsed: list) -> tuple[list[str], dict[str, str]]:
+    """(XML names in label order, XML name -> display name)."""
+    mapping = read_synsets_file(synsets_file) if synsets_file else {}
+    if class_names:
+        keys = [str(c) for c in class_names]
+    elif layout == "voc":
+        keys = list(VOC_CLASSES)
+    elif mapping:
+        keys = sorted(mapping)
+    else:
+        keys = sorted({obj[0] for *_, objects in parsed for obj in objects})
+        if not keys:
+            raise DatasetError("no object found in the ImageNet DET sets, so the class list is unknown; fix: set "
+                               "data.synsets_file (e.g. the devkit's data/map_det.txt) or data.class_names")
+    if len(set(keys)) != len(keys):
+        raise DatasetError(f"class list {keys} names a class twice; fix: list each class once in data.class_names")
+    return keys, {key: mapping.get(key, key) for key in keys}
+
+
+def _check_files(image_set: XmlImageSet, names: list[str]) -> None:
+    """Every listed image has its XML and its image file, checked all at once before any parsing."""
+    if not names:
+        raise DatasetError(f"{image_set.image_set_files()[0]}: the set {image_set.spec!r} lists no image; fix: "
+                           "choose a split with images")
+    for kind, folder, ext in (("annotation", image_set.annotation_dir, ".xml"),
+                              ("image", image_set.image_dir, image_set.image_ext)):
+        missing = [n for n in names if not os.path.isfile(os.path.join(folder, n + ext))]
+        if missing:
+            listed = ", ".join(os.path.join(folder, n + ext) for n in missing[:MAX_MISSING_LISTED])
+            fix = ("point ROOT at the dataset folder (test sets of some years come without annotations)"
+                   if kind == "annotation" else "point ROOT at the dataset folder or restore the images")
+            raise DatasetError(f"{image_set.root}: {len(missing)} of {len(names)} {kind} files listed in "
+                               f"{', '.join(image_set.image_set_files())[:300]} are missing, e.g. {listed}; "
+                               f"fix: {fix}\n{LAYOUTS[image_set.layout]}")
+
+
+def _parse_xml(path: str) -> tuple[int, int, list[tuple[str, tuple[float, float, float, float], bool]]]:
+    """(width, height, [(class name, 0-based xyxy box, difficult)]) of one annotation file."""
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        raise DatasetError(f"{path}: not well-formed XML ({exc}); fix: repair or re-download the file") from exc
+    size = root.find("size")
+    width, height = (_int_field(size, key) if size is not None else None for key in ("width", "height"))
+    if size is None or not width or not height or width <= 0 or height <= 0:
+        raise DatasetError(f"{path}: no valid <size> (width {width!r}, height {height!r}); fix: add "
+                           "<size><width>W</width><height>H</height></size> with the image's pixel size")
+    objects = []
+    for n, obj in enumerate(root.findall("object"), 1):
+        name = (obj.findtext("name") or "").strip()
+        if not name:
+            raise DatasetError(f"{path}: <object> #{n} has no <name>; fix: give every object its class name")
+        box = obj.find("bndbox")
+        coords = [_float_field(box, key) if box is not None else None for key in ("xmin", "ymin", "xmax", "ymax")]
+        if box is None or any(c is None for c in coords):
+            raise DatasetError(f"{path}: <object> #{n} ({name}) lacks a numeric <bndbox> xmin/ymin/xmax/ymax "
+                               f"(got {coords}); fix: give every object its box")
+        xmin, ymin, xmax, ymax = coords
+        if xmax < xmin or ymax < ymin:
+            raise DatasetError(f"{path}: <object> #{n} ({name}) has xmin={xmin:g} ymin={ymin:g} xmax={xmax:g} "
+                               f"ymax={ymax:g}, an inverted box; fix: xmax >= xmin and ymax >= ymin (1-based, inclusive)")
+        x1, y1, x2, y2 = xmin - 1, ymin - 1, xmax, ymax  # 1-based inclusive -> 0-based, exclusive end
+        if x1 >= width or y1 >= height or x2 <= 0 or y2 <= 0:
+            raise DatasetError(f"{path}: <object> #{n} ({name}) box xmin={xmin:g} ymin={ymin:g} xmax={xmax:g} "
+                               f"ymax={ymax:g} lies outside its {width}x{height} image (<size>); fix: correct the "
+                               "box or <size> (VOC coordinates are 1-based, from 1 to width/height)")
+        difficult = _int_field(obj, "difficult") or 0
+        objects.append((name, (x1, y1, x2, y2), bool(difficult)))
+    return width, height, objects
+
+
+def _float_field(node, key: str) -> float | None:
+    try:
+        return float(node.findtext(key))
+    except (TypeError, ValueError):
+        return None
+
+
+def _int_field(node, key: str) -> int | None:
+    value = _float_field(node, key)
+    return int(value) if value is not None and value.is_integer() else None
+
+
+class VocDetection(CocoDetection):
+    """A :class:`CocoDetection` over PASCAL VOC or ImageNet DET XML sets (see :func:`voc_to_coco_dict`).
+
+    ``image_names`` maps image id -> the image-set name (``000005``), for devkit-style result files.
+    """
+
+    def __init__(self, sets, layout: str = "voc", class_names=None, synsets_file: str = "", difficult: str = "ignore",
+                 transform=None, skip_corrupt: bool = True, filter_empty: bool = False):
+        self.sets, self.layout = [str(s) for s in sets], layout
+        data = voc_to_coco_dict(self.sets, layout, class_names, synsets_file, difficult)
+        super().__init__("", " + ".join(self.sets), transform=transform, skip_corrupt=skip_corrupt,
+                         filter_empty=filter_empty, data=data)
+        self.xml_class_names = [c["xml_name"] for c in data["categories"]]
+        self.image_names = {img["id"]: img["xml_id"] for img in data["images"]}
+        self.stats["difficult"] = sum(a["difficult"] for a in data["annotations"])
+
+    def _check_files_exist(self, images) -> None:
+        """Done per set by :func:`voc_to_coco_dict`, with the image-set file named in the message."""
