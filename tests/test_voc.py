@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from backbones.engine.config import load_config
+from backbones.engine.config import ConfigError, load_config
 from detection.config import DetConfig
 from detection.data.coco import CocoDetection, DatasetError
 from detection.data.synthetic import make_synthetic_coco, make_synthetic_voc
@@ -385,3 +385,18 @@ def test_train_and_eval_on_synthetic_voc(tmp_path, synthetic_voc):
     assert any("val/mAP_07" in r for r in records)
     ckpt = torch.load(out / "checkpoints" / "last.pth", weights_only=False)
     assert ckpt["class_names"] == ["circle", "rectangle", "triangle", "cross"]
+
+
+def test_synthetic_imagenet_det_through_the_engine(tmp_path):
+    """data.synthetic with format imagenet_det writes the shapes in the ILSVRC layout; build_datasets takes
+    the class list from the synsets file for both sets and scores val the ILSVRC way (area AP)."""
+    cfg = load_config(DetConfig, None, ["data.synthetic=true", "data.format=imagenet_det",
+                                        f"data.synthetic_root={tmp_path / 'shapes'}", "data.synthetic_num_train=6",
+                                        "data.synthetic_num_val=4", "data.synthetic_image_size=64"])
+    prepare_data_paths(cfg)
+    assert cfg.data.val_sets == [f"{tmp_path / 'shapes_imagenet_det' / 'ILSVRC'}:val"]
+    train_set, val_set = build_datasets(cfg)
+    assert train_set.class_names == val_set.class_names == ["circle", "rectangle", "triangle", "cross"]
+    assert val_set.eval_options == {"protocol": "imagenet", "metric": "area", "coco": True}
+    with pytest.raises(ConfigError, match="eval.voc_metric"):
+        prepare_data_paths(load_config(DetConfig, None, ["data.format=voc", "eval.voc_metric=07"]))
