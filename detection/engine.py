@@ -27,6 +27,7 @@ from .data.voc import DIFFICULT_MODES, FORMATS as XML_FORMATS, LAYOUTS as XML_LA
 from .evaluation.coco_eval import COCOEvaluator, format_metrics_table
 from .evaluation.voc_eval import METRICS as VOC_METRICS, VOCEvaluator, ground_truth_from_coco
 from .modeling.build import build_detector
+from .modeling.test_time import for_testing, options_from_config
 
 COCO_LAYOUT = ("  expected layout:\n"
                "    datasets/coco/train2017/*.jpg\n"
@@ -309,7 +310,10 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     loader_val = val_loader(cfg, val_set)
 
     def run_eval(iteration: int) -> dict:
-        metrics = evaluate(ddp_model, loader_val, val_set, device, run.dir if is_main_process() else None, amp_dtype)
+        # the run's test-time additions (eval.box_refinement / test_scales / flip), if any, apply here too
+        tester = for_testing([model], options_from_config(cfg.eval), cfg.data.min_size_test, cfg.data.size_divisibility)
+        metrics = evaluate(tester if tester is not model else ddp_model, loader_val, val_set, device,
+                           run.dir if is_main_process() else None, amp_dtype)
         if is_main_process() and metrics:
             run.log_metrics(iteration, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, prefix="val/")
             log.info("iteration %d %s val:\n%s", iteration, cfg.data.format.upper(), format_metrics_table(metrics))

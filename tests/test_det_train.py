@@ -94,7 +94,9 @@ def test_ladder_of_the_papers_additions_prints_its_table(tiny_coco, tmp_path):
     common = ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides(tiny_coco), *SLIM,
               "solver.max_iter=6", "checkpoint_period=100", "eval.period=0"]
     run("train_det.py", [*common, f"output_dir={tmp_path}/base"])
-    run("train_det.py", [*common, "model.roi_heads.global_context=true", "seed=1", f"output_dir={tmp_path}/ctx"])
+    # the context run also evaluates with box refinement at the end of training (eval.* applies there too)
+    run("train_det.py", [*common, "model.roi_heads.global_context=true", "eval.box_refinement=true", "seed=1",
+                         f"output_dir={tmp_path}/ctx"])
     out = run("eval_det.py", [tmp_path / "base", "--ladder", "--context", tmp_path / "ctx",
                               "--ensemble", tmp_path / "base"]).stdout
     ladder = json.loads((tmp_path / "base/eval_last/ladder.json").read_text())
@@ -106,6 +108,8 @@ def test_ladder_of_the_papers_additions_prints_its_table(tiny_coco, tmp_path):
     # the baseline rung is the plain detector: the same AP as its own end-of-training evaluation
     summary = json.loads((tmp_path / "base/summary.json").read_text())
     assert ladder["rows"][0]["metrics"]["AP"] == pytest.approx(summary["coco_val"]["AP"], abs=1e-9)
+    ctx_summary = json.loads((tmp_path / "ctx/summary.json").read_text())
+    assert ladder["rows"][2]["metrics"]["AP"] == pytest.approx(ctx_summary["coco_val"]["AP"], abs=1e-9)
     table = (tmp_path / "base/eval_last/ladder.md").read_text()
     assert table.count("\n") == 8 and "| + ensemble of 2 |" in table and table.splitlines()[0] in out
 

@@ -126,6 +126,7 @@ class TestTimeDetector(nn.Module):
         self.size_divisibility = size_divisibility
         # RoI pooling happens at these factors of the base scale (ascending)
         self.pool_factors = sorted({float(s) / base_size for s in options.scales}) or [1.0]
+        self.train(members[0].training)  # a wrapper must not flip its members' mode
 
     @torch.no_grad()
     def prepare(self, batch: dict) -> tuple[list[_View], list[torch.Tensor], list[tuple[int, int]]]:
