@@ -40,8 +40,9 @@ def load_member(run_dir: str, overrides: list[str], checkpoint: str, device, val
     cfg = load_config(DetConfig, os.path.join(run_dir, "config.yaml"), overrides)
     model, path, class_names = load_trained_detector(run_dir, cfg, checkpoint, device)
     if class_names != val_set.class_names:
+        val_data = cfg.data.val_annotations if cfg.data.format == "coco" else f"data.val_sets {list(cfg.data.val_sets)}"
         raise ValueError(f"{path} was trained on classes {class_names[:5]}..., but "
-                         f"{cfg.data.val_annotations} has {val_set.class_names[:5]}...")
+                         f"{val_data} has {val_set.class_names[:5]}...")
     return model, path
 
 
@@ -67,11 +68,17 @@ def ladder_rows(cfg, base, context, ensemble):
 
 
 def format_ladder(results: list[dict]) -> str:
-    lines = ["| test-time setting | AP | AP50 | AP75 | APs | APm | APl | s/img |", "|---|---|---|---|---|---|---|---|"]
+    """Markdown table, percent; "n/a" where the metric does not exist (VOC data has no APs/APm/APl)."""
+    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+    def pct(m: dict, key: str) -> str:
+        v = m.get(key, -1)
+        return f"{100 * v:.1f}" if v >= 0 else "n/a"
+
+    lines = ["| test-time setting | " + " | ".join(keys) + " | s/img |", "|---" * (len(keys) + 2) + "|"]
     for r in results:
-        m = r["metrics"]
-        lines.append(f"| {r['name']} | {100 * m['AP']:.1f} | {100 * m['AP50']:.1f} | {100 * m['AP75']:.1f} | "
-                     f"{100 * m['APs']:.1f} | {100 * m['APm']:.1f} | {100 * m['APl']:.1f} | {r['sec_per_image']:.3f} |")
+        lines.append(f"| {r['name']} | " + " | ".join(pct(r["metrics"], k) for k in keys)
+                     + f" | {r['sec_per_image']:.3f} |")
     return "\n".join(lines)
 
 
