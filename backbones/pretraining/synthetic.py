@@ -76,16 +76,29 @@ def draw_shape(img: np.ndarray, kind: str, cx: float, cy: float, r: float, angle
     return None
 
 
-def render_classification_image(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
+def render_shape_image(rng: np.random.Generator, kind: str, size: int,
+                       radius_range: tuple[float, float] = (0.22, 0.45)) -> tuple[np.ndarray, np.ndarray]:
+    """One shape on a textured background: (HxWx3 uint8 image, its xyxy box in pixels).
+
+    ``radius_range`` is the shape's 'radius' as a fraction of ``size``; the box is the extent of the
+    drawn polygons (clipped to the image), which localization uses as ground truth.
+    """
     img = textured_background(rng, size, size)
     background = img.copy()
-    r = rng.uniform(0.22, 0.45) * size
+    r = rng.uniform(*radius_range) * size
     cx, cy = rng.uniform(r, size - r, 2)
-    hole = draw_shape(img, kind, cx, cy, r, rng.uniform(0, 2 * np.pi), rng.uniform(0, 255, 3))
+    angle = rng.uniform(0, 2 * np.pi)
+    hole = draw_shape(img, kind, cx, cy, r, angle, rng.uniform(0, 255, 3))
     if hole is not None:  # a ring shows the background through its hole
         img[hole > 0] = background[hole > 0]
     img += rng.normal(0, 10, img.shape).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    points = np.concatenate(shape_polygon(kind, cx, cy, r, angle))
+    box = np.concatenate([points.min(0), points.max(0)]).clip(0, size).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8), box
+
+
+def render_classification_image(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
+    return render_shape_image(rng, kind, size)[0]
 
 
 def make_synthetic_shapes(train_dir: str, val_dir: str, train_per_class: int, val_per_class: int,

@@ -1,0 +1,334 @@
+"""Localization data: images with their class and ground-truth boxes, read from the official ILSVRC
+CLS-LOC layout or from an ImageFolder plus a folder of XML files (the same PASCAL VOC style XML).
+
+Every annotation is checked when the dataset is loaded, so a bad file stops the run before any
+training with the file, the field and the fix. Class indices are those of the classifier the run
+starts from (its ``class_names``, the pretraining's ImageFolder order = sorted wnids), matched by name.
+"""
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from backbones.engine.imageio import CorruptImageError, is_image_file, read_image_rgb
+from backbones.engine.run import get_logger
+from backbones.pretraining.data import PCALighting, scan_image_folder, split_holdout
+
+LAYOUTS = ("imagefolder", "ilsvrc", "synthetic")
+ILSVRC_LAYOUT = ("  expected ILSVRC CLS-LOC layout under data.ilsvrc_root:\n"
+                 "    LOC_synset_mapping.txt\n"
+                 "    Data/CLS-LOC/train/<wnid>/<wnid>_<n>.JPEG     Annotations/CLS-LOC/train/<wnid>/<wnid>_<n>.xml\n"
+                 "    Data/CLS-LOC/val/ILSVRC2012_val_<n>.JPEG       Annotations/CLS-LOC/val/ILSVRC2012_val_<n>.xml")
+# A box may end this many pixels past the image border (rounding in the official annotations) and is
+# then clipped; beyond that it is an annotation error.
+BORDER_TOLERANCE = 2.0
+
+
+class LocDataError(ValueError):
+    """A localization dataset or annotation that cannot be used; the message names file, field and fix."""
+
+
+@dataclass
+class LocRecord:
+    """One image: its class index (in the classifier's order), boxes (n, 4) xyxy pixels of the size the
+    XML declares, and each box's class index."""
+
+    path: str
+    label: int
+    boxes: np.ndarray
+    box_labels: np.ndarray
+    width: int
+    height: int
+
+
+def parse_annotation(xml_path: str) -> tuple[int, int, list[tuple[str, list[float]]]]:
+    """(width, height, [(name, [xmin, ymin, xmax, ymax])]) of a CLS-LOC / PASCAL VOC XML file."""
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (ET.ParseError, OSError) as exc:
+        raise LocDataError(f"{xml_path}: not a readable XML annotation ({exc}); re-extract the file") from exc
+
+    def number(node, field):
+        if node is None or node.find(field) is None or not (node.find(field).text or "").strip():
+            raise LocDataError(f"{xml_path}: missing field <{field}>; every annotation needs <size><width>/<height> "
+                               "and <object><name>/<bndbox> with xmin, ymin, xmax, ymax")
+        try:
+            return float(node.find(field).text)
+        except ValueError as exc:
+            raise LocDataError(f"{xml_path}: field <{field}> is {node.find(field).text!r}, not a number") from exc
+
+    size = root.find("size")
+    width, height = int(number(size, "width")), int(number(size, "height"))
+    objects = []
+    for obj in root.findall("object"):
+        name = (obj.findtext("name") or "").strip()
+        if not name:
+            raise LocDataError(f"{xml_path}: an <object> has no <name>; give each object its wnid")
+        box = obj.find("bndbox")
+        objects.append((name, [number(box, k) for k in ("xmin", "ymin", "xmax", "ymax")]))
+    return width, height, objects
+
+
+def check_boxes(xml_path: str, width: int, height: int, objects, clip: bool) -> np.ndarray:
+    """The objects' boxes as (n, 4) float32, checked against the declared image size."""
+    if width <= 0 or height <= 0:
+        raise LocDataError(f"{xml_path}: <size> is {width}x{height}; set the image's real width and height")
+    boxes = np.array([b for _, b in objects], dtype=np.float32).reshape(-1, 4)
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        where = f"{xml_path}: object {i} <bndbox> ({x1:g}, {y1:g}, {x2:g}, {y2:g})"
+        if x2 <= x1 or y2 <= y1:
+            raise LocDataError(f"{where}: xmax must exceed xmin and ymax exceed ymin; fix or delete that object")
+        outside = x1 < -BORDER_TOLERANCE or y1 < -BORDER_TOLERANCE or x2 > width + BORDER_TOLERANCE \
+            or y2 > height + BORDER_TOLERANCE
+        if outside and not clip:
+            raise LocDataError(f"{where} lies outside the {width}x{height} image of <size>; fix the annotation, "
+                               "or set data.clip_boxes=true to clip boxes to the image")
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    return boxes
+
+
+def make_record(image_path: str, xml_path: str, folder_class: str | None, class_to_index: dict[str, int],
+                clip: bool) -> LocRecord:
+    """Read and check one annotation; the image's class is its folder (train) or its objects' name (val)."""
+    width, height, objects = parse_annotation(xml_path)
+    if not objects:
+        raise LocDataError(f"{xml_path}: no <object>; a localization image needs at least one box "
+                           "(delete the XML to make it an unannotated image)")
+    for name, _ in objects:
+        if name not in class_to_index:
+            raise LocDataError(f"{xml_path}: <object><name> {name!r} is not one of the classifier's "
+                               f"{len(class_to_index)} classes (e.g. {sorted(class_to_index)[:3]}); localize with a "
+                               "classifier trained on these classes (model.classifier=...)")
+    image_class = folder_class if folder_class is not None else objects[0][0]
+    if image_class not in class_to_index:
+        raise LocDataError(f"{image_path}: class folder {image_class!r} is not one of the classifier's classes; "
+                           "use a classifier trained on these classes (model.classifier=...)")
+    boxes = check_boxes(xml_path, width, height, objects, clip)
+    box_labels = np.array([class_to_index[n] for n, _ in objects], dtype=np.int64)
+    if not (box_labels == class_to_index[image_class]).any():
+        raise LocDataError(f"{xml_path}: no object of the image's class {image_class!r} (objects: "
+                           f"{sorted({n for n, _ in objects})}); the <name> fields must hold the image's wnid")
+    return LocRecord(image_path, class_to_index[image_class], boxes, box_labels, width, height)
+
+
+def find_annotation(ann_dir: str, image_path: str, wnid: str | None) -> str | None:
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    candidates = [os.path.join(ann_dir, f"{stem}.xml")]
+    if wnid:
+        candidates.append(os.path.join(ann_dir, wnid, f"{stem}.xml"))
+    return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+def records_from_samples(samples, folder_classes, ann_dir, class_to_index, clip, skip_missing, split):
+    """ImageFolder samples (path, folder index) -> records; returns (records, number skipped unannotated)."""
+    if not os.path.isdir(ann_dir):
+        raise LocDataError(f"annotation folder not found: {os.path.abspath(ann_dir)} (the {split} split's XML "
+                           "files, <annotations>/<image stem>.xml); set data.{split}_annotations")
+    records, missing = [], 0
+    for path, folder_idx in samples:
+        wnid = folder_classes[folder_idx]
+        xml = find_annotation(ann_dir, path, wnid)
+        if xml is None:
+            if skip_missing:
+                missing += 1
+                continue
+            stem = os.path.splitext(os.path.basename(path))[0]
+            raise LocDataError(f"{path}: no annotation {os.path.join(ann_dir, stem + '.xml')}; add it, or remove the "
+                               f"image{' or set data.skip_unannotated_train=true' if split == 'train' else ''}")
+        records.append(make_record(path, xml, wnid, class_to_index, clip))
+    return records, missing
+
+
+def load_imagefolder(d, class_names: list[str], seed_check=None) -> tuple[list[LocRecord], list[LocRecord], dict]:
+    """``<images>/<wnid>/*`` + XML folder; val is a separate folder or the pretraining's holdout split."""
+    class_to_index = {c: i for i, c in enumerate(class_names)}
+    folder_classes, samples = scan_image_folder(d.train_images)
+    unknown = [c for c in folder_classes if c not in class_to_index]
+    if unknown:
+        raise LocDataError(f"{d.train_images}: class folders {unknown[:5]} are not among the classifier's "
+                           f"{len(class_names)} classes (e.g. {class_names[:3]}); localize with a classifier "
+                           "trained on these classes (model.classifier=...)")
+    stats = {}
+    if d.val_images:
+        train_samples = samples
+        val_folder_classes, val_samples = scan_image_folder(d.val_images)
+        val_records, _ = records_from_samples(val_samples, val_folder_classes, d.val_annotations or d.train_annotations,
+                                              class_to_index, d.clip_boxes, False, "val")
+    else:
+        if not d.val_fraction > 0:
+            raise LocDataError("data.val_images is empty and data.val_fraction is 0: set one of them")
+        # The pretraining's own split function on the same list, with its seed: the same images are held out.
+        train_samples, val_samples = split_holdout(samples, d.val_fraction, d.holdout_seed)
+        val_records, _ = records_from_samples(val_samples, folder_classes, d.train_annotations, class_to_index,
+                                              d.clip_boxes, False, "val")
+    train_records, missing = records_from_samples(train_samples, folder_classes, d.train_annotations, class_to_index,
+                                                  d.clip_boxes, d.skip_unannotated_train, "train")
+    stats["train_unannotated_skipped"] = missing
+    return train_records, val_records, stats
+
+
+def read_synset_mapping(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise LocDataError(f"{path}: not found\n{ILSVRC_LAYOUT}")
+    with open(path, encoding="utf-8") as f:
+        wnids = [line.split()[0] for line in f if line.strip()]
+    return wnids
+
+
+def load_ilsvrc(d, class_names: list[str]) -> tuple[list[LocRecord], list[LocRecord], dict]:
+    """The official layout. Train: class from the folder, only images with an XML (the rest skipped and
+    counted). Val: a flat folder, class from the XML's objects; every val image needs its XML."""
+    root = d.ilsvrc_root
+    wnids = read_synset_mapping(os.path.join(root, "LOC_synset_mapping.txt"))
+    class_to_index = {c: i for i, c in enumerate(class_names)}
+    unknown = [w for w in wnids if w not in class_to_index]
+    if unknown:
+        raise LocDataError(f"{root}/LOC_synset_mapping.txt: wnids {unknown[:5]} are not among the classifier's "
+                           f"{len(class_names)} classes; localize with an ImageNet-1k classifier (model.classifier=...)")
+    train_dir, val_dir = os.path.join(root, "Data/CLS-LOC/train"), os.path.join(root, "Data/CLS-LOC/val")
+    for folder in (train_dir, val_dir, os.path.join(root, "Annotations/CLS-LOC/train"),
+                   os.path.join(root, "Annotations/CLS-LOC/val")):
+        if not os.path.isdir(folder):
+            raise LocDataError(f"{folder}: not found\n{ILSVRC_LAYOUT}")
+    folder_classes, samples = scan_image_folder(train_dir)
+    if folder_classes != sorted(wnids):
+        extra = sorted(set(folder_classes) ^ set(wnids))[:5]
+        raise LocDataError(f"{train_dir}: class folders differ from LOC_synset_mapping.txt (e.g. {extra}); "
+                           "re-extract the training set")
+    train_records, missing = records_from_samples(samples, folder_classes, os.path.join(root, "Annotations/CLS-LOC/train"),
+                                                  class_to_index, d.clip_boxes, d.skip_unannotated_train, "train")
+    val_records = []
+    val_ann = os.path.join(root, "Annotations/CLS-LOC/val")
+    for name in sorted(os.listdir(val_dir)):
+        if not is_image_file(name):
+            continue
+        path = os.path.join(val_dir, name)
+        xml = find_annotation(val_ann, path, None)
+        if xml is None:
+            raise LocDataError(f"{path}: no annotation in {val_ann}; every val image needs its XML (re-extract "
+                               "ILSVRC's Annotations/CLS-LOC/val)")
+        val_records.append(make_record(path, xml, None, class_to_index, d.clip_boxes))
+    if not val_records:
+        raise LocDataError(f"{val_dir}: no images\n{ILSVRC_LAYOUT}")
+    return train_records, val_records, {"train_unannotated_skipped": missing}
+
+
+# -- transforms ---------------------------------------------------------------------------------
+
+def loc_train_transform(scale_range, crop_size: int, flip: bool, pca_std: float, min_visibility: float) -> A.Compose:
+    """The pretraining's augmentation (shorter side in ``scale_range``, random square crop, flip, PCA
+    colour), carrying the boxes along: clipped to the crop, dropped when less than ``min_visibility``
+    of them is left."""
+    lo, hi = scale_range
+    ops = [A.SmallestMaxSize(max_size=list(range(lo, hi + 1))), A.RandomCrop(crop_size, crop_size, pad_if_needed=True)]
+    if flip:
+        ops.append(A.HorizontalFlip(p=0.5))
+    if pca_std > 0:
+        ops.append(PCALighting(pca_std))
+    return A.Compose(ops, bbox_params=A.BboxParams(format="pascal_voc", label_fields=["box_labels"],
+                                                   min_visibility=min_visibility, clip=True))
+
+
+def image_boxes(record: LocRecord, image: np.ndarray) -> np.ndarray:
+    """The record's boxes in the decoded image's pixels (a resized copy of the data keeps its XML)."""
+    h, w = image.shape[:2]
+    boxes = record.boxes.copy()
+    if (w, h) != (record.width, record.height):
+        boxes[:, 0::2] *= w / record.width
+        boxes[:, 1::2] *= h / record.height
+    return boxes
+
+
+class LocTrainDataset(Dataset):
+    """(image uint8 CxHxW, class, boxes of that class (n, 4)) per record; augmentation seeded per
+    (seed, epoch, index) as in pretraining, so a resumed run sees the same crops. Corrupt: ``None``."""
+
+    def __init__(self, records: list[LocRecord], transform: A.Compose, seed: int = 0, skip_corrupt: bool = True):
+        self.records, self.transform, self.seed, self.skip_corrupt = records, transform, seed, skip_corrupt
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        try:
+            image = read_image_rgb(record.path)
+        except CorruptImageError as exc:
+            if not self.skip_corrupt:
+                raise
+            get_logger().warning("skipping corrupt image: %s", exc)
+            return None
+        keep = record.box_labels == record.label
+        boxes = image_boxes(record, image)[keep]
+        self.transform.set_random_seed(hash((self.seed, self.epoch, index)) % 2**32)
+        out = self.transform(image=image, bboxes=boxes, box_labels=record.box_labels[keep])
+        boxes = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
+        image = torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1).contiguous()
+        return image, record.label, boxes
+
+
+def collate_loc(batch):
+    """Stack images and labels, keep boxes as a list; drop (and count) corrupt files."""
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        return None, None, [], len(batch)
+    return (torch.stack([b[0] for b in kept]), torch.tensor([b[1] for b in kept], dtype=torch.long),
+            [b[2] for b in kept], len(batch) - len(kept))
+
+
+# -- test-time views ----------------------------------------------------------------------------
+
+def resize_shorter(image: np.ndarray, size: int) -> tuple[np.ndarray, float, float]:
+    """Resize so the shorter side is ``size``; return the image and its x and y scale factors."""
+    h, w = image.shape[:2]
+    s = size / min(h, w)
+    new_w, new_h = max(1, round(w * s)), max(1, round(h * s))
+    out = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    return out, new_w / w, new_h / h
+
+
+@dataclass
+class View:
+    """How a test input was cut from the original image: input = resize(image)[top:, left:]."""
+
+    scale_x: float
+    scale_y: float
+    left: int = 0
+    top: int = 0
+
+
+def center_view(image: np.ndarray, resize: int, crop: int) -> tuple[np.ndarray, View]:
+    """The classification centre crop (shorter side ``resize``, centre ``crop`` square, zero padding if smaller)."""
+    resized, sx, sy = resize_shorter(image, resize)
+    h, w = resized.shape[:2]
+    if h < crop or w < crop:
+        resized = cv2.copyMakeBorder(resized, 0, max(0, crop - h), 0, max(0, crop - w), cv2.BORDER_CONSTANT)
+        h, w = resized.shape[:2]
+    top, left = (h - crop) // 2, (w - crop) // 2
+    return np.ascontiguousarray(resized[top:top + crop, left:left + crop]), View(sx, sy, left, top)
+
+
+def dense_view(image: np.ndarray, size: int) -> tuple[np.ndarray, View]:
+    resized, sx, sy = resize_shorter(image, size)
+    return resized, View(sx, sy)
+
+
+def boxes_to_original(boxes: torch.Tensor, view: View, orig_size: tuple[int, int]) -> torch.Tensor:
+    """Map (n, 4) boxes from a view's input pixels back to the original image, clipped to it."""
+    offset = torch.tensor([view.left, view.top, view.left, view.top], dtype=boxes.dtype, device=boxes.device)
+    scale = torch.tensor([view.scale_x, view.scale_y, view.scale_x, view.scale_y], dtype=boxes.dtype,
+                         device=boxes.device)
+    out = (boxes + offset) / scale
+    h, w = orig_size
+    out[:, 0::2] = out[:, 0::2].clamp(0, w)
+    out[:, 1::2] = out[:, 1::2].clamp(0, h)
+    return out

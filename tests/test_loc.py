@@ -1,0 +1,349 @@
+"""ImageNet localization entry (appendix C): per-class RPN, metric, test-time views, data checks, tools."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from backbones import CheckpointError, backbone_checkpoint, build_resnet
+from backbones.engine.config import load_config
+from backbones.pretraining.config import PretrainConfig
+from backbones.pretraining.data import scan_image_folder, split_holdout
+from backbones.pretraining.synthetic import render_classification_image, render_shape_image
+from conftest import ROOT, SHARED_DATA
+from detection.localization.config import LocConfig
+from detection.localization.data import (LocDataError, boxes_to_original, center_view, dense_view, load_ilsvrc,
+                                         load_imagefolder)
+from detection.localization.metrics import centre_box, image_hits
+from detection.localization.model import PerClassRPN, PerClassRPNHead, gather_class, load_classifier
+from detection.localization.synthetic import annotation_xml, make_synthetic_loc
+from detection.localization.trainer import check_holdout
+from detection.modeling.anchor_generator import AnchorGenerator
+from detection.modeling.box_coder import BoxCoder
+from detection.modeling.matcher import Matcher
+
+IMAGENETTE = SHARED_DATA / "imagenette-loc"
+SHAPES4 = ("circle", "square", "triangle", "cross")
+
+
+# -- per-class RPN ------------------------------------------------------------------------------
+
+def test_head_outputs_a_times_k_logits_and_deltas_and_gather_picks_the_class():
+    head = PerClassRPNHead(in_channels=4, num_anchors=2, num_classes=3, conv_channels=5)
+    logits, deltas = head(torch.randn(2, 4, 3, 5))
+    assert logits.shape == (2, 2 * 3, 3, 5) and deltas.shape == (2, 2 * 3 * 4, 3, 5)
+    # Channel a*K + k holds anchor a, class k: encode (a, k, y, x) in the value and read it back.
+    a_, k_, y_, x_ = torch.meshgrid(torch.arange(2), torch.arange(3), torch.arange(3), torch.arange(5), indexing="ij")
+    code = (1000 * a_ + 100 * k_ + 10 * y_ + x_).float().reshape(1, 6, 3, 5).repeat(2, 1, 1, 1)
+    dcode = code.view(2, 2, 3, 1, 3, 5).repeat(1, 1, 1, 4, 1, 1) + torch.arange(4).view(1, 1, 1, 4, 1, 1) / 10
+    lc, dc = gather_class(code, dcode.reshape(2, 24, 3, 5), torch.tensor([2, 0]), num_anchors=2)
+    assert lc.shape == (2, 3 * 5 * 2) and dc.shape == (2, 30, 4)
+    idx = (1 * 5 + 4) * 2 + 1  # (y=1, x=4, a=1): the anchors' (y, x, anchor) order
+    assert lc[0, idx] == 1000 + 200 + 14 and lc[1, idx] == 1000 + 14
+    assert dc[0, idx].tolist() == pytest.approx([1214.0, 1214.1, 1214.2, 1214.3])
+
+
+class FixedHead(nn.Module):
+    """Returns the given outputs whatever the features (a hand-made case)."""
+
+    def __init__(self, logits, deltas, num_anchors):
+        super().__init__()
+        self.logits, self.deltas, self.num_anchors = logits, deltas, num_anchors
+
+    def forward(self, x):
+        return self.logits, self.deltas
+
+
+def hand_made_rpn():
+    # One row of two positions (stride 16), anchors of size 16 and 32: (y0,x0,a0) [-8,-8,8,8],
+    # (y0,x0,a1) [-16,-16,16,16], (y0,x1,a0) [8,-8,24,8], (y0,x1,a1) [0,-16,32,16]. K = 3 classes.
+    gen = AnchorGenerator([[16.0, 32.0]], [[1.0]], [16])
+    logits = torch.full((1, 2 * 3, 1, 2), 50.0)  # other classes' channels: wild values that must be ignored
+    deltas = torch.full((1, 2 * 3 * 4, 1, 2), 9.0)
+    cls1 = torch.tensor([[0.5, -1.0], [2.0, 0.0]])  # [anchor][x] logits of class 1
+    for a in range(2):
+        logits[0, a * 3 + 1, 0] = cls1[a]
+        deltas[0, (a * 3 + 1) * 4:(a * 3 + 2) * 4] = 0.0
+    deltas[0, (0 * 3 + 1) * 4 + 0, 0, 1] = 0.1  # class 1, anchor 0 at x=1: dx = 0.1
+    rpn = PerClassRPN(FixedHead(logits, deltas, 2), gen, BoxCoder(), Matcher([0.3, 0.7], [0, -1, 1], True),
+                      batch_size_per_image=8, positive_fraction=0.5, smooth_l1_beta=1.0 / 9)
+    return rpn
+
+
+def test_per_class_rpn_losses_on_a_hand_made_case():
+    rpn = hand_made_rpn()
+    gt = torch.tensor([[8.0, -8.0, 24.0, 8.0]])  # exactly anchor (x1, a0); IoUs of the others: 0, 0.11, 0.25
+    losses = rpn(torch.zeros(1, 1, 1, 2), torch.tensor([1]), [gt])
+    # All 4 anchors sampled (1 positive, 3 negatives <= 8 at 1:1), logistic on class 1's channel only.
+    flat_logits = torch.tensor([0.5, 2.0, -1.0, 0.0])  # (x0,a0), (x0,a1), (x1,a0), (x1,a1)
+    labels = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    expected_cls = torch.nn.functional.binary_cross_entropy_with_logits(flat_logits, labels)
+    assert losses["loss_cls"].item() == pytest.approx(expected_cls.item(), rel=1e-5)
+    # Smooth L1 (beta 1/9) of class 1's regressor on the positive: |0.1| < 1/9 -> 0.5 * 0.01 * 9, over 4 sampled.
+    assert losses["loss_loc"].item() == pytest.approx(0.5 * 0.01 * 9 / 4, rel=1e-4)
+
+
+def test_per_class_rpn_samples_at_most_eight_anchors_one_to_one():
+    gen = AnchorGenerator([[16.0]], [[1.0]], [8])
+    rpn = PerClassRPN(PerClassRPNHead(4, 1, 5, 0), gen, BoxCoder(), Matcher([0.3, 0.7], [0, -1, 1], True),
+                      batch_size_per_image=8, positive_fraction=0.5)
+    anchors = gen([torch.zeros(1, 4, 8, 8)])[0]
+    gt = [{"boxes": torch.tensor([[0.0, 0.0, 64.0, 64.0]])}, {"boxes": anchors[[9, 10, 18, 19, 27, 28]] + 0.5}]
+    labels, _ = rpn.label_and_sample_anchors(anchors, gt)
+    assert ((labels >= 0).sum(1) <= 8).all() and (labels == 1).sum(1)[1] == 4 and (labels == 0).sum(1)[1] == 4
+
+
+def test_class_candidates_decode_each_class_with_its_own_regressor():
+    rpn = hand_made_rpn()
+    (boxes, scores), = rpn.class_candidates(torch.zeros(1, 1, 1, 2), [1], (64, 64), pre_topk=10)
+    assert scores[0].item() == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())  # best: (x0, a1)
+    assert boxes[0].tolist() == pytest.approx([0, 0, 16, 16])  # [-16,-16,16,16] clipped to the image
+    i = int(torch.nonzero(scores == torch.sigmoid(torch.tensor(-1.0))).flatten()[0])
+    assert boxes[i].tolist() == pytest.approx([8 + 1.6, 0, 24 + 1.6, 8])  # dx 0.1 * width 16
+
+
+# -- metric ----------------------------------------------------------------------------------------
+
+def test_localization_metric_top1_top5_and_oracle():
+    gt_boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 90.0, 90.0]])
+    gt_labels = torch.tensor([2, 2])
+    right, wrong = torch.tensor([1.0, 1.0, 10.0, 10.0]), torch.tensor([20.0, 20.0, 40.0, 40.0])
+    # Right box under a wrong first class, right class second: top-1 wrong, top-5 right.
+    hits = image_hits([5, 2, 7], {5: right, 2: torch.tensor([52.0, 52.0, 90.0, 90.0]), 7: wrong}, 2, gt_boxes, gt_labels)
+    assert hits == {"cls_top1": 0, "cls_top5": 1, "loc_top1": 0, "loc_top5": 1, "oracle": 1}
+    # Right class first but its box misses (IoU < 0.5): every localization count wrong, classification right.
+    hits = image_hits([2, 5], {2: wrong, 5: right}, 2, gt_boxes, gt_labels)
+    assert hits == {"cls_top1": 1, "cls_top5": 1, "loc_top1": 0, "loc_top5": 0, "oracle": 0}
+    # True class outside the top-5: only the oracle (ground-truth class) guess can be right.
+    hits = image_hits([0, 1, 3, 4, 5, 2], {0: right, 1: right, 3: right, 4: right, 5: right, 2: right}, 2,
+                      gt_boxes, gt_labels, topk=5)
+    assert hits == {"cls_top1": 0, "cls_top5": 0, "loc_top1": 0, "loc_top5": 0, "oracle": 1}
+    # IoU exactly at the threshold counts: [0,0,10,10] vs [0,0,10,5] is 0.5.
+    assert image_hits([2], {2: torch.tensor([0.0, 0.0, 10.0, 5.0])}, 2, gt_boxes, gt_labels)["loc_top1"] == 1
+    assert centre_box(100, 50, (0.5, 0.2)).tolist() == [25, 20, 75, 30]
+
+
+# -- test-time views -------------------------------------------------------------------------------
+
+def test_dense_and_centre_views_map_boxes_back_to_the_original_image():
+    image = np.zeros((100, 200, 3), np.uint8)
+    image[30:70, 120:180] = 255  # the object: x 120..180, y 30..70
+    for size in (50, 100, 160):
+        view_image, view = dense_view(image, size)
+        ys, xs = np.nonzero(view_image[:, :, 0] > 127)
+        found = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+        assert boxes_to_original(found, view, (100, 200))[0].tolist() == pytest.approx([120, 30, 180, 70], abs=2.5)
+    view_image, view = center_view(image, 50, 40)  # resized 50x100, crop at left 30, top 5
+    assert view_image.shape == (40, 40, 3) and (view.left, view.top) == (30, 5)
+    assert boxes_to_original(torch.tensor([[0.0, 0.0, 40.0, 40.0]]), view, (100, 200))[0].tolist() == \
+        pytest.approx([60, 10, 140, 90])
+    assert boxes_to_original(torch.tensor([[-5.0, 0.0, 500.0, 10.0]]), view, (100, 200))[0].tolist() == \
+        pytest.approx([50, 10, 200, 30])  # clipped to the original image
+
+
+def test_shape_renderer_returns_box_and_classification_images_are_unchanged():
+    img, box = render_shape_image(np.random.default_rng(4), "square", 64, (0.12, 0.3))
+    x1, y1, x2, y2 = box
+    assert 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 64 and (x2 - x1) <= 0.6 * 64 * 1.5
+    a = render_classification_image(np.random.default_rng(4), "star", 32)
+    assert np.array_equal(a, render_shape_image(np.random.default_rng(4), "star", 32)[0])
+
+
+# -- data checks ----------------------------------------------------------------------------------
+
+def write_xml(path, wnid, boxes, size=(64, 64)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(annotation_xml(wnid, path.stem, size[0], size[1], [(wnid, b) for b in boxes]))
+
+
+def tiny_imagefolder(root, classes=("n01", "n02"), per_class=5):
+    import cv2
+    for c in classes:
+        (root / "images" / c).mkdir(parents=True)
+        for i in range(per_class):
+            cv2.imwrite(str(root / "images" / c / f"{c}_{i}.JPEG"), np.full((64, 64, 3), 100, np.uint8))
+            write_xml(root / "annotations" / f"{c}_{i}.xml", c, [[4, 4, 40, 40]])
+    return root
+
+
+def loc_cfg(root, *extra):
+    return load_config(LocConfig, None, ["data.layout=imagefolder", f"data.train_images={root}/images",
+                                         f"data.train_annotations={root}/annotations", *extra])
+
+
+def test_holdout_is_the_pretraining_split(tmp_path):
+    root = tiny_imagefolder(tmp_path)
+    cfg = loc_cfg(root, "data.val_fraction=0.4", "data.holdout_seed=3")
+    train, val, stats = load_imagefolder(cfg.data, ["n01", "n02", "n03"])
+    _, samples = scan_image_folder(str(root / "images"))
+    pre_train, pre_val = split_holdout(samples, 0.4, 3)
+    assert [r.path for r in val] == [p for p, _ in pre_val] and [r.path for r in train] == [p for p, _ in pre_train]
+    assert {r.label for r in val} == {0, 1} and stats["train_unannotated_skipped"] == 0
+    pre_cfg = load_config(PretrainConfig, None, [f"data.train_dir={root}/images", "data.val_dir=",
+                                                 "data.val_fraction=0.2", "seed=7"])
+    from backbones.engine.config import to_yaml
+    with pytest.raises(LocDataError, match=r"data.val_fraction=0.2 data.holdout_seed=7"):
+        check_holdout(cfg, {"config": to_yaml(pre_cfg)}, "clf.pth")
+    check_holdout(loc_cfg(root, "data.val_fraction=0.2", "data.holdout_seed=7"), {"config": to_yaml(pre_cfg)}, "c")
+
+
+def test_bad_annotations_name_file_field_and_fix(tmp_path):
+    root = tiny_imagefolder(tmp_path)
+    cfg = loc_cfg(root, "data.skip_unannotated_train=false")
+    classes = ["n01", "n02"]
+    write_xml(root / "annotations" / "n01_1.xml", "n01", [[4, 4, 80, 40]])
+    with pytest.raises(LocDataError, match=r"n01_1.xml: object 0 <bndbox> .* outside the 64x64 image .*data.clip_boxes=true"):
+        load_imagefolder(cfg.data, classes)
+    assert len(load_imagefolder(loc_cfg(root, "data.clip_boxes=true").data, classes)[0]) > 0
+    write_xml(root / "annotations" / "n01_1.xml", "n09", [[4, 4, 40, 40]])
+    with pytest.raises(LocDataError, match=r"n01_1.xml: <object><name> 'n09' is not one of the classifier's"):
+        load_imagefolder(cfg.data, classes)
+    write_xml(root / "annotations" / "n01_1.xml", "n01", [[4, 4, 40, 40]])
+    with pytest.raises(LocDataError, match=r"class folders \['n02'\] are not among the classifier's"):
+        load_imagefolder(cfg.data, ["n01", "n03"])
+    (root / "annotations" / "n02_3.xml").unlink()
+    with pytest.raises(LocDataError, match=r"n02_3.JPEG: no annotation .*n02_3.xml"):
+        load_imagefolder(cfg.data, classes)
+    (root / "annotations" / "n02_0.xml").write_text("<annotation><size><width>64</width></size></annotation>")
+    with pytest.raises(LocDataError, match=r"n02_0.xml: missing field <height>"):
+        load_imagefolder(loc_cfg(root).data, classes)
+
+
+def test_wrong_classifier_checkpoints_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="model.classifier is empty"):
+        load_classifier("")
+    net = build_resnet(18, num_classes=0, base_width=8)
+    torch.save(backbone_checkpoint(net, [0.5] * 3, [0.2] * 3, []), tmp_path / "trunk.pth")
+    with pytest.raises(CheckpointError, match=r"trunk.pth: a backbone without its classifier"):
+        load_classifier(str(tmp_path / "trunk.pth"))
+    torch.save({"model": {"x": torch.zeros(1)}, "iteration": 3}, tmp_path / "det.pth")
+    with pytest.raises(CheckpointError, match=r"det.pth: neither a resdet backbone"):
+        load_classifier(str(tmp_path / "det.pth"))
+    net = build_resnet(18, num_classes=3, base_width=8)
+    torch.save(backbone_checkpoint(net, [0.5] * 3, [0.2] * 3, ["a", "b", "c"]), tmp_path / "clf.pth")
+    model, _, names = load_classifier(str(tmp_path / "clf.pth"))
+    assert names == ["a", "b", "c"] and not any(p.requires_grad for p in model.parameters())
+
+
+def test_ilsvrc_layout_skips_unannotated_train_images_and_reads_val_classes_from_xml(tmp_path):
+    import cv2
+    root = tmp_path / "ILSVRC"
+    (root / "Data/CLS-LOC/val").mkdir(parents=True)
+    (root / "LOC_synset_mapping.txt").write_text("n01 tench, Tinca tinca\nn02 goldfish\n")
+    for wnid in ("n01", "n02"):
+        (root / "Data/CLS-LOC/train" / wnid).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(root / f"Data/CLS-LOC/train/{wnid}/{wnid}_{i}.JPEG"), np.zeros((32, 48, 3), np.uint8))
+            if i < 2:  # the third has no box, as most ILSVRC train images
+                write_xml(root / f"Annotations/CLS-LOC/train/{wnid}/{wnid}_{i}.xml", wnid, [[1, 1, 20, 20]], (48, 32))
+    for i, wnid in enumerate(("n02", "n01")):
+        cv2.imwrite(str(root / f"Data/CLS-LOC/val/ILSVRC2012_val_{i}.JPEG"), np.zeros((32, 48, 3), np.uint8))
+        write_xml(root / f"Annotations/CLS-LOC/val/ILSVRC2012_val_{i}.xml", wnid, [[1, 1, 20, 20]], (48, 32))
+    cfg = load_config(LocConfig, None, ["data.layout=ilsvrc", f"data.ilsvrc_root={root}"])
+    train, val, stats = load_ilsvrc(cfg.data, ["n00", "n01", "n02"])  # indices by name in the classifier's order
+    assert len(train) == 4 and stats["train_unannotated_skipped"] == 2
+    assert [r.label for r in val] == [2, 1]
+    (root / "Annotations/CLS-LOC/val/ILSVRC2012_val_1.xml").unlink()
+    with pytest.raises(LocDataError, match=r"ILSVRC2012_val_1.JPEG: no annotation"):
+        load_ilsvrc(cfg.data, ["n01", "n02"])
+
+
+# -- tools, end to end ---------------------------------------------------------------------------
+
+def run_tool(tool, args, check=True):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / tool), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{tool} exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def synthetic_loc(tmp_path_factory):
+    """4 shape classes x 40 images of 64 px with boxes, and a ResNet-18 w8 classifier pretrained on 80% of
+    them (the pretraining's holdout, seed 0)."""
+    from backbones.pretraining.trainer import train as pretrain
+    root = tmp_path_factory.mktemp("loc")
+    paths = make_synthetic_loc(str(root / "data"), per_class=40, image_size=64, seed=0, classes=SHAPES4)
+    cfg = load_config(PretrainConfig, None, [
+        f"data.train_dir={paths['images']}", "data.val_dir=", "data.val_fraction=0.2", "data.synthetic=false",
+        "data.scale_range=[64,80]", "data.crop_size=56", "data.test_resize=64", "data.workers=0",
+        "model.base_width=8", "solver.batch_size=32", "solver.epochs=30", "solver.steps=[25]", "eval.period=30",
+        "eval.ten_crop=false", "eval.multiscale_sizes=[]", f"output_dir={root}/pretrain", "log_period=50"])
+    torch.set_num_threads(1)
+    summary = pretrain(cfg, "pretrain")
+    return dict(paths, classifier=summary["backbone_checkpoint"], root=root)
+
+
+def loc_args(data, out, *extra):
+    return ["data.layout=imagefolder", f"data.train_images={data['images']}", f"data.train_annotations={data['annotations']}",
+            f"model.classifier={data['classifier']}", "data.workers=0",
+            "eval.dense_scales=[56,64,80]", "log_period=10", f"output_dir={out}", *extra]
+
+
+def test_trained_rpn_beats_the_centre_box_baseline_and_eval_loc_agrees(synthetic_loc, tmp_path):
+    out = tmp_path / "run"
+    run_tool("train_loc.py", loc_args(synthetic_loc, out, "solver.max_iter=250", "solver.steps=[200]",
+                                      "checkpoint_period=100"))
+    for name in ("config.yaml", "log.txt", "metrics.jsonl", "summary.json", "checkpoints/last.pth"):
+        assert (out / name).is_file(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_images"] == 128 and summary["val_images"] == 32
+    for mode in ("center", "dense"):
+        m, base = summary["val"][mode], summary["val"][mode]["baseline_center_box"]
+        assert m["images"] == 32
+        assert m["oracle_err"] <= base["oracle_err"] - 0.1, (mode, m)
+        assert m["loc_top5_err"] < base["loc_top5_err"], (mode, m)
+        assert m["loc_top1_err"] >= m["loc_top5_err"] and m["cls_top5_err"] <= m["loc_top5_err"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss_cls" in r for r in records) and any("val_dense/loc_top5_err" in r for r in records)
+
+    run_tool("eval_loc.py", [out, "eval.modes=[center]"])
+    again = json.loads((out / "eval_last" / "summary.json").read_text())["val"]["center"]
+    flat = {k: v for k, v in summary["val"]["center"].items() if not isinstance(v, dict)}
+    assert {k: again[k] for k in flat} == pytest.approx(flat)  # same weights, same images
+    assert again["baseline_center_box"] == summary["val"]["center"]["baseline_center_box"]
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(synthetic_loc, tmp_path):
+    # 128 images at batch 8: 16 iterations per epoch; checkpoints every 4; killed at 7; 10 in all.
+    common = ["solver.batch_size=8", "solver.max_iter=10", "checkpoint_period=4", "eval.modes=[]"]
+    run_tool("train_loc.py", loc_args(synthetic_loc, tmp_path / "straight", *common))
+    killed = run_tool("train_loc.py", loc_args(synthetic_loc, tmp_path / "resumed", *common, "debug_stop_at_iter=7"),
+                      check=False)
+    assert killed.returncode == 3
+    log = run_tool("train_loc.py", loc_args(synthetic_loc, tmp_path / "resumed", *common, "resume=true")).stdout
+    assert "resumed from" in log and "at iteration 4" in log
+    a = torch.load(tmp_path / "straight/checkpoints/last.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed/checkpoints/last.pth", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+
+
+def test_tool_reports_bad_input_before_training(synthetic_loc, tmp_path):
+    proc = run_tool("train_loc.py", loc_args(synthetic_loc, tmp_path / "a", "data.val_fraction=0.3"), check=False)
+    assert proc.returncode == 2 and "data.val_fraction=0.2 data.holdout_seed=0" in proc.stderr
+    proc = run_tool("train_loc.py", loc_args(synthetic_loc, tmp_path / "b", f"model.classifier={tmp_path}/none.pth"),
+                    check=False)
+    assert proc.returncode == 2 and "none.pth" in proc.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.skipif(not (IMAGENETTE / "images").is_dir(), reason="needs ../shared/data/imagenette-loc")
+def test_real_imagenette_sample_loads_and_trains_a_few_iterations(tmp_path):
+    wnids = sorted(os.listdir(IMAGENETTE / "images"))
+    net = build_resnet(18, num_classes=len(wnids), base_width=8)
+    torch.save(backbone_checkpoint(net, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], wnids), tmp_path / "clf.pth")
+    out = tmp_path / "run"
+    run_tool("train_loc.py", ["configs/loc_r18_imagenette.yaml", f"model.classifier={tmp_path}/clf.pth",
+                              f"data.train_images={IMAGENETTE}/images", f"data.train_annotations={IMAGENETTE}/annotations",
+                              "data.scale_range=[64,80]", "data.crop_size=64", "data.workers=0", "solver.max_iter=3",
+                              "solver.batch_size=8", "eval.modes=[center]", "eval.test_resize=64", f"output_dir={out}"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_images"] == 400 and summary["val_images"] == 100 and len(summary["class_names"]) == 10
+    assert summary["train_unannotated_skipped"] == 0 and summary["val"]["center"]["images"] == 100
