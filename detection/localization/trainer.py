@@ -26,7 +26,7 @@ from backbones.pretraining.evaluate import normalize
 
 from .data import (LAYOUTS, LocDataError, LocTrainDataset, collate_loc, load_ilsvrc, load_imagefolder,
                    loc_train_transform, read_synset_mapping)
-from .evaluate import MODES, evaluate_localization, format_errors, mean_box_fraction
+from .evaluate import MODES, best_centre_fraction, evaluate_localization, format_errors
 from .model import build_localization_net, load_classifier
 from .synthetic import make_synthetic_loc
 
@@ -141,7 +141,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     iters_per_epoch = len(sampler) // per_rank_batch
     if iters_per_epoch == 0:
         raise LocDataError(f"{len(train_set)} annotated training images are fewer than one batch of {s.batch_size}")
-    baseline_fraction = mean_box_fraction(train_records)
+    baseline_fraction = best_centre_fraction(train_records)
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
 
@@ -283,6 +283,6 @@ def evaluate_run(cfg: DictConfig, run_dir: str, checkpoint: str = "last", modes=
     for mode in modes or cfg.eval.modes:
         out["val"][mode] = evaluate_localization(model, classifier, val_records, mode, cfg.eval, cfg.data.crop_size,
                                                  device, norm["mean"], norm["std"],
-                                                 baseline_fraction=mean_box_fraction(train_records), rescorer=rescorer,
+                                                 baseline_fraction=best_centre_fraction(train_records), rescorer=rescorer,
                                                  workers=cfg.data.workers, amp_dtype=amp_dtype)
     return out
