@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         return 2
     finally:
         cleanup()
-    if is_main_process():
+    if int(os.environ.get("RANK", "0")) == 0 and is_main_process():
         name = os.path.splitext(os.path.basename(result["checkpoint"]))[0]
         out_dir = os.path.join(args.run, f"eval_{name}")
         os.makedirs(out_dir, exist_ok=True)

@@ -8,6 +8,7 @@ classifier, then report top-1/top-5/ground-truth-class localization error and cl
     python tools/train_loc.py CONFIG resume=true                     # continue a killed run
 """
 import argparse
+import os
 import sys
 
 import _bootstrap  # noqa: F401
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
         return 2
     finally:
         cleanup()
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     for mode, m in summary["val"].items():
         line = (f"{mode}: top-5 loc err {100 * m['loc_top5_err']:.2f}%  top-1 {100 * m['loc_top1_err']:.2f}%  "
                 f"GT-class {100 * m['oracle_err']:.2f}%  (centre-box baseline top-5 "

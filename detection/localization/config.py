@@ -42,7 +42,7 @@ class LocDataConfig:
     holdout_seed: int = 0  # must equal the classifier's pretraining seed so its val images stay unseen
     ilsvrc_root: str = "datasets/ILSVRC"
     synthetic_root: str = "datasets/synthetic_loc"
-    synthetic_per_class: int = 40
+    synthetic_per_class: int = 100
     synthetic_image_size: int = 64
     skip_unannotated_train: bool = True  # ILSVRC: most train images have no boxes; skip (and count) them
     clip_boxes: bool = False  # true: clip boxes that leave the image instead of stopping with an error
@@ -79,10 +79,13 @@ class LocEvalConfig:
     dense_scales: list[int] = field(default_factory=lambda: [56, 64, 80])  # dense: shorter sides, whole image
     topk: int = 5  # class guesses per image (top-5 error); top-1 uses the first
     iou_thresh: float = 0.5
-    pre_nms_topk: int = 1000  # per view and class
+    pre_nms_topk: int = 200  # per view and class: the candidates that NMS or voting sees
+    # How the boxes of all views (and anchors) become one guess per class: "max" = the highest-scoring one
+    # after NMS; "vote" = re-score every box by the summed scores of the boxes overlapping it (IoU >=
+    # iou_thresh) and average their coordinates (box voting), which favours what several scales agree on.
+    merge: str = "vote"
     nms_thresh: float = 0.7
     period: int = 0  # iterations between centre-crop evaluations during training; 0 = only at the end
-    batch_size: int = 32  # centre-crop mode
 
 
 @dataclass

@@ -131,7 +131,7 @@ def records_from_samples(samples, folder_classes, ann_dir, class_to_index, clip,
     """ImageFolder samples (path, folder index) -> records; returns (records, number skipped unannotated)."""
     if not os.path.isdir(ann_dir):
         raise LocDataError(f"annotation folder not found: {os.path.abspath(ann_dir)} (the {split} split's XML "
-                           "files, <annotations>/<image stem>.xml); set data.{split}_annotations")
+                           f"files, <annotations>/<image stem>.xml); set data.{split}_annotations")
     records, missing = [], 0
     for path, folder_idx in samples:
         wnid = folder_classes[folder_idx]
@@ -147,7 +147,7 @@ def records_from_samples(samples, folder_classes, ann_dir, class_to_index, clip,
     return records, missing
 
 
-def load_imagefolder(d, class_names: list[str], seed_check=None) -> tuple[list[LocRecord], list[LocRecord], dict]:
+def load_imagefolder(d, class_names: list[str]) -> tuple[list[LocRecord], list[LocRecord], dict]:
     """``<images>/<wnid>/*`` + XML folder; val is a separate folder or the pretraining's holdout split."""
     class_to_index = {c: i for i, c in enumerate(class_names)}
     folder_classes, samples = scan_image_folder(d.train_images)

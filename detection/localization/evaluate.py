@@ -20,6 +20,7 @@ from backbones.engine.run import progress_bar
 from backbones.pretraining.data import ShardedSampler
 from backbones.pretraining.evaluate import normalize
 from detection.modeling.rpn import filter_proposals
+from torchvision.ops import box_iou
 
 from .data import LocRecord, boxes_to_original, center_view, dense_view, image_boxes
 from .metrics import COUNTS, centre_box, errors_from_counts, image_hits
@@ -84,9 +85,26 @@ def localize_image(loc_net, classifier, image: np.ndarray, mode: str, eval_cfg, 
     result = {}
     for c in classes:
         boxes, scores = torch.cat(merged_boxes[c]), torch.cat(merged_scores[c])
+        if eval_cfg.merge == "vote":
+            boxes, scores = vote(boxes, scores, len(views), eval_cfg.iou_thresh)
+        elif eval_cfg.merge != "max":
+            raise ValueError(f"eval.merge must be max or vote, got {eval_cfg.merge!r}")
         result[c] = filter_proposals(boxes, scores, torch.zeros(len(scores), dtype=torch.long, device=scores.device),
                                      (h0, w0), eval_cfg.nms_thresh, keep)
     return probs, top, result
+
+
+def vote(boxes: torch.Tensor, scores: torch.Tensor, num_views: int, iou_thresh: float = 0.5
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates pooled over views and anchors, re-scored by agreement: each box's new score is the sum of
+    the scores of the candidates that overlap it (IoU >= ``iou_thresh``, itself included) over the number of
+    views, and its coordinates their score-weighted mean ("box voting"). A lone confident box from one
+    scale then loses to a box that several scales and anchors agree on."""
+    if len(boxes) == 0:
+        return boxes, scores
+    overlap = (box_iou(boxes, boxes) >= iou_thresh).float() * scores[None, :]  # (M, M): row i's voters
+    weight = overlap.sum(1)
+    return (overlap @ boxes) / weight[:, None], weight / num_views
 
 
 @torch.no_grad()

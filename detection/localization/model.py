@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from backbones import (CheckpointError, build_resnet, convert_bn_to_frozen, load_backbone_weights,
-                       read_backbone_checkpoint, resnet_from_arch)
+from backbones import (CheckpointError, convert_bn_to_frozen, load_backbone_weights, read_backbone_checkpoint,
+                       resnet_from_arch)
 from detection.modeling.anchor_generator import AnchorGenerator
 from detection.modeling.box_coder import BoxCoder
 from detection.modeling.box_ops import clip_boxes
@@ -174,6 +174,3 @@ def build_localization_net(model_cfg, classifier_ckpt: dict, num_classes: int, n
                            model_cfg.positive_fraction, list(model_cfg.iou_thresholds), model_cfg.smooth_l1_beta,
                            nms_thresh)
 
-
-__all__ = ["PerClassRPNHead", "PerClassRPN", "LocalizationNet", "gather_class", "load_classifier",
-           "build_localization_net", "build_resnet"]

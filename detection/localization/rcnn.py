@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.ops import box_iou
 
-from backbones import load_backbone_weights, resnet_from_arch
+from backbones import load_backbone_weights, read_backbone_checkpoint, resnet_from_arch
 from backbones.engine.config import to_yaml
 from backbones.engine.dist import (all_gather_object, barrier, get_rank, get_world_size, is_main_process,
                                    reduce_mean)
@@ -37,7 +37,7 @@ from detection.modeling.box_coder import BoxCoder
 from detection.modeling.box_ops import clip_boxes, smooth_l1
 from detection.modeling.rpn import filter_proposals
 
-from .data import boxes_to_original, dense_view, image_boxes
+from .data import boxes_to_original, dense_view
 
 CHECKPOINT = "rcnn_last.pth"
 PROPOSALS = "rcnn_proposals.pth"
@@ -236,7 +236,6 @@ def train_rcnn(cfg, run, loc_model, train_records, class_names, mean, std, devic
         barrier()
     table = roi_table(train_records, proposals, r.fg_iou_thresh)
     box_coder = BoxCoder(list(r.bbox_reg_weights))
-    from backbones import read_backbone_checkpoint
     clf_ckpt = read_backbone_checkpoint(cfg.model.classifier)
     net = build_rcnn_net(clf_ckpt, len(class_names)).to(device)
     ddp_net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \

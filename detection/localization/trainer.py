@@ -86,6 +86,15 @@ def prepare(cfg: DictConfig):
     fallback = []
     if cfg.data.layout == "ilsvrc":
         fallback = sorted(read_synset_mapping(os.path.join(cfg.data.ilsvrc_root, "LOC_synset_mapping.txt")))
+    if not cfg.model.classifier and cfg.data.layout == "synthetic":
+        raise LocDataError(
+            "model.classifier is empty: localization starts from a classifier of the same classes. For the "
+            f"synthetic demo, pretrain one on {cfg.data.train_images} (written just now) with its 20% holdout:\n"
+            f"  python tools/pretrain_backbone.py data.train_dir={cfg.data.train_images} data.val_dir= "
+            "data.val_fraction=0.2 data.synthetic=false data.scale_range=[64,80] data.crop_size=56 "
+            "data.test_resize=64 solver.epochs=30 solver.steps=[25] eval.multiscale_sizes=[] "
+            "output_dir=runs/pretrain_loc_demo\n"
+            "  python tools/train_loc.py model.classifier=runs/pretrain_loc_demo/checkpoints/backbone.pth")
     classifier, ckpt, class_names = load_classifier(cfg.model.classifier, fallback)
     check_holdout(cfg, ckpt, cfg.model.classifier)
     train_records, val_records, stats = load_data(cfg, class_names)
@@ -271,7 +280,12 @@ def evaluate_run(cfg: DictConfig, run_dir: str, checkpoint: str = "last", modes=
         raise LocDataError(f"{path}: trained with classes {state['class_names'][:3]}... but model.classifier "
                            f"{cfg.model.classifier} has {class_names[:3]}...; use the run's classifier")
     model = build_localization_net(cfg.model, clf_ckpt, len(class_names), cfg.eval.nms_thresh)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise LocDataError(f"{path}: weights do not fit a model built from model.classifier={cfg.model.classifier} "
+                           f"(trained from {state.get('classifier')}); pass that classifier. Detail: "
+                           f"{str(exc).splitlines()[0]}") from exc
     model.to(device)
     classifier.to(device)
     norm = state["normalization"]
