@@ -99,6 +99,8 @@ def train_for(model, step, cfg, train_set, seconds):
 @torch.no_grad()
 def coco_ap(model, step, cfg, val_set):
     model.eval()
+    if hasattr(model, "transform"):  # torchvision resizes inside the model: test at the config's test scale too
+        model.transform.min_size, model.transform.max_size = (cfg.data.min_size_test,), cfg.data.max_size_test
     evaluator = COCOEvaluator(val_set.coco, val_set.contiguous_to_cat_id, val_set.class_names)
     sampler = build_batch_sampler(val_set.aspect_ratios(), 8, shuffle=False, seed=0, distributed=False, drop_last=False)
     collate = functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from backbones.engine.config import ConfigError, to_yaml
 from backbones.engine.dist import (all_gather_object, barrier, get_world_size, init_distributed, is_main_process,
                                    reduce_mean, reduce_sum)
-from backbones.engine.precision import check_solver
+from backbones.engine.precision import check_solver, optimizer_step
 from backbones.engine.run import RunFolder, progress_bar
 from backbones.engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, training_state,
                                    unwrap)
@@ -344,18 +344,8 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                     t[key] = t[key].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 losses = ddp_model(batch)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at iteration {iteration} "
-                                         f"({ {k: float(v) for k, v in losses.items()} }); lower solver.base_lr, "
-                                         "add solver.warmup_iters or set solver.clip_grad_norm")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if s.clip_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, s.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(sum(losses.values()), optimizer, scaler, params, s.clip_grad_norm, iteration=iteration,
+                           losses=losses)
             scheduler.step()
             iteration += 1
             progress.update(1)

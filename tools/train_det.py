@@ -15,7 +15,6 @@ from backbones.checkpoint import CheckpointError
 from backbones.engine.config import ConfigError, config_name, load_config
 from backbones.engine.dist import cleanup
 from detection.config import DetConfig
-from detection.evaluation.coco_eval import format_metrics_table
 from detection.data.coco import DatasetError
 from detection.engine import DataNotFoundError, train
 
@@ -35,7 +34,9 @@ def main(argv=None) -> int:
         cleanup()
     if summary.get("coco_val"):
         m = summary["coco_val"]
-        print("\n" + format_metrics_table(m))  # COCO's table, or the VOC one for VOC / ImageNet DET data
+        # the full table is in the log above; VOC / ImageNet DET dicts have these three keys too
+        print(f"\n{cfg.data.format.upper()} val: AP {100 * m['AP']:.1f}  AP50 {100 * m['AP50']:.1f}  "
+              f"AP75 {100 * m['AP75']:.1f}")
         print(f"run folder: {summary['output_dir']}")
         print(f"next: python tools/eval_det.py {summary['output_dir']}   |   "
               f"python tools/infer.py {summary['output_dir']} IMAGE_OR_FOLDER")

@@ -15,3 +15,26 @@ def check_solver(solver, world_size: int) -> torch.dtype | None:
         raise ValueError(f"solver.batch_size={solver.batch_size} is the total over ranks: it must be divisible "
                          f"by the {world_size} processes")
     return AMP_DTYPES[solver.amp]
+
+
+STEP_HINT = "lower solver.base_lr, add solver.warmup_iters or set solver.clip_grad_norm"
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params,
+                   clip_grad_norm: float = 0.0, *, iteration: int, losses: dict | None = None,
+                   hint: str = STEP_HINT) -> None:
+    """One training step of every trainer: backward through the GradScaler (a no-op unless fp16),
+    optional gradient-norm clipping (on unscaled gradients), the optimizer step.
+
+    A non-finite loss stops the run before it corrupts the weights, naming the iteration, the loss
+    terms and what to change."""
+    if not torch.isfinite(loss):
+        terms = f" ({ {k: float(v.detach()) for k, v in losses.items()} })" if losses else ""
+        raise FloatingPointError(f"loss became {loss.detach().item()} at iteration {iteration}{terms}; {hint}")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()

@@ -15,7 +15,7 @@ from ..checkpoint import backbone_checkpoint
 from ..engine.config import to_yaml
 from ..engine.dist import (all_gather_object, barrier, init_distributed, is_main_process,
                            reduce_sum)
-from ..engine.precision import check_solver
+from ..engine.precision import check_solver, optimizer_step
 from ..engine.run import RunFolder, progress_bar
 from ..engine.state import atomic_save, restore_training_state, rng_state, seed_everything, training_state
 from ..resnet import build_resnet
@@ -156,16 +156,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                 labels = labels.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss = F.cross_entropy(ddp_model(images), labels)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if s.clip_grad_norm > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at iteration {iteration}; "
-                                             "lower solver.base_lr or enable solver.clip_grad_norm")
+                optimizer_step(loss, optimizer, scaler, model.parameters(), s.clip_grad_norm, iteration=iteration)
                 window_loss += loss.item() * labels.numel()
                 window_images += labels.numel()
             scheduler.step()

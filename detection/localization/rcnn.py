@@ -29,6 +29,7 @@ from backbones.engine.config import to_yaml
 from backbones.engine.dist import (all_gather_object, barrier, get_rank, get_world_size, is_main_process,
                                    reduce_mean)
 from backbones.engine.imageio import read_image_rgb
+from backbones.engine.precision import optimizer_step
 from backbones.engine.run import progress_bar
 from backbones.engine.state import (atomic_save, load_checkpoint, restore_training_state, rng_state,
                                     training_state)
@@ -273,13 +274,8 @@ def train_rcnn(cfg, run, loc_model, train_records, class_names, mean, std, devic
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, deltas = ddp_net(x)
         losses = rcnn_losses(logits, deltas, classes, fg, targets)
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"R-CNN loss became {loss.item()} at iteration {iteration}; lower rcnn.base_lr")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(sum(losses.values()), optimizer, scaler, None, iteration=iteration, losses=losses,
+                       hint="R-CNN stage: lower rcnn.base_lr")
         scheduler.step()
         iteration += 1
         progress.update(1)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from backbones.engine.config import to_yaml
 from backbones.engine.dist import (all_gather_object, barrier, init_distributed, is_main_process, reduce_mean,
                                    reduce_sum)
-from backbones.engine.precision import check_solver
+from backbones.engine.precision import check_solver, optimizer_step
 from backbones.engine.run import RunFolder, progress_bar
 from backbones.engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, training_state)
 from backbones.pretraining.data import ShardedSampler
@@ -70,6 +70,10 @@ def check_holdout(cfg: DictConfig, classifier_ckpt: dict, classifier_path: str) 
                            f"data.holdout_seed={seed}")
 
 
+# Where `tools/pretrain_backbone.py configs/pretrain/resnet18_synthetic_loc.yaml` writes its classifier.
+SYNTHETIC_CLASSIFIER = "runs/resnet18_synthetic_loc/checkpoints/backbone.pth"
+
+
 def load_data(cfg: DictConfig, class_names: list[str]):
     d = cfg.data
     if d.layout == "ilsvrc":
@@ -87,14 +91,13 @@ def prepare(cfg: DictConfig):
     if cfg.data.layout == "ilsvrc":
         fallback = sorted(read_synset_mapping(os.path.join(cfg.data.ilsvrc_root, "LOC_synset_mapping.txt")))
     if not cfg.model.classifier and cfg.data.layout == "synthetic":
-        raise LocDataError(
-            "model.classifier is empty: localization starts from a classifier of the same classes. For the "
-            f"synthetic demo, pretrain one on {cfg.data.train_images} (written just now) with its 20% holdout:\n"
-            f"  python tools/pretrain_backbone.py data.train_dir={cfg.data.train_images} data.val_dir= "
-            "data.val_fraction=0.2 data.synthetic=false data.scale_range=[64,80] data.crop_size=56 "
-            "data.test_resize=64 solver.epochs=30 solver.steps=[25] eval.multiscale_sizes=[] "
-            "output_dir=runs/pretrain_loc_demo\n"
-            "  python tools/train_loc.py model.classifier=runs/pretrain_loc_demo/checkpoints/backbone.pth")
+        if not os.path.isfile(SYNTHETIC_CLASSIFIER):
+            raise LocDataError(
+                "model.classifier is empty: localization starts from a classifier of the same classes. For the "
+                f"synthetic demo, pretrain one on {cfg.data.train_images} (written just now), then run again:\n"
+                "  python tools/pretrain_backbone.py configs/pretrain/resnet18_synthetic_loc.yaml\n"
+                "  python tools/train_loc.py")
+        cfg.model.classifier = SYNTHETIC_CLASSIFIER  # the demo's classifier, written by that command
     classifier, ckpt, class_names = load_classifier(cfg.model.classifier, fallback)
     check_holdout(cfg, ckpt, cfg.model.classifier)
     train_records, val_records, stats = load_data(cfg, class_names)
@@ -198,17 +201,8 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                 x = normalize(images.to(device, non_blocking=True), mean_t, std_t, s.channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     losses = ddp_model(x, labels.to(device), [b.to(device) for b in boxes])
-                loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at iteration {iteration}; lower "
-                                             "solver.base_lr, add solver.warmup_iters or set solver.clip_grad_norm")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if s.clip_grad_norm > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, s.clip_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
+                optimizer_step(sum(losses.values()), optimizer, scaler, params, s.clip_grad_norm,
+                               iteration=iteration, losses=losses)
                 for k, v in losses.items():
                     window[k] = window.get(k, 0.0) + float(v.detach())
                 window_n += 1
