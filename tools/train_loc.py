@@ -2,8 +2,7 @@
 """Train the paper's ImageNet localization entry (per-class RPN, optional R-CNN stage) from a pretrained
 classifier, then report top-1/top-5/ground-truth-class localization error and classification error.
 
-    python tools/pretrain_backbone.py configs/pretrain/resnet18_synthetic_loc.yaml   # the demo classifier, then
-    python tools/train_loc.py                                        # synthetic shapes
+    python tools/pretrain_backbone.py && python tools/train_loc.py   # synthetic shapes, the demo classifier
     python tools/train_loc.py configs/loc_r18_imagenette.yaml        # the real 10-class sample, CPU
     torchrun --nproc_per_node=8 tools/train_loc.py configs/loc_r101_imagenet.yaml
     python tools/train_loc.py CONFIG resume=true                     # continue a killed run

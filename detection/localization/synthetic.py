@@ -2,8 +2,8 @@
 smaller and placed anywhere so a fixed centre box does badly, written as an ImageFolder
 (``images/<shape>/*.jpg``) plus one PASCAL VOC / CLS-LOC style XML per image (``annotations/``).
 
-The same folder pretrains the classifier (``tools/pretrain_backbone.py data.train_dir=<root>/images
-data.val_dir= data.val_fraction=0.2``) and localizes, with the same held-out split.
+The classifier comes from the pretraining demo (``python tools/pretrain_backbone.py``: the same 8 shape
+classes, other images); this folder is split into localization train and val.
 """
 from __future__ import annotations
 

@@ -70,8 +70,9 @@ def check_holdout(cfg: DictConfig, classifier_ckpt: dict, classifier_path: str) 
                            f"data.holdout_seed={seed}")
 
 
-# Where `tools/pretrain_backbone.py configs/pretrain/resnet18_synthetic_loc.yaml` writes its classifier.
-SYNTHETIC_CLASSIFIER = "runs/resnet18_synthetic_loc/checkpoints/backbone.pth"
+# What `python tools/pretrain_backbone.py` (no argument) writes: a classifier of the same 8 shapes, trained
+# on other images (datasets/synthetic_shapes), so none of the localization images were seen by it.
+SYNTHETIC_CLASSIFIER = "runs/pretrain_demo/checkpoints/backbone.pth"
 
 
 def load_data(cfg: DictConfig, class_names: list[str]):
@@ -94,10 +95,10 @@ def prepare(cfg: DictConfig):
         if not os.path.isfile(SYNTHETIC_CLASSIFIER):
             raise LocDataError(
                 "model.classifier is empty: localization starts from a classifier of the same classes. For the "
-                f"synthetic demo, pretrain one on {cfg.data.train_images} (written just now), then run again:\n"
-                "  python tools/pretrain_backbone.py configs/pretrain/resnet18_synthetic_loc.yaml\n"
+                "synthetic demo, pretrain the demo's classifier of the same 8 shapes, then run again:\n"
+                "  python tools/pretrain_backbone.py\n"
                 "  python tools/train_loc.py")
-        cfg.model.classifier = SYNTHETIC_CLASSIFIER  # the demo's classifier, written by that command
+        cfg.model.classifier = SYNTHETIC_CLASSIFIER
     classifier, ckpt, class_names = load_classifier(cfg.model.classifier, fallback)
     check_holdout(cfg, ckpt, cfg.model.classifier)
     train_records, val_records, stats = load_data(cfg, class_names)
