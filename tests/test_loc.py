@@ -372,6 +372,21 @@ def test_killed_and_resumed_run_matches_uninterrupted(synthetic_loc, tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
 
 
+def test_ddp_two_processes_with_the_rcnn_stage(synthetic_loc, tmp_path):
+    """Under torchrun both stages train and every val image is evaluated once, gathered on rank 0."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+           str(ROOT / "tools" / "train_loc.py"),
+           *loc_args(synthetic_loc, out, "solver.batch_size=8", "solver.max_iter=2", "eval.modes=[center]",
+                     "rcnn.enabled=true", "rcnn.max_iter=2", "rcnn.batch_size=8", "rcnn.proposals_per_image=3",
+                     "rcnn.crop_size=32", "rcnn.proposal_scale=64")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val"]["center"]["images"] == 32 and summary["rcnn"]["iterations"] == 2
+    assert "2 ranks" in (out / "log.txt").read_text()
+
+
 def test_tool_reports_bad_input_before_training(synthetic_loc, tmp_path):
     proc = run_tool("train_loc.py", loc_args(synthetic_loc, tmp_path / "a", "data.val_fraction=0.3"), check=False)
     assert proc.returncode == 2 and "data.val_fraction=0.2 data.holdout_seed=0" in proc.stderr
