@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from test_det_train import SLIM as DET_SLIM
 from backbones.engine.config import ConfigError, load_config
 from detection.config import DetConfig
 from detection.data.coco import CocoDetection, DatasetError
@@ -331,14 +332,7 @@ def test_evaluator_writes_devkit_result_files(tmp_path):
 
 # ---- through the engine ------------------------------------------------------------------------------
 
-SLIM = ["model.backbone.depth=18", "model.backbone.base_width=8", "model.backbone.weights=",
-        "model.backbone.norm=bn", "model.backbone.freeze_at=0", "model.rpn.anchor_sizes=[16,32,64]",
-        "model.rpn.pre_nms_topk_train=300", "model.rpn.post_nms_topk_train=100", "model.rpn.pre_nms_topk_test=300",
-        "model.rpn.post_nms_topk_test=50", "model.rpn.batch_size_per_image=64", "model.roi_heads.batch_size_per_image=32",
-        "model.roi_heads.pooler_resolution=10", "data.min_size_train=[96]", "data.max_size_train=96",
-        "data.min_size_test=96", "data.max_size_test=96", "data.workers=0", "solver.batch_size=4",
-        "solver.base_lr=0.02", "solver.reference_batch_size=4", "solver.steps=[1000]", "eval.batch_size=4",
-        "log_period=2", "device=cpu"]
+SLIM = [*DET_SLIM, "device=cpu"]  # the slim from-scratch detector of the detection tool tests
 
 
 @pytest.fixture(scope="module")
