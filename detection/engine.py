@@ -29,13 +29,13 @@ from .evaluation.voc_eval import METRICS as VOC_METRICS, VOCEvaluator, ground_tr
 from .modeling.build import build_detector
 from .modeling.test_time import for_testing, options_from_config
 
+DEMO_HINT = "  to try resdet without any download: python tools/train_det.py configs/frcnn_demo.yaml"
 COCO_LAYOUT = ("  expected layout:\n"
                "    datasets/coco/train2017/*.jpg\n"
                "    datasets/coco/val2017/*.jpg\n"
                "    datasets/coco/annotations/instances_{train,val}2017.json\n"
                "  (or set data.train_images / data.train_annotations / data.val_images / data.val_annotations)\n"
-               "  to try resdet without any download: python tools/train_det.py configs/frcnn_demo.yaml")
-DEMO_HINT = "  to try resdet without any download: python tools/train_det.py configs/frcnn_demo.yaml"
+               + DEMO_HINT)
 
 
 class DataNotFoundError(FileNotFoundError):

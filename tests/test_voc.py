@@ -377,7 +377,7 @@ def test_train_and_eval_on_synthetic_voc(tmp_path, synthetic_voc):
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("val/mAP_07" in r for r in records)
-    ckpt = torch.load(out / "checkpoints" / "last.pth", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "last.pth", weights_only=True)
     assert ckpt["class_names"] == ["circle", "rectangle", "triangle", "cross"]
 
 

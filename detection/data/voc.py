@@ -255,28 +255,44 @@ def _check_files(image_set: XmlImageSet, names: list[str]) -> None:
                                f"fix: {fix}\n{LAYOUTS[image_set.layout]}")
 
 
-def _parse_xml(path: str) -> tuple[int, int, list[tuple[str, tuple[float, float, float, float], bool]]]:
-    """(width, height, [(class name, 0-based xyxy box, difficult)]) of one annotation file."""
+def read_xml_annotation(path: str, error: type[Exception] = DatasetError
+                        ) -> tuple[int, int, list[tuple[str, tuple[float, float, float, float], bool]]]:
+    """(width, height, [(class name, (xmin, ymin, xmax, ymax) as written, difficult)]) of one PASCAL VOC /
+    ILSVRC (CLS-LOC, DET) XML file. A missing or malformed field raises ``error`` naming the file, the
+    field and the fix; what the coordinates mean (and which boxes are valid) is the caller's business."""
     try:
         root = ET.parse(path).getroot()
-    except ET.ParseError as exc:
-        raise DatasetError(f"{path}: not well-formed XML ({exc}); fix: repair or re-download the file") from exc
+    except (ET.ParseError, OSError) as exc:
+        raise error(f"{path}: not well-formed XML ({exc}); fix: repair or re-download the file") from exc
     size = root.find("size")
-    width, height = (_int_field(size, key) if size is not None else None for key in ("width", "height"))
-    if size is None or not width or not height or width <= 0 or height <= 0:
-        raise DatasetError(f"{path}: no valid <size> (width {width!r}, height {height!r}); fix: add "
-                           "<size><width>W</width><height>H</height></size> with the image's pixel size")
+    dims = {}
+    for key in ("width", "height"):
+        value = _int_field(size, key) if size is not None else None
+        if value is None:
+            raise error(f"{path}: missing field <{key}> in <size>; fix: add "
+                        "<size><width>W</width><height>H</height></size> with the image's pixel size")
+        if value <= 0:
+            raise error(f"{path}: <size> <{key}> is {value}; fix: set the image's real pixel size in <size>")
+        dims[key] = value
     objects = []
     for n, obj in enumerate(root.findall("object"), 1):
         name = (obj.findtext("name") or "").strip()
         if not name:
-            raise DatasetError(f"{path}: <object> #{n} has no <name>; fix: give every object its class name")
+            raise error(f"{path}: <object> #{n} has no <name>; fix: give every object its class name")
         box = obj.find("bndbox")
         coords = [_float_field(box, key) if box is not None else None for key in ("xmin", "ymin", "xmax", "ymax")]
         if box is None or any(c is None for c in coords):
-            raise DatasetError(f"{path}: <object> #{n} ({name}) lacks a numeric <bndbox> xmin/ymin/xmax/ymax "
-                               f"(got {coords}); fix: give every object its box")
-        xmin, ymin, xmax, ymax = coords
+            raise error(f"{path}: <object> #{n} ({name}) lacks a numeric <bndbox> xmin/ymin/xmax/ymax "
+                        f"(got {coords}); fix: give every object its box")
+        objects.append((name, tuple(coords), bool(_int_field(obj, "difficult") or 0)))
+    return dims["width"], dims["height"], objects
+
+
+def _parse_xml(path: str) -> tuple[int, int, list[tuple[str, tuple[float, float, float, float], bool]]]:
+    """(width, height, [(class name, 0-based xyxy box, difficult)]) of one VOC annotation file."""
+    width, height, written = read_xml_annotation(path)
+    objects = []
+    for n, (name, (xmin, ymin, xmax, ymax), difficult) in enumerate(written, 1):
         if xmax < xmin or ymax < ymin:
             raise DatasetError(f"{path}: <object> #{n} ({name}) has xmin={xmin:g} ymin={ymin:g} xmax={xmax:g} "
                                f"ymax={ymax:g}, an inverted box; fix: xmax >= xmin and ymax >= ymin (1-based, inclusive)")
@@ -285,8 +301,7 @@ def _parse_xml(path: str) -> tuple[int, int, list[tuple[str, tuple[float, float,
             raise DatasetError(f"{path}: <object> #{n} ({name}) box xmin={xmin:g} ymin={ymin:g} xmax={xmax:g} "
                                f"ymax={ymax:g} lies outside its {width}x{height} image (<size>); fix: correct the "
                                "box or <size> (VOC coordinates are 1-based, from 1 to width/height)")
-        difficult = _int_field(obj, "difficult") or 0
-        objects.append((name, (x1, y1, x2, y2), bool(difficult)))
+        objects.append((name, (x1, y1, x2, y2), difficult))
     return width, height, objects
 
 

@@ -8,7 +8,6 @@ starts from (its ``class_names``, the pretraining's ImageFolder order = sorted w
 from __future__ import annotations
 
 import os
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 import albumentations as A
@@ -20,6 +19,7 @@ from torch.utils.data import Dataset
 from backbones.engine.imageio import CorruptImageError, is_image_file, read_image_rgb
 from backbones.engine.run import get_logger
 from backbones.pretraining.data import PCALighting, scan_image_folder, split_holdout
+from detection.data.voc import read_xml_annotation
 
 LAYOUTS = ("imagefolder", "ilsvrc", "synthetic")
 ILSVRC_LAYOUT = ("  expected ILSVRC CLS-LOC layout under data.ilsvrc_root:\n"
@@ -49,37 +49,14 @@ class LocRecord:
 
 
 def parse_annotation(xml_path: str) -> tuple[int, int, list[tuple[str, list[float]]]]:
-    """(width, height, [(name, [xmin, ymin, xmax, ymax])]) of a CLS-LOC / PASCAL VOC XML file."""
-    try:
-        root = ET.parse(xml_path).getroot()
-    except (ET.ParseError, OSError) as exc:
-        raise LocDataError(f"{xml_path}: not a readable XML annotation ({exc}); re-extract the file") from exc
-
-    def number(node, field):
-        if node is None or node.find(field) is None or not (node.find(field).text or "").strip():
-            raise LocDataError(f"{xml_path}: missing field <{field}>; every annotation needs <size><width>/<height> "
-                               "and <object><name>/<bndbox> with xmin, ymin, xmax, ymax")
-        try:
-            return float(node.find(field).text)
-        except ValueError as exc:
-            raise LocDataError(f"{xml_path}: field <{field}> is {node.find(field).text!r}, not a number") from exc
-
-    size = root.find("size")
-    width, height = int(number(size, "width")), int(number(size, "height"))
-    objects = []
-    for obj in root.findall("object"):
-        name = (obj.findtext("name") or "").strip()
-        if not name:
-            raise LocDataError(f"{xml_path}: an <object> has no <name>; give each object its wnid")
-        box = obj.find("bndbox")
-        objects.append((name, [number(box, k) for k in ("xmin", "ymin", "xmax", "ymax")]))
-    return width, height, objects
+    """(width, height, [(name, [xmin, ymin, xmax, ymax])]) of a CLS-LOC / PASCAL VOC XML file, coordinates
+    as written."""
+    width, height, objects = read_xml_annotation(xml_path, LocDataError)
+    return width, height, [(name, list(box)) for name, box, _ in objects]
 
 
 def check_boxes(xml_path: str, width: int, height: int, objects, clip: bool) -> np.ndarray:
     """The objects' boxes as (n, 4) float32, checked against the declared image size."""
-    if width <= 0 or height <= 0:
-        raise LocDataError(f"{xml_path}: <size> is {width}x{height}; set the image's real width and height")
     boxes = np.array([b for _, b in objects], dtype=np.float32).reshape(-1, 4)
     for i, (x1, y1, x2, y2) in enumerate(boxes):
         where = f"{xml_path}: object {i} <bndbox> ({x1:g}, {y1:g}, {x2:g}, {y2:g})"
