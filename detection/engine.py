@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import os
 import random
-import time
 
 import torch
 from omegaconf import DictConfig
@@ -13,9 +12,9 @@ from torch.utils.data import DataLoader
 
 from backbones.engine.config import ConfigError, to_yaml
 from backbones.engine.dist import (all_gather_object, barrier, get_world_size, init_distributed, is_main_process,
-                                   reduce_mean, reduce_sum)
+                                   reduce_sum)
 from backbones.engine.precision import check_solver, optimizer_step
-from backbones.engine.run import RunFolder, progress_bar
+from backbones.engine.run import LossWindow, RunFolder, progress_bar
 from backbones.engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, training_state,
                                    unwrap)
 
@@ -321,8 +320,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
 
     iteration = start_iter
     progress = progress_bar(total=s.max_iter, initial=start_iter, desc="train_det")
-    window: dict[str, float] = {}
-    window_n, window_images, window_start = 0, 0, time.time()
+    window = LossWindow()
     metrics: dict = {}
     model.train()
     while iteration < s.max_iter:
@@ -349,20 +347,14 @@ def train(cfg: DictConfig, run_name: str) -> dict:
             scheduler.step()
             iteration += 1
             progress.update(1)
-            for k, v in losses.items():
-                window[k] = window.get(k, 0.0) + float(v.detach())
-            window_n += 1
-            window_images += len(batch["targets"])
+            window.add(losses, len(batch["targets"]))
             if cfg.debug_stop_at_iter and iteration == cfg.debug_stop_at_iter:
                 os._exit(3)  # simulate a killed process
             if iteration % cfg.log_period == 0 or iteration == s.max_iter:
-                avg = reduce_mean({k: v / window_n for k, v in window.items()}, device)
-                avg["loss"] = sum(avg.values())
-                img_s = reduce_sum({"n": window_images}, device)["n"] / max(time.time() - window_start, 1e-9)
+                avg, img_s = window.flush(device)
                 progress.set_postfix(loss=f"{avg['loss']:.3f}", img_s=f"{img_s:.1f}")
                 run.log_metrics(iteration, dict(avg, lr=optimizer.param_groups[0]["lr"], img_per_s=img_s,
                                                 skipped_corrupt=skipped_total), prefix="train/")
-                window, window_n, window_images, window_start = {}, 0, 0, time.time()
             if iteration % cfg.checkpoint_period == 0 or iteration == s.max_iter:
                 save_state(iteration)
             if cfg.eval.period and iteration % cfg.eval.period == 0 and iteration < s.max_iter:

@@ -19,7 +19,7 @@ import time
 from omegaconf import DictConfig
 
 from .config import to_yaml
-from .dist import is_main_process
+from .dist import is_main_process, reduce_mean, reduce_sum
 
 LOGGER_NAME = "resdet"
 
@@ -127,3 +127,29 @@ def progress_bar(**kwargs):
     interactive = sys.stdout.isatty()
     kwargs.setdefault("disable", not is_main_process())
     return tqdm(file=sys.stdout, dynamic_ncols=interactive, mininterval=2.0 if interactive else 30.0, **kwargs)
+
+
+class LossWindow:
+    """The loss terms and samples of the steps since the last log line. ``flush`` returns the terms
+    averaged over those steps and over ranks (plus their sum, ``loss``) and the samples per second of all
+    ranks together, then starts a new window. Every rank must call ``flush`` (it reduces)."""
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps, self.samples, self.start = 0, 0, time.time()
+
+    def add(self, losses: dict, samples: int) -> None:
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+        self.steps += 1
+        self.samples += samples
+
+    def flush(self, device) -> tuple[dict[str, float], float]:
+        avg = reduce_mean({k: v / max(self.steps, 1) for k, v in self.sums.items()}, device)
+        avg["loss"] = sum(avg.values())
+        per_second = reduce_sum({"n": self.samples}, device)["n"] / max(time.time() - self.start, 1e-9)
+        self._reset()
+        return avg, per_second

@@ -13,7 +13,6 @@ re-scored box is the guess.
 from __future__ import annotations
 
 import os
-import time
 
 import cv2
 import numpy as np
@@ -26,11 +25,10 @@ from torchvision.ops import box_iou
 
 from backbones import load_backbone_weights, read_backbone_checkpoint, resnet_from_arch
 from backbones.engine.config import to_yaml
-from backbones.engine.dist import (all_gather_object, barrier, get_rank, get_world_size, is_main_process,
-                                   reduce_mean)
+from backbones.engine.dist import all_gather_object, barrier, get_rank, get_world_size, is_main_process
 from backbones.engine.imageio import read_image_rgb
 from backbones.engine.precision import optimizer_step
-from backbones.engine.run import progress_bar
+from backbones.engine.run import LossWindow, progress_bar
 from backbones.engine.state import (atomic_save, load_checkpoint, restore_training_state, rng_state,
                                     training_state)
 from backbones.pretraining.evaluate import normalize
@@ -266,7 +264,7 @@ def train_rcnn(cfg, run, loc_model, train_records, class_names, mean, std, devic
     loader = DataLoader(RoIDataset(train_records, table, r.crop_size, box_coder), batch_sampler=sampler,
                         num_workers=cfg.data.workers, collate_fn=collate_rois, pin_memory=device.type == "cuda")
     net.train()
-    iteration, window, window_n, t0 = start, {}, 0, time.time()
+    iteration, window = start, LossWindow()
     progress = progress_bar(total=r.max_iter, initial=start, desc="train_rcnn")
     for crops, classes, fg, targets in loader:
         x = normalize(crops.to(device, non_blocking=True), mean_t, std_t)
@@ -279,17 +277,12 @@ def train_rcnn(cfg, run, loc_model, train_records, class_names, mean, std, devic
         scheduler.step()
         iteration += 1
         progress.update(1)
-        for k, v in losses.items():
-            window[k] = window.get(k, 0.0) + float(v.detach())
-        window_n += 1
+        window.add(losses, len(crops))
         if iteration % cfg.log_period == 0 or iteration == r.max_iter:
-            avg = reduce_mean({k: v / window_n for k, v in window.items()}, device)
-            avg["loss"] = sum(avg.values())
-            rois_s = window_n * r.batch_size / max(time.time() - t0, 1e-9)
+            avg, rois_s = window.flush(device)
             progress.set_postfix(loss=f"{avg['loss']:.3f}", rois_s=f"{rois_s:.0f}")
             run.log_metrics(iteration, dict(avg, lr=optimizer.param_groups[0]["lr"], rois_per_s=rois_s),
                             prefix="train_rcnn/")
-            window, window_n, t0 = {}, 0, time.time()
         if (cfg.checkpoint_period and iteration % cfg.checkpoint_period == 0) or iteration == r.max_iter:
             save(iteration)
     progress.close()

@@ -7,7 +7,6 @@ exactly what an uninterrupted one would have.
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 import yaml
@@ -16,10 +15,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from backbones.engine.config import to_yaml
-from backbones.engine.dist import (all_gather_object, barrier, init_distributed, is_main_process, reduce_mean,
-                                   reduce_sum)
+from backbones.engine.dist import all_gather_object, barrier, init_distributed, is_main_process
 from backbones.engine.precision import check_solver, optimizer_step
-from backbones.engine.run import RunFolder, progress_bar
+from backbones.engine.run import LossWindow, RunFolder, progress_bar
 from backbones.engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, training_state)
 from backbones.pretraining.data import ShardedSampler
 from backbones.pretraining.evaluate import normalize
@@ -186,8 +184,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
 
     iteration = start_iter
     progress = progress_bar(total=s.max_iter, initial=start_iter, desc="train_loc")
-    window: dict[str, float] = {}
-    window_n, window_images, window_start = 0, 0, time.time()
+    window = LossWindow()
     model.train()
     while iteration < s.max_iter:
         epoch, offset = divmod(iteration, iters_per_epoch)
@@ -204,24 +201,18 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                     losses = ddp_model(x, labels.to(device), [b.to(device) for b in boxes])
                 optimizer_step(sum(losses.values()), optimizer, scaler, params, s.clip_grad_norm,
                                iteration=iteration, losses=losses)
-                for k, v in losses.items():
-                    window[k] = window.get(k, 0.0) + float(v.detach())
-                window_n += 1
-                window_images += len(labels)
+                window.add(losses, len(labels))
             scheduler.step()
             iteration += 1
             progress.update(1)
             if cfg.debug_stop_at_iter and iteration == cfg.debug_stop_at_iter:
                 os._exit(3)  # simulate a killed process: no cleanup, no final checkpoint
             if iteration % cfg.log_period == 0 or iteration == s.max_iter:
-                avg = reduce_mean({k: v / max(window_n, 1) for k, v in window.items()}, device)
-                avg["loss"] = sum(avg.values())
-                img_s = reduce_sum({"n": window_images}, device)["n"] / max(time.time() - window_start, 1e-9)
+                avg, img_s = window.flush(device)
                 progress.set_postfix(loss=f"{avg['loss']:.3f}", img_s=f"{img_s:.1f}")
                 run.log_metrics(iteration, dict(avg, lr=optimizer.param_groups[0]["lr"], img_per_s=img_s,
                                                 epoch=iteration / iters_per_epoch, skipped_corrupt=skipped_total),
                                 prefix="train/")
-                window, window_n, window_images, window_start = {}, 0, 0, time.time()
             if (cfg.checkpoint_period and iteration % cfg.checkpoint_period == 0) or iteration == s.max_iter:
                 save_state(iteration)
             if cfg.eval.period and iteration % cfg.eval.period == 0 and iteration < s.max_iter:
