@@ -17,6 +17,7 @@ baseline -> +box refinement -> +global context (the ``--context`` run: a detecto
 It writes ladder.md and ladder.json into <run>/eval_<checkpoint>/.
 """
 import argparse
+from dataclasses import replace
 import os
 import sys
 import time
@@ -48,8 +49,8 @@ def load_member(run_dir: str, overrides: list[str], checkpoint: str, device, val
 
 def ladder_rows(cfg, base, context, ensemble):
     """(name, members, test-time options) for each rung, each adding one thing to the one above."""
-    options = options_from_config(cfg.eval)
-    options.box_refinement, options.flip, options.scales = False, False, ()
+    # the run's refinement NMS / voting settings, with every switch off: the rungs turn them on one by one
+    base_options = replace(options_from_config(cfg.eval), box_refinement=False, flip=False, scales=())
     scales = tuple(int(s) for s in cfg.eval.test_scales) or paper_test_scales(cfg.data.min_size_test)
     main = context if context is not None else base
     steps = [("baseline", [base], {}), ("+ box refinement", [base], {"box_refinement": True})]
@@ -60,11 +61,7 @@ def ladder_rows(cfg, base, context, ensemble):
     if ensemble:
         steps.append((f"+ ensemble of {1 + len(ensemble)}", [main, *ensemble],
                       {"box_refinement": True, "scales": scales, "flip": True}))
-    rows = []
-    for name, members, changes in steps:
-        opts = type(options)(**{**options.__dict__, **changes})
-        rows.append((name, members, opts))
-    return rows
+    return [(name, members, replace(base_options, **changes)) for name, members, changes in steps]
 
 
 def format_ladder(results: list[dict]) -> str:
