@@ -11,8 +11,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from backbones.engine.config import ConfigError, to_yaml
-from backbones.engine.dist import (all_gather_object, barrier, get_world_size, init_distributed, is_main_process,
-                                   reduce_sum)
+from backbones.engine.dist import (all_gather_object, barrier, every_rank_has_batch, get_world_size, init_distributed,
+                                   is_main_process, reduce_sum)
 from backbones.engine.precision import check_solver, optimizer_step
 from backbones.engine.run import LossWindow, RunFolder, progress_bar
 from backbones.engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, training_state,
@@ -331,23 +331,21 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                             num_workers=cfg.data.workers, pin_memory=device.type == "cuda")
         for batch in loader:
             skipped_total += batch["num_skipped"]
-            if not batch["targets"]:  # every image was unreadable (counted): the step is spent, untrained,
-                scheduler.step()  # so that iterations still map to epochs exactly
-                iteration += 1
-                progress.update(1)
-                continue
-            batch["images"] = batch["images"].to(device, non_blocking=True)
-            for t in batch["targets"]:
-                for key in ("boxes", "labels", "crowd_boxes"):
-                    t[key] = t[key].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                losses = ddp_model(batch)
-            optimizer_step(sum(losses.values()), optimizer, scaler, params, s.clip_grad_norm, iteration=iteration,
-                           losses=losses)
+            # When every image of this rank's (or another rank's) batch was unreadable (counted), the step is
+            # spent untrained, so that iterations still map to epochs exactly.
+            if every_rank_has_batch(bool(batch["targets"]), device):
+                batch["images"] = batch["images"].to(device, non_blocking=True)
+                for t in batch["targets"]:
+                    for key in ("boxes", "labels", "crowd_boxes"):
+                        t[key] = t[key].to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    losses = ddp_model(batch)
+                optimizer_step(sum(losses.values()), optimizer, scaler, params, s.clip_grad_norm,
+                               iteration=iteration, losses=losses)
+                window.add(losses, len(batch["targets"]))
             scheduler.step()
             iteration += 1
             progress.update(1)
-            window.add(losses, len(batch["targets"]))
             if cfg.debug_stop_at_iter and iteration == cfg.debug_stop_at_iter:
                 os._exit(3)  # simulate a killed process
             if iteration % cfg.log_period == 0 or iteration == s.max_iter:

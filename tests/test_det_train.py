@@ -1,6 +1,7 @@
 """End-to-end checks of the detection tools: train_det, eval_det, infer, resume, DDP, real COCO data."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -143,12 +144,21 @@ def test_overfits_a_few_synthetic_images(tiny_coco, tmp_path):
 
 
 def test_ddp_two_processes_gather_evaluation(tiny_coco, tmp_path):
+    # One training image is unreadable and each rank takes one image per step (one epoch, 6 steps): at that
+    # step one rank has no batch, and the ranks must skip it together or the next all-reduce pairs wrongly.
+    train_images = tmp_path / "train_images"
+    shutil.copytree(tiny_coco["train_images"], train_images)
+    sorted(train_images.iterdir())[4].write_bytes(b"truncated")
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            str(ROOT / "tools" / "train_det.py"), "configs/frcnn_demo.yaml", "data.synthetic=false",
-           *data_overrides(tiny_coco), *SLIM, "solver.max_iter=2", "eval.period=0", f"output_dir={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+           *data_overrides(tiny_coco), f"data.train_images={train_images}", *SLIM, "solver.batch_size=2",
+           "solver.max_iter=6", "eval.period=0", f"output_dir={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=180,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 6 and summary["skipped_corrupt_train"] == 1
     results = json.loads((out / "coco_results.json").read_text())
     val = json.loads(open(tiny_coco["val_annotations"]).read())
     # Each rank saw half of the val images; rank 0 scored the union.

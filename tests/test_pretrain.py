@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -169,6 +170,28 @@ def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val"]["center"]["images"] == 24  # each val image counted once across the 2 ranks
     assert "2 ranks" in (out / "log.txt").read_text()
+
+
+def test_ddp_rank_with_an_all_corrupt_batch_stays_in_step(tiny_shapes, tmp_path):
+    # One image per rank per step and one unreadable file: at that step one rank has no batch at all.
+    # Alone it would skip backward's all-reduce and pair every later collective with the wrong one.
+    data = tmp_path / "data"
+    shutil.copytree(tiny_shapes, data)
+    _, samples = scan_image_folder(str(data / "train"))
+    with open(samples[5][0], "wb") as f:
+        f.write(b"truncated")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519", TOOL,
+           *tiny_overrides(data, out, "eval.ten_crop=false", "eval.multiscale_sizes=[]", "solver.batch_size=2",
+                           "solver.epochs=1", "eval.period=0",
+                           # 64 px: res5 keeps 2x2 cells, so BatchNorm sees more than one value per channel
+                           "data.scale_range=[64,72]", "data.crop_size=64", "data.test_resize=64")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 24 and summary["skipped_corrupt_train"] == 1
+    assert summary["val"]["center"]["images"] == 24
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "imagenette-loc" / "images").is_dir(), reason="needs ../shared/data/imagenette-loc")

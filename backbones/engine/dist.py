@@ -60,6 +60,20 @@ def reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, flo
     return {k: v / n for k, v in summed.items()}
 
 
+def every_rank_has_batch(has_batch: bool, device: torch.device) -> bool:
+    """Whether every rank holds a usable batch this step (one process: ``has_batch`` itself).
+
+    A rank whose whole batch was unreadable must not skip the step alone: under DDP its peers would
+    wait in backward's gradient all-reduce for a rank that has moved on, and every collective after
+    that pairs with the wrong one. So the ranks agree, and all skip the step when any rank has nothing
+    (the good images of that step are dropped too; corrupt ones are counted by the caller)."""
+    if not is_distributed():
+        return has_batch
+    flag = torch.tensor([1 if has_batch else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def all_gather_object(obj):
     if not is_distributed():
         return [obj]

@@ -64,7 +64,7 @@ class SolverConfig:
 
 @dataclass
 class EvalConfig:
-    period: int = 5  # epochs between validations (and at the end)
+    period: int = 5  # epochs between validations (and at the end); 0 = only at the end
     ten_crop: bool = True  # at the end: 10-crop top-1/top-5
     # At the end: the paper's fully-convolutional multi-scale testing (ImageNet: 224..640).
     multiscale_sizes: list[int] = field(default_factory=lambda: [56, 64, 96, 128])

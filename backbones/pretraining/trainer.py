@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import backbone_checkpoint
 from ..engine.config import to_yaml
-from ..engine.dist import (all_gather_object, barrier, init_distributed, is_main_process,
+from ..engine.dist import (all_gather_object, barrier, every_rank_has_batch, init_distributed, is_main_process,
                            reduce_sum)
 from ..engine.precision import check_solver, optimizer_step
 from ..engine.run import RunFolder, progress_bar
@@ -151,7 +151,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                             persistent_workers=False)
         for images, labels, n_skipped in loader:
             skipped_total += n_skipped
-            if images is not None:
+            if every_rank_has_batch(images is not None, device):
                 images = normalize(images.to(device, non_blocking=True), mean_t, std_t, s.channels_last)
                 labels = labels.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -178,7 +178,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
             if cfg.checkpoint_period and iteration % cfg.checkpoint_period == 0 and iteration % iters_per_epoch:
                 save_state(iteration)
         end_of_run = epoch + 1 == s.epochs
-        if (epoch + 1) % cfg.eval.period == 0 or end_of_run:
+        if (cfg.eval.period and (epoch + 1) % cfg.eval.period == 0) or end_of_run:
             val_metrics = evaluate("center")
             model.train()
             run.log_metrics(iteration, val_metrics, prefix="val/")

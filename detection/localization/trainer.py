@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from backbones.engine.config import to_yaml
-from backbones.engine.dist import all_gather_object, barrier, init_distributed, is_main_process
+from backbones.engine.dist import all_gather_object, barrier, every_rank_has_batch, init_distributed, is_main_process
 from backbones.engine.precision import check_solver, optimizer_step
 from backbones.engine.run import LossWindow, RunFolder, progress_bar
 from backbones.engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, training_state)
@@ -195,7 +195,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
         for images, labels, boxes, n_skipped in loader:
             skipped_total += n_skipped
             model.rpn.generator = sampling_generator(cfg.seed, iteration, rank)
-            if images is not None:
+            if every_rank_has_batch(images is not None, device):
                 x = normalize(images.to(device, non_blocking=True), mean_t, std_t, s.channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     losses = ddp_model(x, labels.to(device), [b.to(device) for b in boxes])
