@@ -372,6 +372,30 @@ def test_killed_and_resumed_run_matches_uninterrupted(synthetic_loc, tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
 
 
+def test_run_killed_in_the_rcnn_stage_resumes_there_and_matches_uninterrupted(synthetic_loc, tmp_path):
+    # RPN: 4 iterations; R-CNN stage: 6, checkpoints every 2; killed at its 3rd (global 7), so the
+    # resumed run must skip the finished RPN, reuse the saved proposals and continue from R-CNN iteration 2.
+    common = ["solver.batch_size=8", "solver.max_iter=4", "checkpoint_period=2", "eval.modes=[]",
+              "rcnn.enabled=true", "rcnn.max_iter=6", "rcnn.steps=[4]", "rcnn.batch_size=8",
+              "rcnn.proposals_per_image=5", "rcnn.crop_size=32", "rcnn.proposal_scale=64"]
+    run_tool("train_loc.py", loc_args(synthetic_loc, tmp_path / "straight", *common))
+    killed = run_tool("train_loc.py", loc_args(synthetic_loc, tmp_path / "resumed", *common, "debug_stop_at_iter=7"),
+                      check=False)
+    assert killed.returncode == 3
+    killed_output = killed.stdout + killed.stderr
+    assert "rcnn proposals" in killed_output  # the progress bar of the proposal pass
+    resumed = run_tool("train_loc.py", loc_args(synthetic_loc, tmp_path / "resumed", *common, "resume=true"))
+    log = resumed.stdout
+    assert "finished training earlier" in log and "R-CNN stage resumed from" in log and "at iteration 2" in log
+    # read back from checkpoints/rcnn_proposals.pth, not recomputed
+    assert "rcnn proposals" not in resumed.stdout + resumed.stderr
+    a = torch.load(tmp_path / "straight/checkpoints/rcnn_last.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed/checkpoints/rcnn_last.pth", weights_only=True)
+    assert a["iteration"] == b["iteration"] == 6
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], atol=0, rtol=0, msg=key)
+
+
 def test_ddp_two_processes_with_the_rcnn_stage(synthetic_loc, tmp_path):
     """Under torchrun both stages train and every val image is evaluated once, gathered on rank 0."""
     out = tmp_path / "ddp"

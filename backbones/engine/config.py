@@ -29,6 +29,7 @@ class RunConfig:
     log_period: int = 20  # iterations between metrics.jsonl/TensorBoard records
     checkpoint_period: int = 0  # iterations between checkpoints (pretraining: 0 = end of each epoch only)
     debug_stop_at_iter: int = 0  # tests: exit abruptly at this iteration, as a killed run would
+    # (localization: the R-CNN stage's iterations count on from solver.max_iter)
 
 
 class ConfigError(ValueError):

@@ -278,6 +278,8 @@ def train_rcnn(cfg, run, loc_model, train_records, class_names, mean, std, devic
         iteration += 1
         progress.update(1)
         window.add(losses, len(crops))
+        if cfg.debug_stop_at_iter and cfg.solver.max_iter + iteration == cfg.debug_stop_at_iter:
+            os._exit(3)  # simulate a killed process; the R-CNN stage's iterations count on from the RPN's
         if iteration % cfg.log_period == 0 or iteration == r.max_iter:
             avg, rois_s = window.flush(device)
             progress.set_postfix(loss=f"{avg['loss']:.3f}", rois_s=f"{rois_s:.0f}")
