@@ -117,9 +117,10 @@ def test_rcnn_rois_labels_losses_and_mirroring(tmp_path):
     rec = LocRecord(str(tmp_path / "a.png"), 1, np.array([[10, 10, 30, 30]], np.float32), np.array([1]), 80, 40)
     table = roi_table([rec], [np.array([[12, 10, 32, 31], [40, 0, 80, 40]], np.float32)], 0.5)
     assert table["fg"].tolist() == [True, False, True] and table["box"].shape == (3, 4)  # + the gt box itself
-    batches = list(RoIBatchSampler(table["fg"], 4, 0.25, seed=0, start=2, stop=4))
+    assert table["pos"].tolist() == [0, 2] and table["neg"].tolist() == [1]
+    batches = list(RoIBatchSampler(table["pos"], table["neg"], 4, 0.25, seed=0, start=2, stop=4))
     assert len(batches) == 2 and [sum(table["fg"][i] for i, _ in b) for b in batches] == [1, 1]
-    assert list(RoIBatchSampler(table["fg"], 4, 0.25, seed=0, start=0, stop=4))[2:] == batches  # resumable
+    assert list(RoIBatchSampler(table["pos"], table["neg"], 4, 0.25, seed=0, start=0, stop=4))[2:] == batches  # resumable
     ds = RoIDataset([rec], table, 16, BoxCoder((10.0, 10.0, 5.0, 5.0)))
     crop, label, fg, deltas = ds[(0, False)]
     crop_m, _, _, deltas_m = ds[(0, True)]
@@ -352,7 +353,8 @@ def test_rcnn_stage_trains_on_proposals_and_rescores(synthetic_loc, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rcnn"]["iterations"] == 3 and summary["rcnn"]["rois"] <= 128 * (5 + 1)
     assert set(summary["val"]["center"]["rcnn"]) >= {"loc_top1_err", "loc_top5_err", "oracle_err"}
-    assert (out / "checkpoints/rcnn_last.pth").is_file() and (out / "checkpoints/rcnn_proposals.pth").is_file()
+    assert (out / "checkpoints/rcnn_last.pth").is_file()
+    assert (out / "checkpoints/rcnn_rois/complete.json").is_file() and (out / "checkpoints/rcnn_rois/box.npy").is_file()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("train_rcnn/loss_rcnn_cls" in r for r in records)
 
@@ -387,13 +389,18 @@ def test_run_killed_in_the_rcnn_stage_resumes_there_and_matches_uninterrupted(sy
     resumed = run_tool("train_loc.py", loc_args(synthetic_loc, tmp_path / "resumed", *common, "resume=true"))
     log = resumed.stdout
     assert "finished training earlier" in log and "R-CNN stage resumed from" in log and "at iteration 2" in log
-    # read back from checkpoints/rcnn_proposals.pth, not recomputed
+    # the RoI table is read back from checkpoints/rcnn_rois, not proposed again
     assert "rcnn proposals" not in resumed.stdout + resumed.stderr
     a = torch.load(tmp_path / "straight/checkpoints/rcnn_last.pth", weights_only=True)
     b = torch.load(tmp_path / "resumed/checkpoints/rcnn_last.pth", weights_only=True)
     assert a["iteration"] == b["iteration"] == 6
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], atol=0, rtol=0, msg=key)
+    # the stored RoI table no longer matches the settings: a clear error, not a silent reuse
+    changed = run_tool("train_loc.py", loc_args(synthetic_loc, tmp_path / "resumed", *common, "resume=true",
+                                                "rcnn.fg_iou_thresh=0.6"), check=False)
+    assert changed.returncode == 2 and "rcnn.fg_iou_thresh: 0.5 -> 0.6" in changed.stderr
+    assert "rcnn_rois" in changed.stderr
 
 
 def test_ddp_two_processes_with_the_rcnn_stage(synthetic_loc, tmp_path):

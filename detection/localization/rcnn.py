@@ -12,6 +12,7 @@ re-scored box is the guess.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import cv2
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.ops import box_iou
 
 from backbones import load_backbone_weights, read_backbone_checkpoint, resnet_from_arch
-from backbones.engine.config import to_yaml
+from backbones.engine.config import ConfigError, to_yaml
 from backbones.engine.dist import all_gather_object, barrier, get_rank, get_world_size, is_main_process
 from backbones.engine.imageio import read_image_rgb
 from backbones.engine.precision import optimizer_step
@@ -39,7 +40,8 @@ from detection.modeling.rpn import filter_proposals
 from .data import boxes_to_original, dense_view
 
 CHECKPOINT = "rcnn_last.pth"
-PROPOSALS = "rcnn_proposals.pth"
+ROI_DIR = "rcnn_rois"
+ROI_TABLE_FIELDS = ("record", "box", "fg", "target", "pos", "neg")
 
 
 class RCNNNet(nn.Module):
@@ -78,8 +80,9 @@ def warp_crops(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def propose(loc_model, records, cfg, mean, std, device, amp_dtype) -> list[np.ndarray]:
-    """The per-class RPN's top proposals for each record's own class (sharded over ranks, gathered)."""
+def propose(loc_model, records, cfg, mean, std, device, amp_dtype) -> dict[int, np.ndarray]:
+    """The per-class RPN's top proposals for each record's own class, for this rank's share of the records
+    (record index -> boxes)."""
     loc_model.eval()
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -99,10 +102,7 @@ def propose(loc_model, records, cfg, mean, std, device, amp_dtype) -> list[np.nd
         # In the XML's pixels, like the records' boxes.
         boxes = boxes.cpu().numpy() * np.array([r.width / image.shape[1], r.height / image.shape[0]] * 2, np.float32)
         mine[i] = boxes.astype(np.float32)
-    merged = {}
-    for part in all_gather_object(mine):
-        merged.update(part)
-    return [merged[i] for i in range(len(records))]
+    return mine
 
 
 def roi_table(records, proposals, fg_iou_thresh: float) -> dict[str, np.ndarray]:
@@ -113,20 +113,76 @@ def roi_table(records, proposals, fg_iou_thresh: float) -> dict[str, np.ndarray]
         cand = np.concatenate([props.reshape(-1, 4), gt])
         iou = box_iou(torch.from_numpy(cand), torch.from_numpy(gt)).numpy()
         best = iou.argmax(1)
-        rec.append(np.full(len(cand), i))
+        rec.append(np.full(len(cand), i, np.int32))
         boxes.append(cand)
         fg.append(iou.max(1) >= fg_iou_thresh)
         targets.append(gt[best])
-    return {"record": np.concatenate(rec), "box": np.concatenate(boxes).astype(np.float32),
-            "fg": np.concatenate(fg), "target": np.concatenate(targets).astype(np.float32)}
+    fg = np.concatenate(fg)
+    return {"record": np.concatenate(rec), "box": np.concatenate(boxes).astype(np.float32), "fg": fg,
+            "target": np.concatenate(targets).astype(np.float32), "pos": np.flatnonzero(fg), "neg": np.flatnonzero(~fg)}
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def build_roi_table(loc_model, records, cfg, mean, std, device, amp_dtype,
+                    checkpoint_dir: str) -> dict[str, np.ndarray]:
+    """The RoI table of the R-CNN stage, made once per run and stored as .npy files in
+    ``<checkpoint_dir>/rcnn_rois`` that every rank and loader worker memory-maps.
+
+    At ILSVRC scale (about 544k images x 200 proposals) the table is ~5 GB: gathering it through
+    collectives and holding a copy per rank would not fit, so each rank writes its share of the
+    proposals to a file, rank 0 assembles the table, and all ranks map the same pages. A resumed run
+    finds the table complete and reads it back instead of proposing again."""
+    root = os.path.join(checkpoint_dir, ROI_DIR)
+    complete = os.path.join(root, "complete.json")
+    made_with = {"records": len(records), "rcnn.proposals_per_image": cfg.rcnn.proposals_per_image,
+                 "rcnn.proposal_scale": cfg.rcnn.proposal_scale, "rcnn.fg_iou_thresh": cfg.rcnn.fg_iou_thresh}
+    if os.path.isfile(complete):
+        with open(complete) as f:
+            stored = json.load(f)
+        if stored != made_with:
+            changed = ", ".join(f"{k}: {stored.get(k)} -> {v}" for k, v in made_with.items() if stored.get(k) != v)
+            raise ConfigError(f"{root}: the stored RoI table was made with other settings ({changed}); keep the "
+                             f"run's settings, or delete {root} to propose again")
+    else:
+        os.makedirs(root, exist_ok=True)
+        mine = propose(loc_model, records, cfg, mean, std, device, amp_dtype)
+        order = sorted(mine)
+        shard = os.path.join(root, f"proposals.rank{get_rank()}")
+        _save_npy(shard + ".index.npy", np.array(order, np.int64))
+        _save_npy(shard + ".counts.npy", np.array([len(mine[i]) for i in order], np.int64))
+        _save_npy(shard + ".boxes.npy", np.concatenate([mine[i].reshape(-1, 4) for i in order] or
+                                                       [np.zeros((0, 4), np.float32)]))
+        barrier()
+        if is_main_process():
+            proposals: list[np.ndarray | None] = [None] * len(records)
+            for rank in range(get_world_size()):
+                part = os.path.join(root, f"proposals.rank{rank}")
+                index, counts, boxes = (np.load(f"{part}.{name}.npy") for name in ("index", "counts", "boxes"))
+                for i, chunk in zip(index, np.split(boxes, np.cumsum(counts)[:-1])):
+                    proposals[i] = chunk
+                for name in ("index", "counts", "boxes"):
+                    os.remove(f"{part}.{name}.npy")
+            for name, array in roi_table(records, proposals, cfg.rcnn.fg_iou_thresh).items():
+                _save_npy(os.path.join(root, f"{name}.npy"), array)
+            with open(complete + ".tmp", "w") as f:
+                json.dump(made_with, f)
+            os.replace(complete + ".tmp", complete)
+        barrier()
+    return {name: np.load(os.path.join(root, f"{name}.npy"), mmap_mode="r") for name in ROI_TABLE_FIELDS}
 
 
 class RoIBatchSampler(Sampler[list[int]]):
     """RoI-centric batches: ``positive_fraction`` foreground RoIs, the rest background, drawn anew for every
     iteration from a generator seeded by (seed, iteration, rank), so resuming at any iteration is exact."""
 
-    def __init__(self, fg: np.ndarray, batch_size: int, positive_fraction: float, seed: int, start: int, stop: int):
-        self.pos, self.neg = np.flatnonzero(fg), np.flatnonzero(~fg)
+    def __init__(self, pos: np.ndarray, neg: np.ndarray, batch_size: int, positive_fraction: float, seed: int,
+                 start: int, stop: int):
+        self.pos, self.neg = pos, neg  # indices of the foreground and background RoIs
         self.batch_size, self.positive_fraction, self.seed = batch_size, positive_fraction, seed
         self.start, self.stop, self.rank = start, stop, get_rank()
 
@@ -225,15 +281,7 @@ def train_rcnn(cfg, run, loc_model, train_records, class_names, mean, std, devic
     world_size, rank = get_world_size(), get_rank()
     if r.batch_size % world_size:
         raise ValueError(f"rcnn.batch_size={r.batch_size} must be divisible by the {world_size} processes")
-    proposals_path = os.path.join(run.checkpoint_dir, PROPOSALS)
-    if os.path.isfile(proposals_path):
-        proposals = [p.numpy() for p in load_checkpoint(proposals_path)["proposals"]]
-    else:
-        proposals = propose(loc_model, train_records, cfg, mean, std, device, amp_dtype)
-        if is_main_process():
-            atomic_save({"proposals": [torch.from_numpy(p) for p in proposals]}, proposals_path)
-        barrier()
-    table = roi_table(train_records, proposals, r.fg_iou_thresh)
+    table = build_roi_table(loc_model, train_records, cfg, mean, std, device, amp_dtype, run.checkpoint_dir)
     box_coder = BoxCoder(list(r.bbox_reg_weights))
     clf_ckpt = read_backbone_checkpoint(cfg.model.classifier)
     net = build_rcnn_net(clf_ckpt, len(class_names)).to(device)
@@ -260,7 +308,8 @@ def train_rcnn(cfg, run, loc_model, train_records, class_names, mean, std, devic
 
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    sampler = RoIBatchSampler(table["fg"], r.batch_size // world_size, r.positive_fraction, cfg.seed, start, r.max_iter)
+    sampler = RoIBatchSampler(table["pos"], table["neg"], r.batch_size // world_size, r.positive_fraction, cfg.seed,
+                              start, r.max_iter)
     loader = DataLoader(RoIDataset(train_records, table, r.crop_size, box_coder), batch_sampler=sampler,
                         num_workers=cfg.data.workers, collate_fn=collate_rois, pin_memory=device.type == "cuda")
     net.train()
