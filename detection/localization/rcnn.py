@@ -41,6 +41,8 @@ from .data import boxes_to_original, dense_view
 
 CHECKPOINT = "rcnn_last.pth"
 ROI_DIR = "rcnn_rois"
+# pos / neg (the foreground and background RoIs' indices) follow from fg, but are stored so that no rank
+# has to build them in its own memory at ILSVRC scale.
 ROI_TABLE_FIELDS = ("record", "box", "fg", "target", "pos", "neg")
 
 
@@ -152,21 +154,20 @@ def build_roi_table(loc_model, records, cfg, mean, std, device, amp_dtype,
         os.makedirs(root, exist_ok=True)
         mine = propose(loc_model, records, cfg, mean, std, device, amp_dtype)
         order = sorted(mine)
-        shard = os.path.join(root, f"proposals.rank{get_rank()}")
-        _save_npy(shard + ".index.npy", np.array(order, np.int64))
-        _save_npy(shard + ".counts.npy", np.array([len(mine[i]) for i in order], np.int64))
-        _save_npy(shard + ".boxes.npy", np.concatenate([mine[i].reshape(-1, 4) for i in order] or
-                                                       [np.zeros((0, 4), np.float32)]))
+        shard = os.path.join(root, f"proposals.rank{get_rank()}.npz")
+        with open(shard + ".tmp", "wb") as f:
+            np.savez(f, index=np.array(order, np.int64), counts=np.array([len(mine[i]) for i in order], np.int64),
+                     boxes=np.concatenate([mine[i].reshape(-1, 4) for i in order] or [np.zeros((0, 4), np.float32)]))
+        os.replace(shard + ".tmp", shard)
         barrier()
         if is_main_process():
             proposals: list[np.ndarray | None] = [None] * len(records)
             for rank in range(get_world_size()):
-                part = os.path.join(root, f"proposals.rank{rank}")
-                index, counts, boxes = (np.load(f"{part}.{name}.npy") for name in ("index", "counts", "boxes"))
-                for i, chunk in zip(index, np.split(boxes, np.cumsum(counts)[:-1])):
-                    proposals[i] = chunk
-                for name in ("index", "counts", "boxes"):
-                    os.remove(f"{part}.{name}.npy")
+                part = os.path.join(root, f"proposals.rank{rank}.npz")
+                with np.load(part) as z:
+                    for i, chunk in zip(z["index"], np.split(z["boxes"], np.cumsum(z["counts"])[:-1])):
+                        proposals[i] = chunk
+                os.remove(part)
             for name, array in roi_table(records, proposals, cfg.rcnn.fg_iou_thresh).items():
                 _save_npy(os.path.join(root, f"{name}.npy"), array)
             with open(complete + ".tmp", "w") as f:
