@@ -1,11 +1,12 @@
 # make demo : set up .venv (if missing) and run the whole chain on the embedded synthetic data
 # make test : set up .venv (if missing) and run the test suite
+# make test-capabilities : the suite under each CPU code path PyTorch can take (machines differ)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch/torchvision pinned here (not in pyproject) so users on GPU clusters keep their own CUDA build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo test pretrain clean
+.PHONY: venv demo test test-capabilities pretrain clean
 
 venv: $(VENV)/.installed
 
@@ -24,6 +25,12 @@ pretrain: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# ATEN_CPU_CAPABILITY caps the vector code PyTorch dispatches to (a machine without AVX-512 runs avx512
+# as avx2): one run per setting shows a test that holds only on this machine's arithmetic.
+test-capabilities: venv
+	for cap in default avx2 avx512; do echo "== ATEN_CPU_CAPABILITY=$$cap"; \
+		ATEN_CPU_CAPABILITY=$$cap $(PY) -m pytest -q -p no:cacheprovider || exit 1; done
 
 clean:
 	rm -rf runs datasets

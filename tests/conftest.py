@@ -12,6 +12,14 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 # Tests run on small CPU tensors; more threads than cores only adds contention.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+import torch  # noqa: E402
+
+# Same inputs, same result: an op without a deterministic kernel fails here instead of making a test
+# depend on thread timing. (What still differs between machines is the arithmetic itself: vector
+# widths, BLAS paths. Tests that assert learning leave a margin for that; `make test-capabilities`
+# runs the suite under ATEN_CPU_CAPABILITY=default, avx2 and avx512.)
+torch.use_deterministic_algorithms(True)
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:

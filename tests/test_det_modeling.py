@@ -396,6 +396,90 @@ def test_build_detector_train_and_eval(neck):
     torch.testing.assert_close(again[0]["scores"], detections[0]["scores"], atol=1e-4, rtol=1e-4)
 
 
+def torchvision_twin(model, cfg, num_classes):
+    """torchvision's ``FasterRCNN`` holding ``model``'s very modules and weights (trunk, RPN head, res5,
+    predictor): the independent reference for everything around them (anchors, matching, losses,
+    proposals, pooling, decoding, post-processing)."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchors
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+    from torchvision.models.detection.rpn import RPNHead as TVRPNHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    class Res4(torch.nn.Module):
+        def __init__(self, trunk):
+            super().__init__()
+            self.trunk, self.out_channels = trunk, trunk.out_channels["res4"]
+
+        def forward(self, x):
+            return self.trunk(x)["res4"]
+
+    r, h = cfg.rpn, cfg.roi_heads
+    ours_rpn, ours_pred = model.rpn.head, model.roi_heads.box_predictor
+    rpn_head = TVRPNHead(ours_rpn.conv.in_channels, ours_rpn.objectness.out_channels)
+    predictor = FastRCNNPredictor(ours_pred.cls_score.in_features, num_classes + 1)
+    with torch.no_grad():
+        for mine, theirs in ((ours_rpn.conv, rpn_head.conv[0][0]), (ours_rpn.objectness, rpn_head.cls_logits),
+                             (ours_rpn.anchor_deltas, rpn_head.bbox_pred), (ours_pred.cls_score, predictor.cls_score)):
+            theirs.weight.copy_(mine.weight)
+            theirs.bias.copy_(mine.bias)
+        predictor.bbox_pred.weight.zero_()  # torchvision also regresses the background class (rows 0..3)
+        predictor.bbox_pred.bias.zero_()
+        predictor.bbox_pred.weight[4:].copy_(ours_pred.bbox_pred.weight)
+        predictor.bbox_pred.bias[4:].copy_(ours_pred.bbox_pred.bias)
+    return FasterRCNN(
+        Res4(model.trunk), num_classes=None, min_size=96, max_size=100000,  # no resizing: scale 1
+        image_mean=(model.pixel_mean.flatten() / 255).tolist(), image_std=(model.pixel_std.flatten() / 255).tolist(),
+        rpn_anchor_generator=TVAnchors((tuple(r.anchor_sizes),), (tuple(r.aspect_ratios),)), rpn_head=rpn_head,
+        rpn_pre_nms_top_n_train=r.pre_nms_topk_train, rpn_post_nms_top_n_train=r.post_nms_topk_train,
+        rpn_pre_nms_top_n_test=r.pre_nms_topk_test, rpn_post_nms_top_n_test=r.post_nms_topk_test,
+        rpn_batch_size_per_image=r.batch_size_per_image, rpn_positive_fraction=r.positive_fraction,
+        box_roi_pool=MultiScaleRoIAlign(["0"], h.pooler_resolution, h.pooler_sampling_ratio),
+        box_head=torch.nn.Sequential(model.roi_heads.res5, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
+        box_predictor=predictor, box_batch_size_per_image=h.batch_size_per_image,
+        box_positive_fraction=h.positive_fraction, box_score_thresh=h.score_thresh,
+        box_detections_per_img=h.detections_per_img)
+
+
+def test_c4_detector_equals_torchvision_faster_rcnn_with_the_same_weights():
+    """With torchvision's choices (RoIAlign without the half-pixel shift, smooth-L1 beta 1/9 box loss) and
+    sampling made exhaustive (every anchor and proposal used, so no random draw differs), every loss and
+    every detection equals torchvision's: whatever resdet does differently is the options, not the code."""
+    torch.manual_seed(0)
+    cfg = slim_cfg()
+    cfg.roi_heads.pooler_type, cfg.roi_heads.smooth_l1_beta = "ROIAlign", 1.0 / 9
+    cfg.rpn.batch_size_per_image, cfg.rpn.positive_fraction = 10 ** 6, 1.0
+    cfg.roi_heads.batch_size_per_image, cfg.roi_heads.positive_fraction = 10 ** 6, 1.0
+    cfg.roi_heads.score_thresh = 0.0
+    model = build_detector(cfg, num_classes=3)
+    with torch.no_grad():  # heads away from their near-zero initialisation, so boxes and scores differ
+        for layer in (model.rpn.head.objectness, model.rpn.head.anchor_deltas, model.roi_heads.box_predictor.cls_score,
+                      model.roi_heads.box_predictor.bbox_pred):
+            layer.weight.normal_(0, 0.05)
+            layer.bias.normal_(0, 0.1)
+    twin = torchvision_twin(model, cfg, 3)
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (2, 3, 96, 128), dtype=torch.uint8, generator=g)
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0], [60.0, 20.0, 120.0, 90.0]]), "labels": torch.tensor([1, 3])},
+               {"boxes": torch.tensor([[30.0, 5.0, 70.0, 90.0]]), "labels": torch.tensor([2])}]
+    batch = {"images": images, "image_sizes": [(96, 128)] * 2, "targets": targets}
+    tv_images = [img.float() / 255 for img in images]
+    model.train(), twin.train()
+    ours, theirs = model(batch), twin(tv_images, targets)
+    names = {"loss_rpn_cls": "loss_objectness", "loss_rpn_loc": "loss_rpn_box_reg", "loss_cls": "loss_classifier",
+             "loss_box_reg": "loss_box_reg"}
+    for mine, reference in names.items():
+        torch.testing.assert_close(ours[mine], theirs[reference], rtol=1e-5, atol=1e-6, msg=mine)
+    model.eval(), twin.eval()
+    with torch.no_grad():
+        ours, theirs = model(batch), twin(tv_images)
+    for a, b in zip(ours, theirs):
+        assert len(a["boxes"]) == len(b["boxes"]) > 20
+        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-3)
+        torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-5)
+        assert torch.equal(a["labels"], b["labels"])
+
+
 def test_preprocess_zeroes_padding():
     model = build_detector(slim_cfg(), num_classes=2)
     batch = two_image_batch()

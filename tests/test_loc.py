@@ -295,11 +295,13 @@ def run_tool(tool, args, check=True):
 
 @pytest.fixture(scope="module")
 def synthetic_loc(tmp_path_factory):
-    """4 shape classes x 40 images of 64 px with boxes, and a ResNet-18 w8 classifier pretrained on 80% of
-    them (the pretraining's holdout, seed 0)."""
+    """4 shape classes x 60 images of 64 px with boxes, and a ResNet-18 w8 classifier pretrained on 80% of
+    them (the pretraining's holdout, seed 0). 60 per class, not fewer: with 40 the learning test below
+    had 32 val images and its margin over the baseline swung by 0.1-0.15 between CPU capabilities
+    (ATEN_CPU_CAPABILITY=default vs avx512) and seeds."""
     from backbones.pretraining.trainer import train as pretrain
     root = tmp_path_factory.mktemp("loc")
-    paths = make_synthetic_loc(str(root / "data"), per_class=40, image_size=64, seed=0, classes=SHAPES4)
+    paths = make_synthetic_loc(str(root / "data"), per_class=60, image_size=64, seed=0, classes=SHAPES4)
     cfg = load_config(PretrainConfig, None, [
         f"data.train_dir={paths['images']}", "data.val_dir=", "data.val_fraction=0.2", "data.synthetic=false",
         "data.scale_range=[64,80]", "data.crop_size=56", "data.test_resize=64", "data.workers=0",
@@ -318,19 +320,21 @@ def loc_args(data, out, *extra):
 
 def test_trained_rpn_beats_the_centre_box_baseline_and_eval_loc_agrees(synthetic_loc, tmp_path):
     out = tmp_path / "run"
-    run_tool("train_loc.py", loc_args(synthetic_loc, out, "solver.max_iter=250", "solver.steps=[200]",
-                                      "checkpoint_period=100"))
+    # 500 iterations: at 250 the dense oracle error ended 0.66-0.75 against the baseline's 0.84 depending on
+    # the CPU's instruction set; at 500 it ends 0.31-0.58 against 0.69-0.81 (seeds 0-1, default and avx512).
+    run_tool("train_loc.py", loc_args(synthetic_loc, out, "solver.max_iter=500", "solver.steps=[400]",
+                                      "checkpoint_period=250"))
     for name in ("config.yaml", "log.txt", "metrics.jsonl", "summary.json", "checkpoints/last.pth"):
         assert (out / name).is_file(), name
     assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["train_images"] == 128 and summary["val_images"] == 32
+    assert summary["train_images"] == 192 and summary["val_images"] == 48
     for mode in ("center", "dense"):
         m = summary["val"][mode]
-        assert m["images"] == 32 and 0 <= m["oracle_err"] <= 1 and "baseline_center_box" in m
+        assert m["images"] == 48 and 0 <= m["oracle_err"] <= 1 and "baseline_center_box" in m
         assert m["loc_top1_err"] >= m["loc_top5_err"] and m["cls_top5_err"] <= m["loc_top5_err"]
     # The centred box of the best size for the training boxes, with the same class guesses, is the baseline.
-    # (32 val images: 0.1 is 3-4 images.)
+    # (48 val images: 0.1 is 5 images; the runs above beat it by 0.23-0.37.)
     for mode in ("center", "dense"):
         m, base = summary["val"][mode], summary["val"][mode]["baseline_center_box"]
         assert m["oracle_err"] <= base["oracle_err"] - 0.1, (mode, m)
@@ -351,7 +355,7 @@ def test_rcnn_stage_trains_on_proposals_and_rescores(synthetic_loc, tmp_path):
                                       "rcnn.enabled=true", "rcnn.max_iter=3", "rcnn.batch_size=8",
                                       "rcnn.proposals_per_image=5", "rcnn.crop_size=32", "rcnn.proposal_scale=64"))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rcnn"]["iterations"] == 3 and summary["rcnn"]["rois"] <= 128 * (5 + 1)
+    assert summary["rcnn"]["iterations"] == 3 and summary["rcnn"]["rois"] <= 192 * (5 + 1)
     assert set(summary["val"]["center"]["rcnn"]) >= {"loc_top1_err", "loc_top5_err", "oracle_err"}
     assert (out / "checkpoints/rcnn_last.pth").is_file()
     assert (out / "checkpoints/rcnn_rois/complete.json").is_file() and (out / "checkpoints/rcnn_rois/box.npy").is_file()
@@ -360,7 +364,7 @@ def test_rcnn_stage_trains_on_proposals_and_rescores(synthetic_loc, tmp_path):
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(synthetic_loc, tmp_path):
-    # 128 images at batch 8: 16 iterations per epoch; checkpoints every 4; killed at 7; 10 in all.
+    # 192 images at batch 8: 24 iterations per epoch; checkpoints every 4; killed at 7; 10 in all.
     common = ["solver.batch_size=8", "solver.max_iter=10", "checkpoint_period=4", "eval.modes=[]"]
     run_tool("train_loc.py", loc_args(synthetic_loc, tmp_path / "straight", *common))
     killed = run_tool("train_loc.py", loc_args(synthetic_loc, tmp_path / "resumed", *common, "debug_stop_at_iter=7"),
@@ -414,7 +418,7 @@ def test_ddp_two_processes_with_the_rcnn_stage(synthetic_loc, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["val"]["center"]["images"] == 32 and summary["rcnn"]["iterations"] == 2
+    assert summary["val"]["center"]["images"] == 48 and summary["rcnn"]["iterations"] == 2
     assert "2 ranks" in (out / "log.txt").read_text()
 
 
