@@ -73,6 +73,9 @@ class DetEvalConfig:
     # test is scored) | area (VOC2010+, ImageNet DET) | auto (voc07 when every val set is a VOC2007 one).
     voc_metric: str = "auto"
     coco_metrics: bool = True  # voc/imagenet_det: also pycocotools' metrics (difficult = crowd), under "coco"
+    # false: every image of the val set is scored, an unreadable one as an image without detections (the
+    # count is in the metrics and the table). true: only the images that were read (a deliberate subset).
+    only_processed_images: bool = False
     # Test-time additions of the ResNet paper's COCO entry (appendix B); all off = the plain detector.
     box_refinement: bool = False  # re-score the regressed boxes, merge, NMS at refinement_nms_thresh, vote
     refinement_nms_thresh: float = 0.3

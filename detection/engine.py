@@ -161,23 +161,28 @@ def val_loader(cfg: DictConfig, dataset) -> DataLoader:
 
 @torch.no_grad()
 def evaluate(model, loader: DataLoader, dataset, device, output_dir: str | None, amp_dtype=None,
-             progress: bool = True) -> dict:
+             progress: bool = True, only_processed: bool = False) -> dict:
     """COCO-evaluate ``model`` on ``loader`` (sharded over ranks; gathered and scored on rank 0).
 
     A PASCAL VOC / ImageNet DET dataset (a :class:`VocDetection` from :func:`build_datasets`) is scored
     with :class:`VOCEvaluator` instead: ``metrics["AP"]`` is then its mAP at IoU 0.5 (11-point or area,
     per ``eval.voc_metric``), the key the training loop keeps best.pth by; pycocotools' metrics on the
-    same detections are under ``metrics["coco"]`` when ``eval.coco_metrics`` is set."""
+    same detections are under ``metrics["coco"]`` when ``eval.coco_metrics`` is set.
+
+    Every image of the set is scored; one that could not be read counts as an image without detections
+    (``metrics["num_unprocessed"]``), unless ``only_processed`` (``eval.only_processed_images``)."""
     options = getattr(dataset, "eval_options", None)
     if options is None:
         evaluators = [COCOEvaluator(dataset.coco, dataset.contiguous_to_cat_id, dataset.class_names,
-                                    output_dir=output_dir)]
+                                    output_dir=output_dir, only_processed=only_processed)]
     else:
         evaluators = [VOCEvaluator(ground_truth_from_coco(dataset.coco, dataset.cat_id_to_contiguous),
                                    dataset.class_names, protocol=options["protocol"], metric=options["metric"],
-                                   output_dir=output_dir, image_names=getattr(dataset, "image_names", None))]
+                                   output_dir=output_dir, image_names=getattr(dataset, "image_names", None),
+                                   only_processed=only_processed)]
         if options["coco"]:
-            evaluators.append(COCOEvaluator(dataset.coco, dataset.contiguous_to_cat_id, dataset.class_names))
+            evaluators.append(COCOEvaluator(dataset.coco, dataset.contiguous_to_cat_id, dataset.class_names,
+                                            only_processed=only_processed))
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -312,7 +317,8 @@ def train(cfg: DictConfig, run_name: str) -> dict:
         # the run's test-time additions (eval.box_refinement / test_scales / flip), if any, apply here too
         tester = for_testing([model], options_from_config(cfg.eval), cfg.data.min_size_test, cfg.data.size_divisibility)
         metrics = evaluate(tester if tester is not model else ddp_model, loader_val, val_set, device,
-                           run.dir if is_main_process() else None, amp_dtype)
+                           run.dir if is_main_process() else None, amp_dtype,
+                           only_processed=cfg.eval.only_processed_images)
         if is_main_process() and metrics:
             run.log_metrics(iteration, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, prefix="val/")
             log.info("iteration %d %s val:\n%s", iteration, cfg.data.format.upper(), format_metrics_table(metrics))

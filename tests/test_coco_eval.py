@@ -73,7 +73,7 @@ def interpolated_ap(hits, num_gt):
 def test_false_positive_above_true_positive(gt_file):
     """Dog class: one ground truth, detections [FP 0.9, TP 0.8]: at recall 1 the precision is 1/2, and no
     higher precision is reached at any recall, so AP = 0.5 at every IoU threshold."""
-    ev = COCOEvaluator(str(gt_file), CONTIGUOUS, NAMES)
+    ev = COCOEvaluator(str(gt_file), CONTIGUOUS, NAMES, only_processed=True)  # one image's case
     ev.process([{"image_id": 2}], [det([NOWHERE, DOG], [0.9, 0.8], [2, 2])])
     assert interpolated_ap([False, True], 1) == pytest.approx(0.5)
     m = ev.evaluate()
@@ -88,14 +88,14 @@ def test_false_positive_between_true_positives(gt_file):
     so AP = (51 + 50 * 2/3) / 101."""
     expected = (51 + 50 * 2 / 3) / 101
     assert interpolated_ap([True, False, True], 2) == pytest.approx(expected)
-    ev = COCOEvaluator(str(gt_file), CONTIGUOUS, NAMES)
+    ev = COCOEvaluator(str(gt_file), CONTIGUOUS, NAMES, only_processed=True)  # one image's case
     ev.process([{"image_id": 1}], [det([CAT_1, NOWHERE, CAT_2], [0.95, 0.9, 0.8], [1, 1, 1])])
     m = ev.evaluate()
     assert m["AP"] == pytest.approx(expected) and m["per_class_AP"]["cat"] == pytest.approx(expected)
 
 
 def test_detection_on_crowd_region_is_not_a_false_positive(gt_file):
-    ev = COCOEvaluator(str(gt_file), CONTIGUOUS, NAMES)
+    ev = COCOEvaluator(str(gt_file), CONTIGUOUS, NAMES, only_processed=True)  # one image's case
     ev.process([{"image_id": 2}], [det([[60, 10, 90, 40], DOG], [0.9, 0.8], [2, 2])])
     assert ev.evaluate()["AP"] == pytest.approx(1.0)
 
@@ -109,12 +109,24 @@ def test_empty_detections_give_ap_0(gt_file, tmp_path):
     assert "n/a" in format_metrics_table(m) and "0.00" in format_metrics_table(m)
 
 
-def test_only_processed_images_are_scored_and_repeats_count_once(gt_file):
+def test_an_unprocessed_image_counts_as_one_without_detections(gt_file):
+    """Image 2 could not be read: by default its dog is a miss (the AP of the whole set), not left out."""
     ev = COCOEvaluator(str(gt_file), CONTIGUOUS, NAMES)
+    ev.process([{"image_id": 1}], [det([CAT_1, CAT_2], [0.9, 0.8], [1, 1])])
+    m = ev.evaluate()
+    assert m["per_class_AP"] == {"cat": pytest.approx(1.0), "dog": 0.0}
+    assert m["AP"] == pytest.approx(0.5)  # mean over the two classes
+    assert m["num_images"] == 2 and m["num_unprocessed"] == 1
+    assert "1 not processed" in format_metrics_table(m)
+
+
+def test_only_processed_images_are_scored_when_asked_and_repeats_count_once(gt_file):
+    ev = COCOEvaluator(str(gt_file), CONTIGUOUS, NAMES, only_processed=True)
     for _ in range(2):  # a padded sampler may hand the same image out twice
         ev.process([{"image_id": 1}], [det([CAT_1, CAT_2], [0.9, 0.8], [1, 1])])
-    m = ev.evaluate()  # image 2's dog was never looked at: not a miss
+    m = ev.evaluate()  # a deliberate subset: image 2's dog was never looked at, not a miss
     assert m["AP"] == pytest.approx(1.0) and m["per_class_AP"]["dog"] == -1
+    assert m["num_images"] == 1 and m["num_unprocessed"] == 0
     ev.reset()
     assert ev.evaluate()["AP"] == -1  # nothing processed: undefined, no crash
 

@@ -81,6 +81,20 @@ def test_train_eval_infer_write_their_files(tiny_coco, tmp_path):
     run("eval_det.py", [out])
     metrics = json.loads((out / "eval_last" / "coco_metrics.json").read_text())
     assert metrics["AP"] == pytest.approx(summary["coco_val"]["AP"], abs=1e-9)  # same weights, same data
+    assert metrics["num_images"] == 6 and metrics["num_unprocessed"] == 0
+
+    # An unreadable val image is scored as an image without detections, not dropped with its objects
+    broken = tmp_path / "val_images"
+    shutil.copytree(tiny_coco["val_images"], broken)
+    victim = sorted(broken.iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:40])
+    proc = run("eval_det.py", [out, f"data.val_images={broken}"])
+    metrics = json.loads((out / "eval_last" / "coco_metrics.json").read_text())
+    assert metrics["num_images"] == 6 and metrics["num_unprocessed"] == 1
+    assert "1 not processed" in proc.stdout + proc.stderr
+    run("eval_det.py", [out, f"data.val_images={broken}", "eval.only_processed_images=true"])
+    metrics = json.loads((out / "eval_last" / "coco_metrics.json").read_text())
+    assert metrics["num_images"] == 5 and metrics["num_unprocessed"] == 0
 
     run("infer.py", [out, tiny_coco["val_images"], "--score-thresh", "0.0", "--limit", "3"])
     results = json.loads((out / "infer" / "detections.json").read_text())

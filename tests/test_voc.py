@@ -299,8 +299,8 @@ def test_imagenet_threshold_is_looser_for_small_objects():
 
 
 def test_score_ties_keep_input_order_and_images_without_detections_count():
-    """Two images with one cat each; only image 1 is detected. Evaluating both: recall 1/2, AP = 0.5;
-    evaluating image 1 alone (a subset): AP = 1."""
+    """Two images with one cat each; only image 1 is detected. Evaluating both: recall 1/2, AP = 0.5, also
+    when image 2 was never processed; evaluating image 1 alone (``only_processed``, a subset): AP = 1."""
     gt = {1: gt_entry([[0, 0, 10, 10]], [1], [0]), 2: gt_entry([[0, 0, 10, 10]], [1], [0])}
     ev = VOCEvaluator(gt, ["cat"], metric="area")
     none = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
@@ -308,8 +308,12 @@ def test_score_ties_keep_input_order_and_images_without_detections_count():
     ev.process([{"image_id": 1}, {"image_id": 2}], [hit, none])
     assert ev.evaluate()["AP"] == pytest.approx(0.5)
     ev.reset()
-    ev.process([{"image_id": 1}], [hit])
-    assert ev.evaluate()["AP"] == pytest.approx(1.0)
+    ev.process([{"image_id": 1}], [hit])  # image 2 unreadable: scored as an image without detections
+    m = ev.evaluate()
+    assert m["AP"] == pytest.approx(0.5) and m["num_unprocessed"] == 1 and "1 not processed" in format_metrics_table(m)
+    subset = VOCEvaluator(gt, ["cat"], metric="area", only_processed=True)
+    subset.process([{"image_id": 1}], [hit])
+    assert subset.evaluate()["AP"] == pytest.approx(1.0)
     # equal scores: the devkit's stable sort keeps the input order, so FP-then-TP gives precision 1/2 at recall 1
     tp, fp, _ = match_detections({1: (np.array([[0, 0, 10, 10]], float), np.array([False]))}, np.array([1, 1]),
                                  np.array([0.5, 0.5]), np.array([[50, 50, 60, 60], [0, 0, 10, 10]], float))

@@ -117,7 +117,8 @@ def main(argv=None) -> int:
         def run_eval(members, options, output_dir):
             start = time.time()
             tester = for_testing(members, options, d.min_size_test, d.size_divisibility)
-            metrics = evaluate(tester, loader, val_set, device, output_dir if is_main_process() else None, amp)
+            metrics = evaluate(tester, loader, val_set, device, output_dir if is_main_process() else None, amp,
+                               only_processed=cfg.eval.only_processed_images)
             return metrics, (time.time() - start) / max(len(val_set), 1)
 
         if args.ladder:

@@ -30,15 +30,21 @@ class COCOEvaluator:
 
     ``coco_gt`` is a pycocotools ``COCO`` (e.g. ``CocoDetection.coco``) or the path of the instances json.
     ``contiguous_to_cat_id`` maps the model's labels 1..K back to the json's category ids.
+
+    Every image of ``coco_gt`` is scored: one that was never processed (it could not be read) counts as
+    an image with no detections, so its objects are misses and the AP is the AP of the whole set; the
+    metrics say how many there were (``num_unprocessed``). ``only_processed=True`` scores just the
+    images handed to :meth:`process`, for a deliberate subset.
     """
 
     def __init__(self, coco_gt, contiguous_to_cat_id: dict[int, int], class_names: list[str],
-                 output_dir: str | None = None):
+                 output_dir: str | None = None, only_processed: bool = False):
         self.coco_gt = coco_gt if isinstance(coco_gt, COCO) else _quiet(COCO, os.fspath(coco_gt))
         _complete_ground_truth(self.coco_gt)
         self.contiguous_to_cat_id = {int(k): int(v) for k, v in contiguous_to_cat_id.items()}
         self.cat_id_to_name = {self.contiguous_to_cat_id[label]: name for label, name in enumerate(class_names, 1)}
         self.output_dir = output_dir
+        self.only_processed = only_processed
         self.reset()
 
     def reset(self) -> None:
@@ -58,15 +64,21 @@ class COCOEvaluator:
             ]
 
     def evaluate(self) -> dict:
-        """Gather every rank's results and score them on rank 0 (other ranks return {}). Only the images
-        that were processed are evaluated, so a subset of the annotation file can be scored."""
+        """Gather every rank's results and score them on rank 0 (other ranks return {}): every image of
+        the annotation file, or with ``only_processed`` the processed ones."""
         merged: dict[int, list[dict]] = {}
         for part in all_gather_object(self._results):
             merged.update(part)
         if get_rank() != 0:
             return {}
         results = [r for image_results in merged.values() for r in image_results]
-        metrics = self._score(results, sorted(merged))
+        image_ids = sorted(merged) if self.only_processed else sorted(self.coco_gt.getImgIds())
+        unprocessed = len(set(image_ids) - set(merged))
+        if unprocessed:
+            logger.warning("COCOEvaluator: %d of the %d images scored were not processed (unreadable?); they "
+                           "count as images without detections", unprocessed, len(image_ids))
+        metrics = self._score(results, image_ids)
+        metrics.update(num_images=len(image_ids), num_unprocessed=unprocessed)
         if self.output_dir:
             self._write(results, metrics)
         return metrics
@@ -118,12 +130,21 @@ def format_metrics_table(metrics: dict) -> str:
         return f"{100 * v:6.2f}" if v >= 0 else "   n/a"
 
     header = " ".join(f"{name:>6}" for name in METRIC_NAMES[:6])
-    lines = [header, " ".join(pct(metrics[name]) for name in METRIC_NAMES[:6]),
+    lines = [_images_line(metrics)] if "num_images" in metrics else []
+    lines += [header, " ".join(pct(metrics[name]) for name in METRIC_NAMES[:6]),
              " ".join(f"{name:>6}" for name in METRIC_NAMES[6:]),
              " ".join(pct(metrics[name]) for name in METRIC_NAMES[6:])]
     if metrics.get("per_class_AP"):
         lines += ["", format_per_class_table(metrics["per_class_AP"])]
     return "\n".join(lines)
+
+
+def _images_line(metrics: dict) -> str:
+    """``images 200`` plus, when some could not be read, how many of them scored as "no detections"."""
+    line = f"images {metrics['num_images']}"
+    if metrics.get("num_unprocessed"):
+        line += f" ({metrics['num_unprocessed']} not processed, e.g. unreadable: scored as no detections)"
+    return line
 
 
 def format_per_class_table(per_class_ap: dict[str, float], columns: int = 3) -> str:

@@ -176,11 +176,14 @@ class VOCEvaluator:
     :func:`ground_truth_from_coco`); ``class_names[k - 1]`` names label k. ``metric`` picks which mAP
     is the headline ``"AP"`` (``voc07``: VOC2007 test's 11-point; ``area``: VOC2010+ and ImageNet DET).
     ``image_names``: image id -> the dataset's image name, for the devkit result files.
-    Only the processed images are evaluated (a subset can be scored, and DDP shards gathered).
+    Every image of ``ground_truth`` is scored; one never processed (unreadable) counts as an image
+    without detections (``num_unprocessed`` says how many). ``only_processed=True`` scores just the
+    processed images, for a deliberate subset.
     """
 
     def __init__(self, ground_truth: dict[int, dict], class_names: list[str], protocol: str = "voc",
-                 metric: str = "voc07", output_dir: str | None = None, image_names: dict[int, str] | None = None):
+                 metric: str = "voc07", output_dir: str | None = None, image_names: dict[int, str] | None = None,
+                 only_processed: bool = False):
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if metric not in METRICS:
@@ -188,6 +191,7 @@ class VOCEvaluator:
         self.ground_truth, self.class_names = ground_truth, list(class_names)
         self.protocol, self.metric, self.output_dir = protocol, metric, output_dir
         self.image_names = image_names or {}
+        self.only_processed = only_processed
         self.reset()
 
     def reset(self) -> None:
@@ -212,7 +216,16 @@ class VOCEvaluator:
         unknown = sorted(set(merged) - set(self.ground_truth))
         if unknown:
             raise KeyError(f"VOCEvaluator: detections for image ids {unknown[:5]} that have no ground truth")
+        unprocessed = 0
+        if not self.only_processed:
+            unprocessed = len(set(self.ground_truth) - set(merged))
+            if unprocessed:
+                logger.warning("VOCEvaluator: %d of the %d images scored were not processed (unreadable?); they "
+                               "count as images without detections", unprocessed, len(self.ground_truth))
+            nothing = (np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64))
+            merged = {image_id: merged.get(image_id, nothing) for image_id in self.ground_truth}
         metrics = self.score(merged)
+        metrics["num_unprocessed"] = unprocessed
         if self.output_dir:
             self._write(merged, metrics)
         return metrics
@@ -285,7 +298,9 @@ def format_voc_metrics_table(metrics: dict) -> str:
 
     headline = "11-point (VOC2007)" if metrics.get("metric") == "voc07" else "area (VOC2010+)"
     lines = [f"mAP@0.5 {pct(metrics['AP'])} [{headline}]   11-point {pct(metrics['mAP_07'])}   "
-             f"area {pct(metrics['mAP'])}   AP75 {pct(metrics['AP75'])}   images {metrics.get('num_images', '?')}"]
+             f"area {pct(metrics['mAP'])}   AP75 {pct(metrics['AP75'])}   images {metrics.get('num_images', '?')}"
+             + (f" ({metrics['num_unprocessed']} not processed, e.g. unreadable: scored as no detections)"
+                if metrics.get("num_unprocessed") else "")]
     if metrics.get("per_class"):
         lines += ["", format_voc_per_class_table(metrics)]
     if metrics.get("coco"):
