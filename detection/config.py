@@ -45,7 +45,14 @@ class DetDataConfig:
     filter_empty_train: bool = True  # images without boxes teach the RPN nothing in Faster R-CNN
     size_divisibility: int = 32
     workers: int = 4
-    skip_corrupt: bool = True
+    skip_corrupt: bool = True  # an image that fails to decode mid-epoch is skipped and counted (else an error)
+    # Every problem of a set is listed in one pass at load. strict: then stop; false: drop the bad records and
+    # images, go on, and count them in summary.json. Evaluation sets stay strict unless you say otherwise.
+    strict_train: bool = True
+    strict_val: bool = True
+    # Every image is opened once at load (threads): header = size + EXIF orientation (fast), decode = every
+    # pixel (also finds truncated files), none = only when read (then skipped mid-epoch).
+    verify_images: str = "header"
 
 
 @dataclass

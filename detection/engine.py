@@ -13,13 +13,15 @@ from torch.utils.data import DataLoader
 from backbones.engine.config import ConfigError, to_yaml
 from backbones.engine.dist import (all_gather_object, barrier, every_rank_has_batch, get_world_size, init_distributed,
                                    is_main_process, reduce_sum)
-from backbones.engine.precision import check_solver, optimizer_step
+from backbones.engine.precision import advance_schedule, check_solver, optimizer_step
 from backbones.engine.run import LossWindow, RunFolder, progress_bar
-from backbones.engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, training_state,
+from backbones.engine.preemption import after_step
+from backbones.engine.state import (should_resume, atomic_save, restore_training_state, rng_state, seed_everything, training_state,
                                    unwrap)
 
 from .data.batching import build_batch_sampler, collate_detection
-from .data.coco import CocoDetection
+from .data.coco import CocoDetection, DatasetError
+from .data.problems import VERIFY_MODES
 from .data.synthetic import make_synthetic_coco, make_synthetic_voc
 from .data.transforms import boxes_to_original, build_transform
 from .data.voc import DIFFICULT_MODES, FORMATS as XML_FORMATS, LAYOUTS as XML_LAYOUTS, VocDetection, parse_set_spec
@@ -44,6 +46,8 @@ class DataNotFoundError(FileNotFoundError):
 def prepare_data_paths(cfg: DictConfig) -> None:
     """Materialise the synthetic set if asked; otherwise fail at once when files are missing."""
     d = cfg.data
+    if d.verify_images not in VERIFY_MODES:
+        raise ConfigError(f"data.verify_images={d.verify_images!r}; use one of {list(VERIFY_MODES)}")
     if d.format != "coco":
         _prepare_xml_sets(cfg)
         return
@@ -112,7 +116,8 @@ def _xml_dataset(cfg: DictConfig, sets, transform, train: bool, class_names=None
     d = cfg.data
     dataset = VocDetection(sets, d.format, class_names=class_names or list(d.class_names) or None,
                            synsets_file=d.synsets_file, difficult=d.train_difficult if train else "ignore",
-                           transform=transform, skip_corrupt=d.skip_corrupt, filter_empty=train and d.filter_empty_train)
+                           transform=transform, skip_corrupt=d.skip_corrupt, filter_empty=train and d.filter_empty_train,
+                           strict=d.strict_train if train else d.strict_val, verify=d.verify_images)
     metric = cfg.eval.voc_metric
     if metric == "auto":
         roots = [os.path.basename(parse_set_spec(s, d.format).root) for s in sets]
@@ -136,20 +141,39 @@ def _build_xml_datasets(cfg: DictConfig, train: bool):
 
 
 def build_datasets(cfg: DictConfig, train: bool = True):
+    """(train set or None, val set). Both are checked before either raises, so one run lists the problems
+    of both (``data.strict_train`` / ``data.strict_val`` false: dropped and counted instead)."""
     d = cfg.data
     if d.format != "coco":
         return _build_xml_datasets(cfg, train)
-    val_set = CocoDetection(d.val_images, d.val_annotations,
-                            transform=build_transform((d.min_size_test,), d.max_size_test, 0.0, train=False),
-                            skip_corrupt=d.skip_corrupt)
-    if not train:
-        return None, val_set
-    train_set = CocoDetection(d.train_images, d.train_annotations,
-                              transform=build_transform(tuple(d.min_size_train), d.max_size_train, d.flip_prob, train=True),
-                              skip_corrupt=d.skip_corrupt, filter_empty=d.filter_empty_train)
-    if train_set.class_names != val_set.class_names:
+    errors: list[str] = []
+
+    def load(split: str, transform, strict: bool, filter_empty: bool = False):
+        try:
+            return CocoDetection(d[f"{split}_images"], d[f"{split}_annotations"], transform=transform,
+                                 skip_corrupt=d.skip_corrupt, filter_empty=filter_empty, strict=strict,
+                                 verify=d.verify_images)
+        except DatasetError as exc:
+            errors.append(f"{split} set: {exc}")
+            return None
+
+    val_set = load("val", build_transform((d.min_size_test,), d.max_size_test, 0.0, train=False), d.strict_val)
+    train_set = load("train", build_transform(tuple(d.min_size_train), d.max_size_train, d.flip_prob, train=True),
+                     d.strict_train, d.filter_empty_train) if train else None
+    if errors:
+        raise DatasetError("\n\n".join(errors))
+    if train_set is not None and train_set.class_names != val_set.class_names:
         raise ValueError(f"{d.train_annotations} and {d.val_annotations} have different categories")
     return train_set, val_set
+
+
+def class_box_counts(dataset) -> dict[str, int]:
+    """Class name -> number of (non-crowd) boxes in ``dataset``, in label order."""
+    counts = [0] * len(dataset.class_names)
+    for record in dataset.records:
+        for label in record["labels"]:
+            counts[int(label) - 1] += 1
+    return dict(zip(dataset.class_names, counts))
 
 
 def val_loader(cfg: DictConfig, dataset) -> DataLoader:
@@ -291,13 +315,17 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     collate = functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility)
 
     start_iter, best_ap, skipped_total = 0, -1.0, 0
-    if cfg.resume and os.path.isfile(run.last_checkpoint):
+    if should_resume(cfg.resume, run.last_checkpoint):
         state = restore_training_state(run.last_checkpoint, model, optimizer, scheduler, scaler, rank)
         start_iter, best_ap, skipped_total = state["iteration"], state["best_ap"], state["skipped_corrupt"]
         log.info("resumed from %s at iteration %d", run.last_checkpoint, start_iter)
 
     log.info("training %s on %d images (%d classes), %d ranks x %d images, lr %.5f, %d iterations",
              run_name, len(train_set), len(train_set.class_names), world_size, per_rank_batch, lr, s.max_iter)
+    counts = class_box_counts(train_set)
+    log.info("classes (training boxes): %s", ", ".join(f"{name} ({n})" for name, n in counts.items()))
+    if missing := [name for name, n in counts.items() if n == 0]:
+        log.warning("classes without a single training box (they cannot be learned): %s", ", ".join(missing))
     if train_set.stats.get("degenerate_boxes_dropped"):
         log.info("dropped %d degenerate boxes from %s", train_set.stats["degenerate_boxes_dropped"],
                  data_source(cfg, "train"))
@@ -349,11 +377,10 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                 optimizer_step(sum(losses.values()), optimizer, scaler, params, s.clip_grad_norm,
                                iteration=iteration, losses=losses)
                 window.add(losses, len(batch["targets"]))
-            scheduler.step()
+            advance_schedule(scheduler)
             iteration += 1
             progress.update(1)
-            if cfg.debug_stop_at_iter and iteration == cfg.debug_stop_at_iter:
-                os._exit(3)  # simulate a killed process
+            after_step(iteration, device, save_state, run.last_checkpoint, cfg.debug_stop_at_iter)
             if iteration % cfg.log_period == 0 or iteration == s.max_iter:
                 avg, img_s = window.flush(device)
                 progress.set_postfix(loss=f"{avg['loss']:.3f}", img_s=f"{img_s:.1f}")
@@ -376,7 +403,9 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     # "coco_val" keeps its name for every data format (tools read it); data_format says which metrics it holds.
     summary = {"task": "detection", "iterations": iteration, "class_names": list(train_set.class_names),
                "coco_val": metrics, "data_format": cfg.data.format, "last_checkpoint": run.last_checkpoint,
-               "skipped_corrupt_train": skipped_total, "val_annotations": data_source(cfg, "val")}
+               "skipped_corrupt_train": skipped_total, "val_annotations": data_source(cfg, "val"),
+               # records and images dropped at load (data.strict_train/strict_val false), per kind of problem
+               "data_problems": {"train": train_set.stats.get("problems", {}), "val": val_set.stats.get("problems", {})}}
     summary = run.write_summary(summary)
     run.close()
     return summary

@@ -82,7 +82,7 @@ def draw_detections(image_rgb: np.ndarray, detections: list[dict]) -> np.ndarray
         x1, y1, x2, y2 = (int(round(v * scale)) for v in d["box_xyxy"])
         color = palette[names.index(d["label"]) % len(palette)]
         cv2.rectangle(canvas, (x1, y1), (x2, y2), color, 2)
-        text = f"{d['label']} {d['score']:.2f}"
+        text = f"{d['label']} {d['score']:.2f}" if "score" in d else str(d["label"])  # ground truth: no score
         (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
         cv2.rectangle(canvas, (x1, max(0, y1 - th - 4)), (x1 + tw + 2, y1), color, -1)
         cv2.putText(canvas, text, (x1 + 1, y1 - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)

@@ -3,6 +3,7 @@ record, the category mapping, crowd and degenerate boxes, exact resize/flip geom
 padded collation, grouped and sharded batch samplers, the synthetic shapes set, corrupt images, and
 the real coco128 sample when it is present."""
 import json
+import os
 import random
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def test_missing_top_level_key(tmp_path):
 ])
 def test_bad_annotation_names_file_record_and_fix(tmp_path, record, expected):
     image_dir, ann_file = write_dataset(tmp_path, annotations=[ann(1, [1, 1, 5, 5]), record])
-    with pytest.raises(DatasetError, match=expected) as err:
+    with pytest.raises(DatasetError, match="(?s)" + expected) as err:  # the record, then its fix below it
         CocoDetection(image_dir, ann_file)
     message = str(err.value)
     assert message.startswith(str(ann_file)) and "fix:" in message
@@ -104,9 +105,35 @@ def test_missing_image_files_are_listed_and_counted(tmp_path):
     with pytest.raises(DatasetError) as err:
         CocoDetection(image_dir, ann_file)
     message = str(err.value)
-    assert "7 of 9 images" in message and str(ann_file) in message and str(image_dir) in message
+    assert "7 x image file missing" in message and str(ann_file) in message and str(image_dir) in message
     assert "3.jpg (image id 3)" in message and "7.jpg (image id 7)" in message
-    assert "8.jpg" not in message  # only the first few are listed
+    assert "8.jpg" not in message and "first 5 shown" in message  # only the first few are listed
+    lenient = CocoDetection(image_dir, ann_file, strict=False)
+    assert len(lenient) == 2 and lenient.stats["problems"] == {f"image file missing from {image_dir}": 7}
+    assert sorted(lenient.coco.getImgIds()) == [1, 2]  # the evaluation ground truth follows
+
+
+def test_every_problem_is_reported_in_one_pass_then_dropped_when_not_strict(tmp_path):
+    """An export with several kinds of bad records: one run lists all of them (count per kind, examples);
+    strict=False trains on the rest and counts what it dropped."""
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 100, "height": 60} for i in (1, 2, 3)]
+    annotations = [ann(1, [1, 1, 5, 5]), ann(2, [1, 1, 5, 5], category_id=99), ann(3, [1, 1, 5, 5], category_id=98),
+                   ann(4, [1, 1, 5, 5], image_id=42), ann(5, [float("nan"), 1, 5, 5]), ann(6, [2, 2, 8, 8], image_id=2),
+                   ann(7, [2, 2, 8, 8], image_id=3)]
+    image_dir, ann_file = write_dataset(tmp_path, images=images, annotations=annotations)
+    os.remove(image_dir / "3.jpg")
+    with pytest.raises(DatasetError) as err:
+        CocoDetection(image_dir, ann_file)
+    message = str(err.value)
+    assert "5 problems in 4 kinds" in message
+    for expected in ("2 x annotation of an unknown category", "category_id 99", "category_id 98",
+                     "1 x annotation of an unknown image", "image_id 42", "1 x malformed bbox", "nan",
+                     "1 x image file missing", "3.jpg (image id 3)", "strict_train"):
+        assert expected in message, expected
+    ds = CocoDetection(image_dir, ann_file, strict=False)
+    assert len(ds) == 2 and ds.stats["boxes"] == 2  # annotations 1 and 6; image 3 (and annotation 7) dropped
+    assert sum(ds.stats["problems"].values()) == 5
+    assert sorted(a["id"] for a in ds.coco.dataset["annotations"]) == [1, 6]
 
 
 # ---- contents -----------------------------------------------------------------------------------------
@@ -151,20 +178,55 @@ def test_crowd_degenerate_clipped_and_empty(tmp_path):
     assert len(filtered) == 1 and filtered.stats["empty_images_filtered"] == 1
 
 
-def test_corrupt_image_skipped_or_raised(tmp_path):
+def test_corrupt_image_found_at_load_or_skipped_mid_epoch(tmp_path):
     image_dir, ann_file = write_dataset(tmp_path, annotations=[ann(1, [1, 1, 5, 5])])
     (image_dir / "a.jpg").write_bytes(b"\x00garbage, not a jpeg" * 10)
-    assert CocoDetection(image_dir, ann_file, skip_corrupt=True)[0] is None
+    with pytest.raises(DatasetError, match=r"(?s)1 x unreadable image.*a.jpg \(image id 1\): cannot be read"):
+        CocoDetection(image_dir, ann_file)  # the image check at load finds it
+    assert len(CocoDetection(image_dir, ann_file, strict=False)) == 0
+    # unchecked at load (verify=none), it is skipped and counted when it is read, or raises
+    assert CocoDetection(image_dir, ann_file, skip_corrupt=True, verify="none")[0] is None
     with pytest.raises(CorruptImageError, match="a.jpg"):
-        CocoDetection(image_dir, ann_file, skip_corrupt=False)[0]
+        CocoDetection(image_dir, ann_file, skip_corrupt=False, verify="none")[0]
+
+
+def test_truncated_image_passes_the_header_check_and_fails_the_decode_check(tmp_path):
+    image_dir, ann_file = write_dataset(tmp_path, annotations=[ann(1, [1, 1, 5, 5])])
+    cv2.imwrite(str(image_dir / "a.jpg"), np.random.default_rng(0).integers(0, 255, (60, 100, 3), dtype=np.uint8))
+    data = (image_dir / "a.jpg").read_bytes()
+    (image_dir / "a.jpg").write_bytes(data[: len(data) // 3])
+    assert len(CocoDetection(image_dir, ann_file)) == 1  # the header is intact
+    with pytest.raises(DatasetError, match="unreadable image"):
+        CocoDetection(image_dir, ann_file, verify="decode")
 
 
 def test_image_size_disagreeing_with_json(tmp_path):
     image_dir, ann_file = write_dataset(tmp_path)
     cv2.imwrite(str(image_dir / "a.jpg"), np.zeros((61, 100, 3), np.uint8))
-    assert CocoDetection(image_dir, ann_file)[0] is None
+    with pytest.raises(DatasetError, match=r"(?s)image size differs.*a.jpg \(image id 1\): decodes as 100x61"
+                                           r".*annotated 100x60"):
+        CocoDetection(image_dir, ann_file)
+    assert len(CocoDetection(image_dir, ann_file, strict=False)) == 0
+    assert CocoDetection(image_dir, ann_file, verify="none")[0] is None  # unchecked: skipped when read
     with pytest.raises(DatasetError, match=r"a.jpg: decoded as 100x61 but .* says 100x60"):
-        CocoDetection(image_dir, ann_file, skip_corrupt=False)[0]
+        CocoDetection(image_dir, ann_file, skip_corrupt=False, verify="none")[0]
+
+
+def test_exif_rotated_photo_is_checked_at_its_displayed_size(tmp_path):
+    """A phone photo stored 100x60 with EXIF orientation 6 (rotate 90) decodes as 60x100, as OpenCV
+    applies the tag: annotated 60x100 it is fine, annotated with the stored 100x60 it is a mismatch."""
+    from PIL import Image
+    images = [{"id": 1, "file_name": "a.jpg", "width": 60, "height": 100}]
+    image_dir, ann_file = write_dataset(tmp_path, images=images, annotations=[ann(1, [1, 1, 5, 5])])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((60, 100, 3), np.uint8)).save(image_dir / "a.jpg", exif=exif)
+    ds = CocoDetection(image_dir, ann_file)
+    assert ds[0]["image"].shape == (3, 100, 60)  # the reader agrees with the check
+    ann_file.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 60}],
+                                    "annotations": [], "categories": CATEGORIES}))
+    with pytest.raises(DatasetError, match="decodes as 60x100"):
+        CocoDetection(image_dir, ann_file)
 
 
 # ---- transforms ---------------------------------------------------------------------------------------

@@ -175,8 +175,18 @@ def test_missing_image(voc07):
     with pytest.raises(DatasetError) as err:
         VocDetection([voc07])
     msg = str(err.value)
-    assert "1 of 2 image files" in msg and os.path.join(root, "JPEGImages", "000002.jpg") in msg
+    assert "1 x image file listed in" in msg and os.path.join(root, "JPEGImages", "000002.jpg") in msg
     assert os.path.join(root, "ImageSets", "Main", "trainval.txt") in msg and "fix:" in msg
+    assert len(VocDetection([voc07], strict=False)) == 1  # or dropped, and counted
+
+
+def test_xml_problems_are_all_reported_at_once(voc07):
+    _edit_xml(voc07, "000002", "<name>cat</name>", "<name>kitten</name>")
+    _edit_xml(voc07, "000001", "<size>", "<sighs>")
+    with pytest.raises(DatasetError) as err:
+        VocDetection([voc07])
+    msg = str(err.value)
+    assert "2 problems in 2 kinds" in msg and "<name>kitten</name>" in msg and "bad XML annotation file" in msg
 
 
 def test_set_without_split_is_rejected(voc07):

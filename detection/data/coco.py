@@ -1,7 +1,10 @@
 """COCO-format detection dataset, validated when it is loaded.
 
-Every problem an annotation file can have is reported at construction, with the file, the record and
-a fix, so a bad dataset fails before any training starts rather than hours into it inside a worker.
+Every problem an annotation file can have is found at construction, all of them in one pass, each with
+the file, the record and a fix (:mod:`detection.data.problems`), so a bad dataset fails before any
+training starts rather than hours into it inside a worker; with ``strict=False`` the offending records
+(and images) are dropped instead and counted in ``stats["problems"]``. Structural faults (not JSON, no
+``categories``) stop at once: nothing after them can be checked.
 Boxes are stored once per image as arrays (xyxy, clipped to the image); crowd regions are kept apart
 because they are ignored by matching, not trained as foreground.
 """
@@ -21,14 +24,13 @@ from torch.utils.data import Dataset
 
 from backbones.engine.imageio import CorruptImageError, read_image_rgb
 
+from .problems import DataProblems, DatasetError, verify_images
+
 logger = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
 MAX_MISSING_LISTED = 5
-
-
-class DatasetError(ValueError):
-    """The annotation file or the image folder does not form a usable COCO-format dataset."""
+__all__ = ["CocoDetection", "DatasetError"]
 
 
 class CocoDetection(Dataset):
@@ -41,20 +43,38 @@ class CocoDetection(Dataset):
     """
 
     def __init__(self, image_dir, ann_file, transform=None, skip_corrupt: bool = True, filter_empty: bool = False,
-                 data: dict | None = None):
+                 data: dict | None = None, strict: bool = True, verify: str = "header",
+                 problems: DataProblems | None = None):
         """``data``: an already loaded COCO-style dict (e.g. converted from PASCAL VOC XML by
-        :func:`detection.data.voc.voc_to_coco_dict`); ``ann_file`` then only names it in messages."""
+        :func:`detection.data.voc.voc_to_coco_dict`); ``ann_file`` then only names it in messages.
+        ``strict``: stop on any problem (all of them listed) or drop what is wrong and go on.
+        ``verify``: how every image is opened before use (:func:`detection.data.problems.verify_images`:
+        ``header``, ``decode`` or ``none``). ``problems``: a collector that already holds the problems an
+        earlier step found (the XML reader)."""
         self.image_dir, self.ann_file = os.fspath(image_dir), os.fspath(ann_file)
         self.transform, self.skip_corrupt = transform, skip_corrupt
         data = _load_json(self.ann_file) if data is None else data
         self._check_top_level(data)
-        images = self._check_images(data["images"])
         self._build_category_maps(data["categories"])
-        self.stats = {"images_in_file": len(images), "boxes": 0, "crowd_boxes": 0, "boxes_clipped": 0,
+        self.problems = problems if problems is not None else DataProblems(self.ann_file)
+        images = self._check_images(data["images"])
+        self.stats = {"images_in_file": len(data["images"]), "boxes": 0, "crowd_boxes": 0, "boxes_clipped": 0,
                       "degenerate_boxes_dropped": 0, "images_without_boxes": 0, "empty_images_filtered": 0}
-        per_image = self._parse_annotations(data["annotations"], images)
-        self._check_files_exist(images)
+        per_image, kept_annotations = self._parse_annotations(data["annotations"], images)
+        bad_paths = self._check_files_exist(images)
+        bad_paths |= verify_images([(self._path(img), img["height"], img["width"], f"image id {img['id']}")
+                                    for img in images.values() if self._path(img) not in bad_paths],
+                                   self.problems, verify)
+        self.problems.finish(strict)
+        self.stats["problems"] = self.problems.counts()  # what was dropped (strict=False)
+        if bad_paths:
+            images = {i: img for i, img in images.items() if self._path(img) not in bad_paths}
         self.records = self._make_records(images, per_image, filter_empty)
+        self.stats["boxes"] = sum(len(r["boxes"]) for r in self.records)  # of the images kept
+        self.stats["crowd_boxes"] = sum(len(r["crowd_boxes"]) for r in self.records)
+        if self.problems:  # the evaluation ground truth holds what the dataset holds
+            data = dict(data, images=list(images.values()),
+                        annotations=[a for a in kept_annotations if a["image_id"] in images])
         self.coco = _to_coco(data)
 
     # ---- validation -------------------------------------------------------------------------------
@@ -75,20 +95,24 @@ class CocoDetection(Dataset):
                 raise self._fail(f'"{key}" is a {type(data[key]).__name__}, not a list', f'make "{key}" a JSON list')
 
     def _check_images(self, records: list) -> dict[int, dict]:
-        """Image id -> record, each with an id, a file name and a positive width and height."""
+        """Image id -> record, each with an id, a file name and a positive width and height; a bad
+        record is a problem and left out."""
         images: dict[int, dict] = {}
         for n, img in enumerate(records):
             name = f"image record #{n} (id {img.get('id') if isinstance(img, dict) else '?'})"
             if (not isinstance(img, dict) or any(k not in img for k in ("id", "file_name", "width", "height"))
                     or not isinstance(img["file_name"], str)):
-                raise self._fail(f"{name} lacks one of the fields id, file_name, width, height",
-                                 "give every image its id, file_name, width and height")
-            if not (_is_int(img["width"]) and _is_int(img["height"]) and img["width"] > 0 and img["height"] > 0):
-                raise self._fail(f"{name} has width={img['width']!r} height={img['height']!r}",
-                                 "width and height must be positive integers (the image's pixel size)")
-            if img["id"] in images:
-                raise self._fail(f"{name}: image id {img['id']} appears twice", "give every image a unique id")
-            images[img["id"]] = img
+                self.problems.add("image record without id, file_name, width or height", name,
+                                  "give every image its id, file_name, width and height")
+            elif not (_is_int(img["width"]) and _is_int(img["height"]) and img["width"] > 0 and img["height"] > 0):
+                self.problems.add("image record with a bad width or height",
+                                  f"{name} has width={img['width']!r} height={img['height']!r}",
+                                  "width and height must be positive integers (the image's pixel size)")
+            elif img["id"] in images:
+                self.problems.add("duplicate image id", f"{name}: image id {img['id']} appears twice",
+                                  "give every image a unique id")
+            else:
+                images[img["id"]] = img
         return images
 
     def _build_category_maps(self, categories: list) -> None:
@@ -107,25 +131,39 @@ class CocoDetection(Dataset):
         self.cat_id_to_contiguous = {cat_id: label for label, cat_id in self.contiguous_to_cat_id.items()}
         self.class_names = [by_id[c] for c in cat_ids]
 
-    def _parse_annotations(self, annotations: list, images: dict[int, dict]) -> dict[int, dict[str, list]]:
-        """Per image id: clipped xyxy boxes and labels, and crowd boxes, after validating each record."""
+    def _parse_annotations(self, annotations: list, images: dict[int, dict]
+                           ) -> tuple[dict[int, dict[str, list]], list[dict]]:
+        """Per image id: clipped xyxy boxes and labels, and crowd boxes, after validating each record; and
+        the annotation records kept. A bad record is a problem and left out."""
         per_image: dict[int, dict[str, list]] = {}
+        kept = []
         for n, ann in enumerate(annotations):
             if not isinstance(ann, dict):
-                raise self._fail(f"annotation #{n} is not a JSON object", "make every annotation an object")
+                self.problems.add("annotation that is not a JSON object", f"annotation #{n}",
+                                  "make every annotation an object")
+                continue
             name = f"annotation id {ann.get('id', '?')} (#{n}, image_id {ann.get('image_id', '?')})"
-            for key in ("id", "image_id", "category_id", "bbox"):
-                if key not in ann:
-                    raise self._fail(f"{name} has no {key!r}", f"add {key!r} to every annotation")
+            missing = [key for key in ("id", "image_id", "category_id", "bbox") if key not in ann]
+            if missing:
+                self.problems.add(f"annotation without {missing[0]!r}", f"{name} has no {missing[0]!r}",
+                                  f"add {missing[0]!r} to every annotation")
+                continue
             img = images.get(ann["image_id"])
             if img is None:
-                raise self._fail(f"{name} refers to image_id {ann['image_id']!r}, which is not in \"images\"",
-                                 "add the image record or remove the annotation")
+                self.problems.add("annotation of an unknown image",
+                                  f"{name} refers to image_id {ann['image_id']!r}, which is not in \"images\" "
+                                  "(or its record is bad)", "add the image record or remove the annotation")
+                continue
             if ann["category_id"] not in self.cat_id_to_contiguous:
-                raise self._fail(f"{name} has category_id {ann['category_id']!r}, which is not in \"categories\" "
-                                 f"(known ids {sorted(self.cat_id_to_contiguous)})",
-                                 "add the category or correct the annotation's category_id")
-            box = self._clip_box(ann["bbox"], img, name)
+                self.problems.add("annotation of an unknown category",
+                                  f"{name} has category_id {ann['category_id']!r}, which is not in \"categories\" "
+                                  f"(known ids {sorted(self.cat_id_to_contiguous)[:20]})",
+                                  "add the category or correct the annotation's category_id")
+                continue
+            ok, box = self._clip_box(ann["bbox"], img, name)
+            if not ok:
+                continue
+            kept.append(ann)
             if box is None:
                 continue
             entry = per_image.setdefault(ann["image_id"], {"boxes": [], "labels": [], "crowd": []})
@@ -136,33 +174,39 @@ class CocoDetection(Dataset):
                 entry["boxes"].append(box)
                 entry["labels"].append(self.cat_id_to_contiguous[ann["category_id"]])
                 self.stats["boxes"] += 1
-        return per_image
+        return per_image, kept
 
-    def _clip_box(self, bbox, img: dict, name: str) -> list[float] | None:
-        """xyxy box clipped to the image, None when degenerate (under 1 px); raises when malformed or
-        entirely outside the image."""
+    def _clip_box(self, bbox, img: dict, name: str) -> tuple[bool, list[float] | None]:
+        """(valid, xyxy box clipped to the image or None when degenerate, under 1 px). A malformed box, or
+        one entirely outside its image, is a problem (valid False)."""
         if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
                 or not all(_is_number(v) and math.isfinite(v) for v in bbox)):
-            raise self._fail(f"{name} has bbox {bbox!r}", "bbox must be 4 finite numbers [x, y, width, height]")
+            self.problems.add("malformed bbox", f"{name} has bbox {bbox!r}",
+                              "bbox must be 4 finite numbers [x, y, width, height]")
+            return False, None
         x, y, w, h = (float(v) for v in bbox)
         if w < 0 or h < 0:
-            raise self._fail(f"{name} has a negative bbox width or height ({bbox!r})",
-                             "bbox is [x, y, width, height] with width, height >= 0 (not [x1, y1, x2, y2])")
+            self.problems.add("negative bbox width or height", f"{name} has a negative bbox width or height ({bbox!r})",
+                              "bbox is [x, y, width, height] with width, height >= 0 (not [x1, y1, x2, y2])")
+            return False, None
         width, height = img["width"], img["height"]
         if w > 0 and h > 0 and (x >= width or y >= height or x + w <= 0 or y + h <= 0):
-            raise self._fail(f"{name} has bbox {bbox!r} entirely outside its {width}x{height} image "
-                             f"{img['file_name']!r}", "correct the box or the image's width/height in \"images\"")
+            self.problems.add("bbox entirely outside its image", f"{name} has bbox {bbox!r} entirely outside its "
+                              f"{width}x{height} image {img['file_name']!r}",
+                              "correct the box or the image's width/height in \"images\"")
+            return False, None
         x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
         x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
         if (x1, y1, x2, y2) != (x, y, x + w, y + h):
             self.stats["boxes_clipped"] += 1
         if x2 - x1 < 1 or y2 - y1 < 1:
             self.stats["degenerate_boxes_dropped"] += 1
-            return None
-        return [x1, y1, x2, y2]
+            return True, None
+        return True, [x1, y1, x2, y2]
 
-    def _check_files_exist(self, images: dict[int, dict]) -> None:
-        """All image files at once, so a wrong image_dir shows up before training, not in a worker."""
+    def _check_files_exist(self, images: dict[int, dict]) -> set[str]:
+        """All image files at once, so a wrong image_dir shows up before training, not in a worker.
+        Returns the missing paths (each a problem)."""
         try:
             present = {e.name for e in os.scandir(self.image_dir) if e.is_file()}
         except OSError as exc:
@@ -170,11 +214,15 @@ class CocoDetection(Dataset):
                                "fix: point image_dir at the folder holding the images") from exc
         missing = [img for img in images.values()
                    if img["file_name"] not in present and not os.path.isfile(self._path(img))]
-        if missing:
-            listed = ", ".join(f"{img['file_name']} (image id {img['id']})" for img in missing[:MAX_MISSING_LISTED])
-            raise DatasetError(f"{self.image_dir}: {len(missing)} of {len(images)} images listed in {self.ann_file} "
-                               f"are missing, e.g. {listed}; fix: point image_dir at the folder holding the "
-                               "images, or remove their records from the annotation file")
+        for img in missing:
+            self.problems.add(f"image file missing from {self.image_dir}", f"{img['file_name']} (image id {img['id']})",
+                              "point image_dir at the folder holding the images, or remove their records from the "
+                              "annotation file")
+        if missing and len(missing) == len(images):
+            raise DatasetError(f"{self.image_dir}: none of the {len(images)} images listed in {self.ann_file} is "
+                               f"there, e.g. {missing[0]['file_name']}; fix: point image_dir at the folder holding "
+                               "the images")
+        return {self._path(img) for img in missing}
 
     def _make_records(self, images: dict[int, dict], per_image: dict, filter_empty: bool) -> list[dict]:
         records = []

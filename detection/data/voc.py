@@ -43,7 +43,8 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from .coco import MAX_MISSING_LISTED, CocoDetection, DatasetError
+from .coco import CocoDetection, DatasetError
+from .problems import DataProblems
 
 # The 20 PASCAL VOC classes in the devkit's order (labels 1..20).
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -169,7 +170,7 @@ def read_synsets_file(path: str) -> dict[str, str]:
 
 
 def voc_to_coco_dict(sets, layout: str = "voc", class_names=None, synsets_file: str = "",
-                     difficult: str = "ignore") -> dict:
+                     difficult: str = "ignore", problems: DataProblems | None = None) -> dict:
     """Read the XML sets (``"ROOT:SPLIT"`` strings, concatenated in order) into a COCO-style dict.
 
     ``class_names``: the XML ``<name>`` values in label order (labels 1..K). Default: the 20 VOC classes
@@ -178,7 +179,10 @@ def voc_to_coco_dict(sets, layout: str = "voc", class_names=None, synsets_file: 
     ``difficult``: ``ignore`` (difficult objects become crowd regions), ``train`` or ``drop``; see the
     module docstring. Images carry their absolute path as ``file_name`` (several roots can mix),
     plus ``xml_id`` (the image-set name) and ``xml_set``; annotations carry ``difficult`` (0/1).
+    ``problems``: where per-file problems go (a missing or broken XML or image file, an unknown class
+    name), all of them, the offending image or object left out; without it the first one raises.
     """
+    collect = problems if problems is not None else DataProblems(" + ".join(map(str, sets)))
     if difficult not in DIFFICULT_MODES:
         raise ValueError(f"difficult={difficult!r}; use one of {DIFFICULT_MODES}")
     image_sets = [parse_set_spec(s, layout) for s in sets]
@@ -188,10 +192,13 @@ def voc_to_coco_dict(sets, layout: str = "voc", class_names=None, synsets_file: 
     parsed = []  # (image set, image name, width, height, objects)
     for image_set in image_sets:
         names = read_image_set(image_set)
-        _check_files(image_set, names)
-        for name in names:
+        for name in _check_files(image_set, names, collect):
             xml_path = os.path.join(image_set.annotation_dir, name + ".xml")
-            parsed.append((image_set, name, *_parse_xml(xml_path)))
+            try:
+                parsed.append((image_set, name, *_parse_xml(xml_path)))
+            except DatasetError as exc:
+                where, _, fix = str(exc).partition("; fix: ")
+                collect.add("bad XML annotation file", where, fix or "repair the file")
     keys, display = _resolve_classes(layout, class_names, synsets_file, parsed)
     label_of = {key: label for label, key in enumerate(keys, start=1)}
     images, annotations = [], []
@@ -204,16 +211,19 @@ def voc_to_coco_dict(sets, layout: str = "voc", class_names=None, synsets_file: 
         for n, (cls, (x1, y1, x2, y2), is_difficult) in enumerate(objects, 1):
             if cls not in label_of:
                 shown = ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "")
-                raise DatasetError(f"{xml_path}: <object> #{n} has <name>{cls}</name>, which is not one of the "
-                                   f"{len(keys)} classes ({shown}); fix: correct the name, or set "
-                                   "data.class_names" + (" / data.synsets_file" if layout == "imagenet_det" else "")
-                                   + " to the dataset's classes")
+                collect.add("object of an unknown class", f"{xml_path}: <object> #{n} has <name>{cls}</name>, which "
+                            f"is not one of the {len(keys)} classes ({shown})",
+                            "correct the name, or set data.class_names" +
+                            (" / data.synsets_file" if layout == "imagenet_det" else "") + " to the dataset's classes")
+                continue
             if is_difficult and difficult == "drop":
                 continue
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label_of[cls],
                                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
                                 "iscrowd": int(is_difficult and difficult == "ignore"),
                                 "difficult": int(is_difficult)})
+    if problems is None:
+        collect.finish(strict=True)
     categories = [{"id": label, "name": display[key], "xml_name": key} for key, label in label_of.items()]
     return {"info": {"description": f"{layout} sets {list(sets)} (difficult: {difficult})"},
             "images": images, "annotations": annotations, "categories": categories}
@@ -238,21 +248,27 @@ def _resolve_classes(layout: str, class_names, synsets_file: str, parsed: list) 
     return keys, {key: mapping.get(key, key) for key in keys}
 
 
-def _check_files(image_set: XmlImageSet, names: list[str]) -> None:
-    """Every listed image has its XML and its image file, checked all at once before any parsing."""
+def _check_files(image_set: XmlImageSet, names: list[str], problems: DataProblems) -> list[str]:
+    """The listed names whose XML and image file both exist; each missing file is a problem. A set with
+    no image, or with none of its files there (a wrong ROOT), stops at once."""
     if not names:
         raise DatasetError(f"{image_set.image_set_files()[0]}: the set {image_set.spec!r} lists no image; fix: "
                            "choose a split with images")
+    present = set(names)
     for kind, folder, ext in (("annotation", image_set.annotation_dir, ".xml"),
                               ("image", image_set.image_dir, image_set.image_ext)):
         missing = [n for n in names if not os.path.isfile(os.path.join(folder, n + ext))]
-        if missing:
-            listed = ", ".join(os.path.join(folder, n + ext) for n in missing[:MAX_MISSING_LISTED])
-            fix = ("point ROOT at the dataset folder (test sets of some years come without annotations)"
-                   if kind == "annotation" else "point ROOT at the dataset folder or restore the images")
-            raise DatasetError(f"{image_set.root}: {len(missing)} of {len(names)} {kind} files listed in "
-                               f"{', '.join(image_set.image_set_files())[:300]} are missing, e.g. {listed}; "
-                               f"fix: {fix}\n{LAYOUTS[image_set.layout]}")
+        fix = ("point ROOT at the dataset folder (test sets of some years come without annotations)"
+               if kind == "annotation" else "point ROOT at the dataset folder or restore the images")
+        if missing and len(missing) == len(names):
+            raise DatasetError(f"{image_set.root}: none of the {len(names)} {kind} files listed in "
+                               f"{', '.join(image_set.image_set_files())[:300]} is there, e.g. "
+                               f"{os.path.join(folder, missing[0] + ext)}; fix: {fix}\n{LAYOUTS[image_set.layout]}")
+        for n in missing:
+            problems.add(f"{kind} file listed in {', '.join(image_set.image_set_files())[:300]} is missing",
+                         os.path.join(folder, n + ext), fix)
+        present -= set(missing)
+    return [n for n in names if n in present]
 
 
 def read_xml_annotation(path: str, error: type[Exception] = DatasetError
@@ -324,14 +340,17 @@ class VocDetection(CocoDetection):
     """
 
     def __init__(self, sets, layout: str = "voc", class_names=None, synsets_file: str = "", difficult: str = "ignore",
-                 transform=None, skip_corrupt: bool = True, filter_empty: bool = False):
+                 transform=None, skip_corrupt: bool = True, filter_empty: bool = False, strict: bool = True,
+                 verify: str = "header"):
         self.sets, self.layout = [str(s) for s in sets], layout
-        data = voc_to_coco_dict(self.sets, layout, class_names, synsets_file, difficult)
+        problems = DataProblems(" + ".join(self.sets))
+        data = voc_to_coco_dict(self.sets, layout, class_names, synsets_file, difficult, problems)
         super().__init__("", " + ".join(self.sets), transform=transform, skip_corrupt=skip_corrupt,
-                         filter_empty=filter_empty, data=data)
+                         filter_empty=filter_empty, data=data, strict=strict, verify=verify, problems=problems)
         self.xml_class_names = [c["xml_name"] for c in data["categories"]]
         self.image_names = {img["id"]: img["xml_id"] for img in data["images"]}
         self.stats["difficult"] = sum(a["difficult"] for a in data["annotations"])
 
-    def _check_files_exist(self, images) -> None:
+    def _check_files_exist(self, images) -> set[str]:
         """Done per set by :func:`voc_to_coco_dict`, with the image-set file named in the message."""
+        return set()

@@ -78,6 +78,24 @@ def build_backbone(cfg) -> tuple[ResNet, list[float], list[float]]:
     return resnet, [255.0 * float(m) for m in mean], [255.0 * float(s) for s in std]
 
 
+# Feature strides of an ImageNet ResNet's stages (the stem divides by 4, each later stage by 2).
+C4_STRIDE = 16
+FPN_STRIDES = (4, 8, 16, 32, 64)  # P2..P6
+
+
+def build_anchor_generator(model_cfg) -> AnchorGenerator:
+    """The RPN's anchors: C4 puts every size on res4 (stride 16); FPN one size per level, P2..P6."""
+    if model_cfg.neck not in NECKS:
+        raise ValueError(f"model.neck must be one of {NECKS}, got {model_cfg.neck!r}")
+    sizes, ratios = _floats(model_cfg.rpn.anchor_sizes), _floats(model_cfg.rpn.aspect_ratios)
+    if model_cfg.neck == "fpn":
+        if len(sizes) != len(FPN_STRIDES):
+            raise ValueError(f"model.rpn.anchor_sizes: FPN takes one size per level ['p2', 'p3', 'p4', 'p5', 'p6'], "
+                             f"got {len(sizes)} sizes {sizes}")
+        return AnchorGenerator([[s] for s in sizes], [ratios], list(FPN_STRIDES))
+    return AnchorGenerator([sizes], [ratios], [C4_STRIDE])
+
+
 def build_detector(model_cfg, num_classes: int) -> GeneralizedRCNN:
     """A Faster R-CNN for ``num_classes`` object classes (labels 1..K; 0 is background)."""
     if model_cfg.neck not in NECKS:
@@ -88,22 +106,17 @@ def build_detector(model_cfg, num_classes: int) -> GeneralizedRCNN:
     if len(model_cfg.pixel_std):
         std = _floats(model_cfg.pixel_std)
     r, h = model_cfg.rpn, model_cfg.roi_heads
-    sizes, ratios = _floats(r.anchor_sizes), _floats(r.aspect_ratios)
-
+    anchor_generator = build_anchor_generator(model_cfg)
     if model_cfg.neck == "fpn":
         stages = ["res2", "res3", "res4", "res5"]
         trunk = ResNetTrunk(resnet, stages)
         neck = FPN({s: resnet.stage_channels[s] for s in stages}, model_cfg.fpn_channels)
-        if len(sizes) != len(neck.out_features):
-            raise ValueError(f"model.rpn.anchor_sizes: FPN takes one size per level {neck.out_features}, "
-                             f"got {len(sizes)} sizes {sizes}")
         strides = [resnet.stage_strides[s] for s in stages] + [2 * resnet.stage_strides[stages[-1]]]
-        anchor_generator = AnchorGenerator([[s] for s in sizes], [ratios], strides)
+        assert strides == anchor_generator.strides, (strides, anchor_generator.strides)
         rpn_in_channels = model_cfg.fpn_channels
     else:
         trunk = ResNetTrunk(resnet, ["res4"])
         neck = None
-        anchor_generator = AnchorGenerator([sizes], [ratios], [resnet.stage_strides["res4"]])
         rpn_in_channels = resnet.stage_channels["res4"]
 
     rpn = RPN(
