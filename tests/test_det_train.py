@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import cv2
 import pytest
 import torch
 
@@ -65,6 +66,27 @@ def test_bad_annotation_is_reported_before_training(tiny_coco, tmp_path):
     assert proc.returncode == 2 and "bad.json" in proc.stderr and "999" in proc.stderr
 
 
+def test_check_data_reports_the_sets_and_draws_augmented_samples(tiny_coco, tmp_path):
+    data = json.loads(open(tiny_coco["train_annotations"]).read())
+    data["annotations"][0]["category_id"] = 999  # one bad record: listed, dropped, and the exit code says so
+    bad = tmp_path / "train.json"
+    bad.write_text(json.dumps(data))
+    args = ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides(tiny_coco),
+            f"data.train_annotations={bad}", *SLIM, "--out", tmp_path / "check"]
+    proc = run("check_data.py", args, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "1 x annotation of an unknown category" in proc.stdout and "category_id 999" in proc.stdout
+    report = json.loads((tmp_path / "check" / "report.json").read_text())
+    boxes = sum(1 for a in data["annotations"] if not a.get("iscrowd")) - 1
+    assert report["train"]["boxes"] == boxes and sum(report["train"]["classes"].values()) == boxes
+    assert report["train"]["problems"] == {"annotation of an unknown category": 1}
+    coverage = report["train"]["anchor_coverage"]
+    assert coverage["boxes_checked"] == boxes and 0 <= coverage["below_0.5"] <= coverage["below_0.7"] <= boxes
+    grid = cv2.imread(str(tmp_path / "check" / "train_grid.jpg"))
+    assert grid is not None and grid.shape[0] >= 320 and grid.shape[1] == 4 * 320
+    assert run("check_data.py", args + ["data.strict_train=false"]).returncode == 0
+
+
 def test_train_eval_infer_write_their_files(tiny_coco, tmp_path):
     out = tmp_path / "run"
     run("train_det.py", ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides(tiny_coco), *SLIM,
@@ -75,6 +97,12 @@ def test_train_eval_infer_write_their_files(tiny_coco, tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == 4 and {"AP", "AP50", "AP75", "APs", "AR100"} <= set(summary["coco_val"])
+    train_json = json.loads(open(tiny_coco["train_annotations"]).read())
+    names = {c["id"]: c["name"] for c in train_json["categories"]}
+    first = names[min(names)]
+    n_first = sum(a["category_id"] == min(names) for a in train_json["annotations"] if not a.get("iscrowd"))
+    assert f"classes (training boxes): {first} ({n_first})" in (out / "log.txt").read_text()
+    assert summary["data_problems"] == {"train": {}, "val": {}}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss_rpn_cls" in r for r in records) and any("val/AP" in r for r in records)
 
@@ -83,16 +111,20 @@ def test_train_eval_infer_write_their_files(tiny_coco, tmp_path):
     assert metrics["AP"] == pytest.approx(summary["coco_val"]["AP"], abs=1e-9)  # same weights, same data
     assert metrics["num_images"] == 6 and metrics["num_unprocessed"] == 0
 
-    # An unreadable val image is scored as an image without detections, not dropped with its objects
+    # A broken val image stops evaluation at load (strict val set), naming it ...
     broken = tmp_path / "val_images"
     shutil.copytree(tiny_coco["val_images"], broken)
     victim = sorted(broken.iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:40])
-    proc = run("eval_det.py", [out, f"data.val_images={broken}"])
+    proc = run("eval_det.py", [out, f"data.val_images={broken}"], check=False)
+    assert proc.returncode == 2 and "1 x unreadable image" in proc.stderr and victim.name in proc.stderr
+    # ... and one that is found unreadable only when read is scored as an image without detections, not
+    # dropped with its objects
+    proc = run("eval_det.py", [out, f"data.val_images={broken}", "data.verify_images=none"])
     metrics = json.loads((out / "eval_last" / "coco_metrics.json").read_text())
     assert metrics["num_images"] == 6 and metrics["num_unprocessed"] == 1
     assert "1 not processed" in proc.stdout + proc.stderr
-    run("eval_det.py", [out, f"data.val_images={broken}", "eval.only_processed_images=true"])
+    run("eval_det.py", [out, f"data.val_images={broken}", "data.verify_images=none", "eval.only_processed_images=true"])
     metrics = json.loads((out / "eval_last" / "coco_metrics.json").read_text())
     assert metrics["num_images"] == 5 and metrics["num_unprocessed"] == 0
 
@@ -144,6 +176,42 @@ def test_killed_and_resumed_detector_matches_uninterrupted(tiny_coco, tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
 
 
+def test_sigterm_writes_a_checkpoint_exits_75_and_resume_auto_matches_uninterrupted(tiny_coco, tmp_path):
+    """What SLURM preemption sends: SIGTERM mid-run. The run checkpoints at the next step boundary and exits
+    with 75; the same command with resume=auto continues it (and on an empty folder simply starts), ending
+    with the same weights as a run never interrupted."""
+    import signal
+    import time
+    common = ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides(tiny_coco), *SLIM,
+              "solver.max_iter=40", "checkpoint_period=1000", "eval.period=0", "log_period=1", "resume=auto"]
+    run("train_det.py", [*common, f"output_dir={tmp_path}/straight"])  # resume=auto, nothing there: a fresh start
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "train_det.py"), *common, f"output_dir={out}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # a few steps in, then the signal
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-2000:]
+    stopped_at = torch.load(out / "checkpoints/last.pth", weights_only=True)["iteration"]
+    assert 3 <= stopped_at < 40 and f"stopped by SIGTERM at iteration {stopped_at}" in stderr
+    log = run("train_det.py", [*common, f"output_dir={out}"]).stdout
+    assert f"at iteration {stopped_at}" in log
+    a = torch.load(tmp_path / "straight/checkpoints/last.pth", weights_only=True)
+    b = torch.load(out / "checkpoints/last.pth", weights_only=True)
+    assert a["iteration"] == b["iteration"] == 40
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], atol=0, rtol=0, msg=key)
+    # resume=true insists on a checkpoint: a mistyped output_dir does not silently start over
+    proc = run("train_det.py", [*common, "resume=true", f"output_dir={tmp_path}/typo"], check=False)
+    assert proc.returncode == 2 and "resume=true but" in proc.stderr and "resume=auto" in proc.stderr
+
+
 def test_overfits_a_few_synthetic_images(tiny_coco, tmp_path):
     """Learning through the whole tool chain: AP50 >= 0.9 on the 6 images it trained on (about a minute)."""
     six = {"train_images": tiny_coco["val_images"], "train_annotations": tiny_coco["val_annotations"]}
@@ -167,7 +235,8 @@ def test_ddp_two_processes_gather_evaluation(tiny_coco, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            str(ROOT / "tools" / "train_det.py"), "configs/frcnn_demo.yaml", "data.synthetic=false",
            *data_overrides(tiny_coco), f"data.train_images={train_images}", *SLIM, "solver.batch_size=2",
-           "solver.max_iter=6", "eval.period=0", f"output_dir={out}"]
+           "solver.max_iter=6", "eval.period=0", "data.verify_images=none",  # found mid-epoch, not at load
+           f"output_dir={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=180,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -33,3 +33,35 @@ def test_gradient_clipping_bounds_the_update():
     optimizer_step(100.0 * layer(torch.ones(1, 3)).sum(), optimizer, scaler, None, iteration=0)
     after = torch.cat([p.detach().flatten() for p in layer.parameters()])
     assert float((after - before).norm()) == pytest.approx(200.0, rel=1e-4)
+
+
+def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    import errno
+
+    from backbones.engine import state
+    path = str(tmp_path / "last.pth")
+    state.atomic_save({"iteration": 1}, path)
+
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(state.torch, "save", full_disk)
+    with pytest.raises(state.CheckpointWriteError, match=r"last.pth: could not write.*No space left.*previous "
+                                                         r"last.pth is intact.*free disk space"):
+        state.atomic_save({"iteration": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"iteration": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # the partial file is gone
+
+
+def test_resume_modes():
+    from backbones.engine.config import ConfigError
+    from backbones.engine.state import should_resume
+    assert should_resume("auto", "/nonexistent/last.pth") is False
+    assert should_resume(False, "/nonexistent/last.pth") is False
+    with pytest.raises(ConfigError, match="resume=true but /nonexistent/last.pth does not exist"):
+        should_resume(True, "/nonexistent/last.pth")  # YAML's true arrives as a bool or "True"
+    with pytest.raises(ConfigError, match="use one of"):
+        should_resume("sometimes", "/nonexistent/last.pth")

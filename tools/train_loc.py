@@ -6,16 +6,14 @@ classifier, then report top-1/top-5/ground-truth-class localization error and cl
     python tools/train_loc.py configs/loc_r18_imagenette.yaml        # the real 10-class sample, CPU
     torchrun --nproc_per_node=8 tools/train_loc.py configs/loc_r101_imagenet.yaml
     python tools/train_loc.py CONFIG resume=true                     # continue a killed run
+    python tools/train_loc.py CONFIG resume=auto                     # continue if there is a checkpoint, else start
 """
-import argparse
 import os
 import sys
 
 import _bootstrap  # noqa: F401
 
-from backbones.checkpoint import CheckpointError
-from backbones.engine.config import ConfigError, config_name, load_config
-from backbones.engine.dist import cleanup
+from backbones.engine.cli import run_training, training_arguments
 from backbones.pretraining.data import DatasetError
 from detection.localization.config import LocConfig
 from detection.localization.data import LocDataError
@@ -23,21 +21,10 @@ from detection.localization.trainer import train
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", help="YAML config (default: the synthetic-shapes demo)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. solver.max_iter=1000")
-    args = parser.parse_args(argv)
-    if args.config and "=" in args.config:  # only overrides were given
-        args.overrides.insert(0, args.config)
-        args.config = None
-    try:
-        cfg = load_config(LocConfig, args.config, args.overrides)
-        summary = train(cfg, config_name(args.config, "loc_demo"))
-    except (ConfigError, DatasetError, LocDataError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup()
+    args = training_arguments(__doc__, config_required=False, argv=argv)
+    code, cfg, summary = run_training(LocConfig, train, args, "loc_demo", (DatasetError, LocDataError))
+    if code:
+        return code
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     for mode, m in summary["val"].items():

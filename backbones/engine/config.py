@@ -23,7 +23,9 @@ class RunConfig:
     """Run-level keys every training config has (subclasses add model/data/solver/eval first)."""
 
     output_dir: str = ""  # "" = runs/<config name>
-    resume: bool = False  # continue from <output_dir>/checkpoints/last.pth
+    # false: start fresh; true: continue from <output_dir>/checkpoints/last.pth (an error when it is not
+    # there); auto: continue when it is there, else start fresh (one job script for first start and requeue)
+    resume: str = "false"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     log_period: int = 20  # iterations between metrics.jsonl/TensorBoard records
@@ -97,6 +99,9 @@ def load_config(schema: type, path: str | None = None, overrides: Sequence[str] 
             cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"{source}: {exc.msg if hasattr(exc, 'msg') else exc}") from exc
+    if "resume" in cfg:  # a fixed choice: a wrong value fails here, not after the data is loaded
+        from .state import resume_mode
+        resume_mode(cfg.resume)
     OmegaConf.set_struct(cfg, True)
     return cfg
 

@@ -2,6 +2,8 @@
 split of the total batch over ranks."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,3 +40,13 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
         torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
     scaler.step(optimizer)
     scaler.update()
+
+
+def advance_schedule(scheduler) -> None:
+    """``scheduler.step()`` once per iteration, trained or not. A skipped step (every image of the batch
+    unreadable, or fp16's scaler skipping an overflow) still advances the schedule so iterations map to
+    the learning rate exactly; PyTorch would then warn "lr_scheduler.step() before optimizer.step()" as
+    if the loop were wrong, so that one warning is silenced here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        scheduler.step()

@@ -6,6 +6,7 @@ Python containers so it loads with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 
@@ -14,10 +15,55 @@ import torch
 
 
 def atomic_save(obj, path: str) -> None:
+    """Write ``obj`` to a temporary file beside ``path``, then rename it over ``path``: a kill or a full
+    disk mid-write leaves the previous file intact. A failed write removes the partial file and raises
+    :class:`CheckpointWriteError` naming the path and the cause."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        kept = f"the previous {os.path.basename(path)} is intact" if os.path.isfile(path) else "no earlier file"
+        raise CheckpointWriteError(f"{path}: could not write the checkpoint ({exc}); {kept}. Fix: free disk space "
+                                   "(or point output_dir at a disk with room) and rerun with resume=auto") from exc
+
+
+RESUME_MODES = ("false", "true", "auto")
+logger = logging.getLogger(__name__)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions); the previous one is intact."""
+
+
+def resume_mode(value) -> str:
+    """``resume`` as one of RESUME_MODES (YAML and the command line may give a bool or a string)."""
+    mode = str(value).strip().lower()
+    if mode not in RESUME_MODES:
+        from .config import ConfigError
+        raise ConfigError(f"resume={value!r}; use one of {list(RESUME_MODES)}")
+    return mode
+
+
+def should_resume(value, checkpoint: str, required: bool = True) -> bool:
+    """Whether to load ``checkpoint`` for ``resume=value``. ``true`` with no checkpoint is an error when
+    ``required`` (a mistyped output_dir should not silently start over); ``auto`` starts fresh."""
+    mode = resume_mode(value)
+    if mode == "false":
+        return False
+    if os.path.isfile(checkpoint):
+        return True
+    if mode == "true" and required:
+        from .config import ConfigError
+        raise ConfigError(f"resume=true but {checkpoint} does not exist; fix: check output_dir, or use "
+                          "resume=auto to start fresh when there is no checkpoint yet")
+    logger.info("resume=%s: no checkpoint at %s yet, starting fresh", mode, checkpoint)
+    return False
 
 
 def load_checkpoint(path: str) -> dict:

@@ -15,9 +15,11 @@ from ..checkpoint import backbone_checkpoint
 from ..engine.config import to_yaml
 from ..engine.dist import (all_gather_object, barrier, every_rank_has_batch, init_distributed, is_main_process,
                            reduce_sum)
-from ..engine.precision import check_solver, optimizer_step
+from ..engine.precision import advance_schedule, check_solver, optimizer_step
 from ..engine.run import RunFolder, progress_bar
-from ..engine.state import atomic_save, restore_training_state, rng_state, seed_everything, training_state
+from ..engine.preemption import after_step
+from ..engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, should_resume,
+                            training_state)
 from ..resnet import build_resnet
 from .data import (DatasetError, ImageFolderDataset, ShardedSampler, collate_skip_none, scan_image_folder,
                    split_holdout, train_transform)
@@ -106,13 +108,11 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it, iters_per_epoch))
 
     start_iter, best_top1, skipped_total = 0, -1.0, 0
-    if cfg.resume and os.path.isfile(run.last_checkpoint):
+    if should_resume(cfg.resume, run.last_checkpoint):
         state = restore_training_state(run.last_checkpoint, model, optimizer, scheduler, scaler, rank)
         start_iter, best_top1, skipped_total = state["iteration"], state["best_top1"], state["skipped_corrupt"]
         log.info("resumed from %s at iteration %d (epoch %.2f)", run.last_checkpoint, start_iter,
                  start_iter / iters_per_epoch)
-    elif cfg.resume:
-        log.info("resume=true but %s does not exist: starting from scratch", run.last_checkpoint)
 
     log.info("pretraining %s-%d (%s shortcuts, width %d) on %d classes: %d train / %d val images, "
              "%d ranks, batch %d, lr %.4f, %d iterations", "plain" if cfg.model.plain else "resnet", cfg.model.depth,
@@ -159,11 +159,10 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                 optimizer_step(loss, optimizer, scaler, model.parameters(), s.clip_grad_norm, iteration=iteration)
                 window_loss += loss.item() * labels.numel()
                 window_images += labels.numel()
-            scheduler.step()
+            advance_schedule(scheduler)
             iteration += 1
             progress.update(1)
-            if cfg.debug_stop_at_iter and iteration == cfg.debug_stop_at_iter:
-                os._exit(3)  # simulate a killed process: no cleanup, no final checkpoint
+            after_step(iteration, device, save_state, run.last_checkpoint, cfg.debug_stop_at_iter)
             if iteration % cfg.log_period == 0 or iteration % iters_per_epoch == 0:
                 elapsed = time.time() - window_start
                 stats = reduce_sum({"loss": window_loss, "images": window_images}, device)

@@ -28,9 +28,10 @@ from backbones import load_backbone_weights, read_backbone_checkpoint, resnet_fr
 from backbones.engine.config import ConfigError, to_yaml
 from backbones.engine.dist import all_gather_object, barrier, get_rank, get_world_size, is_main_process
 from backbones.engine.imageio import read_image_rgb
-from backbones.engine.precision import optimizer_step
+from backbones.engine.precision import advance_schedule, optimizer_step
 from backbones.engine.run import LossWindow, progress_bar
-from backbones.engine.state import (atomic_save, load_checkpoint, restore_training_state, rng_state,
+from backbones.engine.preemption import after_step
+from backbones.engine.state import (should_resume, atomic_save, load_checkpoint, restore_training_state, rng_state,
                                     training_state)
 from backbones.pretraining.evaluate import normalize
 from detection.modeling.box_coder import BoxCoder
@@ -295,7 +296,7 @@ def train_rcnn(cfg, run, loc_model, train_records, class_names, mean, std, devic
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.solver.amp == "fp16")
     checkpoint = os.path.join(run.checkpoint_dir, CHECKPOINT)
     start = 0
-    if cfg.resume and os.path.isfile(checkpoint):
+    if should_resume(cfg.resume, checkpoint, required=False):  # the RPN stage may be all there is
         start = restore_training_state(checkpoint, net, optimizer, scheduler, scaler, rank)["iteration"]
         log.info("R-CNN stage resumed from %s at iteration %d", checkpoint, start)
     log.info("R-CNN stage: %d RoIs (%.1f%% foreground) from %d images, batch %d, lr %.4f, %d iterations",
@@ -324,12 +325,12 @@ def train_rcnn(cfg, run, loc_model, train_records, class_names, mean, std, devic
         losses = rcnn_losses(logits, deltas, classes, fg, targets)
         optimizer_step(sum(losses.values()), optimizer, scaler, None, iteration=iteration, losses=losses,
                        hint="R-CNN stage: lower rcnn.base_lr")
-        scheduler.step()
+        advance_schedule(scheduler)
         iteration += 1
         progress.update(1)
         window.add(losses, len(crops))
-        if cfg.debug_stop_at_iter and cfg.solver.max_iter + iteration == cfg.debug_stop_at_iter:
-            os._exit(3)  # simulate a killed process; the R-CNN stage's iterations count on from the RPN's
+        # the R-CNN stage's iterations count on from the RPN's for debug_stop_at_iter
+        after_step(iteration, device, save, checkpoint, cfg.debug_stop_at_iter, cfg.solver.max_iter + iteration)
         if iteration % cfg.log_period == 0 or iteration == r.max_iter:
             avg, rois_s = window.flush(device)
             progress.set_postfix(loss=f"{avg['loss']:.3f}", rois_s=f"{rois_s:.0f}")

@@ -16,9 +16,11 @@ from torch.utils.data import DataLoader
 
 from backbones.engine.config import to_yaml
 from backbones.engine.dist import all_gather_object, barrier, every_rank_has_batch, init_distributed, is_main_process
-from backbones.engine.precision import check_solver, optimizer_step
+from backbones.engine.precision import advance_schedule, check_solver, optimizer_step
 from backbones.engine.run import LossWindow, RunFolder, progress_bar
-from backbones.engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, training_state)
+from backbones.engine.preemption import after_step
+from backbones.engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, should_resume,
+                                    training_state)
 from backbones.pretraining.data import ShardedSampler
 from backbones.pretraining.evaluate import normalize
 
@@ -157,12 +159,10 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
 
     start_iter, skipped_total = 0, 0
-    if cfg.resume and os.path.isfile(run.last_checkpoint):
+    if should_resume(cfg.resume, run.last_checkpoint):
         state = restore_training_state(run.last_checkpoint, model, optimizer, scheduler, scaler, rank)
         start_iter, skipped_total = state["iteration"], state["skipped_corrupt"]
         log.info("resumed from %s at iteration %d", run.last_checkpoint, start_iter)
-    elif cfg.resume:
-        log.info("resume=true but %s does not exist: starting from scratch", run.last_checkpoint)
 
     log.info("per-class RPN on %s (%s, %d classes): %d train images (%d unannotated skipped), %d val, %d ranks, "
              "batch %d, lr %.4f, %d iterations", cfg.model.classifier, cfg.model.feature_stage, len(class_names),
@@ -202,11 +202,10 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                 optimizer_step(sum(losses.values()), optimizer, scaler, params, s.clip_grad_norm,
                                iteration=iteration, losses=losses)
                 window.add(losses, len(labels))
-            scheduler.step()
+            advance_schedule(scheduler)
             iteration += 1
             progress.update(1)
-            if cfg.debug_stop_at_iter and iteration == cfg.debug_stop_at_iter:
-                os._exit(3)  # simulate a killed process: no cleanup, no final checkpoint
+            after_step(iteration, device, save_state, run.last_checkpoint, cfg.debug_stop_at_iter)
             if iteration % cfg.log_period == 0 or iteration == s.max_iter:
                 avg, img_s = window.flush(device)
                 progress.set_postfix(loss=f"{avg['loss']:.3f}", img_s=f"{img_s:.1f}")

@@ -1,0 +1,48 @@
+"""What the training tools share: ``TOOL [CONFIG] [key=value ...]``, the config load, the run under
+signal handling, and one mapping from what went wrong to the exit code and the message on stderr:
+0 done, 2 a problem the message explains (config, data, checkpoint, a full disk), 75 preempted with a
+checkpoint written (run again with ``resume=auto``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from ..checkpoint import CheckpointError
+from .config import ConfigError, config_name, load_config
+from .dist import cleanup
+from .preemption import PREEMPTED_EXIT_CODE, Preempted, catch_stop_signals
+from .state import CheckpointWriteError
+
+
+def training_arguments(description: str, config_required: bool, argv=None) -> argparse.Namespace:
+    """``CONFIG`` (optional when the schema's defaults are a demo) and ``key=value`` overrides."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs=None if config_required else "?",
+                        help="YAML config" + ("" if config_required else " (default: the embedded demo)"))
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. solver.batch_size=16")
+    args = parser.parse_args(argv)
+    if args.config and "=" in args.config:  # only overrides were given
+        args.overrides.insert(0, args.config)
+        args.config = None
+    return args
+
+
+def run_training(schema: type, train: Callable, args: argparse.Namespace, default_name: str,
+                 user_errors: tuple[type[Exception], ...] = ()) -> tuple[int, object, dict]:
+    """Load the config, train under SIGTERM/SIGUSR1 handling, clean up. Returns (exit code, cfg, summary);
+    ``user_errors`` are the tool's own "bad input" exceptions, reported as ``error: ...`` with exit 2."""
+    cfg, summary = None, {}
+    try:
+        cfg = load_config(schema, args.config, args.overrides)
+        with catch_stop_signals():  # SIGTERM / SIGUSR1: checkpoint at the next step, then exit 75
+            summary = train(cfg, config_name(args.config, default_name))
+    except Preempted as exc:
+        print(exc, file=sys.stderr)
+        return PREEMPTED_EXIT_CODE, cfg, {}
+    except (ConfigError, CheckpointError, CheckpointWriteError, *user_errors) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2, cfg, {}
+    finally:
+        cleanup()
+    return 0, cfg, summary

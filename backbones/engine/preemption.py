@@ -1,0 +1,111 @@
+"""Runs that survive the cluster: a termination signal becomes a checkpoint at the next step boundary.
+
+SLURM (``--signal``, preemption, time limit) and cloud spot reclaims send SIGTERM (or SIGUSR1) some
+seconds before they kill a job. :class:`StopSignal` records the signal instead of dying; every trainer
+asks it after each step (:meth:`StopSignal.requested`, which under torchrun makes all ranks agree, so
+they stop at the same iteration), writes its checkpoint and raises :class:`Preempted`; the tools exit
+with :data:`PREEMPTED_EXIT_CODE`, so a job script can tell "requeue me" from a crash. With
+``resume=auto`` the same command then resumes, or starts fresh when there is no checkpoint yet.
+
+Under torchrun the agent forwards SIGTERM to every worker and kills them 30 s later (its default),
+so a step plus a checkpoint must fit in that time.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+# EX_TEMPFAIL (sysexits.h): "temporary failure, try again": a checkpoint was written, resume=auto continues
+PREEMPTED_EXIT_CODE = 75
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+
+
+class Preempted(RuntimeError):
+    """A termination signal arrived; the run wrote its checkpoint at ``iteration`` and stopped."""
+
+    def __init__(self, iteration: int, signal_name: str, checkpoint: str):
+        super().__init__(f"stopped by {signal_name} at iteration {iteration}; checkpoint {checkpoint} written. "
+                         f"Run the same command with resume=auto (or resume=true) to continue "
+                         f"(exit code {PREEMPTED_EXIT_CODE})")
+        self.iteration, self.signal_name, self.checkpoint = iteration, signal_name, checkpoint
+
+
+class StopSignal:
+    """Catches SIGTERM and SIGUSR1 while a trainer runs (a context manager; the previous handlers come back
+    on exit). Outside the main thread signals cannot be caught, and nothing is installed."""
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            logger.warning("received %s: writing a checkpoint at the end of this step, then stopping",
+                           signal.Signals(signum).name)
+        self.received = signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "a peer rank's signal"
+
+    def requested(self, device: torch.device) -> bool:
+        """Whether to stop now. Under torchrun every rank takes part (one small all-reduce per step) and
+        all get the same answer, even when only some received the signal."""
+        local = self.received is not None
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return local
+        flag = torch.tensor([int(local)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+_ACTIVE: StopSignal | None = None  # the StopSignal a tool entered, asked by after_step()
+
+
+class catch_stop_signals(StopSignal):
+    """``with catch_stop_signals():`` around a trainer: the tools use it, so ``after_step`` sees signals."""
+
+    def __enter__(self) -> "catch_stop_signals":
+        global _ACTIVE
+        super().__enter__()
+        _ACTIVE = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _ACTIVE
+        _ACTIVE = None
+        super().__exit__(*exc)
+
+
+def after_step(iteration: int, device: torch.device, save, checkpoint: str, debug_stop_at_iter: int = 0,
+               debug_iteration: int | None = None) -> None:
+    """What every training loop does after each step, in one place:
+
+    * the test-only abrupt stop (``debug_stop_at_iter``: ``os._exit(3)``, no cleanup and no checkpoint, as a
+      killed process), compared with ``debug_iteration`` when the loop counts on from an earlier stage;
+    * the preemption check: on a stop signal (any rank's), ``save(iteration)`` on every rank, then
+      :class:`Preempted`."""
+    if debug_stop_at_iter and (iteration if debug_iteration is None else debug_iteration) == debug_stop_at_iter:
+        import os
+        os._exit(3)
+    if _ACTIVE is not None and _ACTIVE.requested(device):
+        save(iteration)
+        raise Preempted(iteration, _ACTIVE.signal_name, checkpoint)
