@@ -1,4 +1,5 @@
-"""Backbone checkpoints: the file pretraining hands to detection, and torchvision conversion.
+"""Backbone checkpoints: the file pretraining hands to detection, and weights from elsewhere
+(torchvision here; MSRA, Detectron2 and the safe reading of pickles in :mod:`backbones.foreign_weights`).
 
 A backbone checkpoint is a plain dict (loadable with ``torch.load(weights_only=True)``)::
 
@@ -8,15 +9,16 @@ A backbone checkpoint is a plain dict (loadable with ``torch.load(weights_only=T
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections import Counter
 
-import torch
 from torch import nn
 
 from .resnet import ResNet
 
+logger = logging.getLogger(__name__)
 FORMAT = "resdet-backbone/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,25 +80,46 @@ def convert_torchvision_state_dict(tv_state: dict) -> tuple[dict, dict]:
 
 
 def read_backbone_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a resdet backbone checkpoint or a torchvision ResNet state_dict as a backbone checkpoint."""
+    """Load a resdet backbone checkpoint, or ResNet weights from elsewhere converted to one: the MSRA
+    models of the paper (Detectron's ``R-50.pkl`` ...), Detectron2 checkpoints, torchvision / timm state
+    dicts (:mod:`backbones.foreign_weights`; pickles are read with a restricted unpickler). The layout is
+    recognised by its keys and logged with the normalisation it implies."""
+    from .foreign_weights import (WeightsFormatError, convert_detectron2, convert_msra, detect_layout,
+                                  read_weights_file)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: backbone checkpoint not found")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = read_weights_file(path)
+    except WeightsFormatError as exc:
+        raise CheckpointError(str(exc)) from exc
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return obj
     if isinstance(obj, dict) and "model" in obj and isinstance(obj.get("backbone"), dict):
         return obj["backbone"]  # a full pretraining training state also carries the backbone part
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        state, arch = convert_torchvision_state_dict(obj)
-        return {
-            "format": FORMAT, "arch": arch, "state_dict": state,
-            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-            "class_names": [], "config": f"# converted from torchvision file {path}",
-        }
-    raise CheckpointError(
-        f"{path}: neither a resdet backbone checkpoint (format {FORMAT!r}) nor a torchvision ResNet state_dict"
-    )
+    layout, weights = detect_layout(obj)
+    try:
+        if layout == "msra":
+            state, arch, normalization = convert_msra(weights, path)
+            how = "BGR -> RGB first conv, MSRA mean, std 1 on 0-255 pixels, stride in the 1x1"
+        elif layout == "detectron2":
+            state, arch, normalization = convert_detectron2(weights, path)
+            how = "BGR -> RGB first conv, Detectron2's BGR mean, std 1 on 0-255 pixels, stride in the 1x1"
+        elif layout == "torchvision":
+            state, arch = convert_torchvision_state_dict(weights)
+            normalization = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+            how = "RGB, ImageNet mean/std, stride in the 3x3 (model.backbone.stride_in_1x1=false)"
+        else:
+            keys = sorted(weights)[:8] if isinstance(weights, dict) else []
+            raise CheckpointError(
+                f"{path}: neither a resdet backbone checkpoint (format {FORMAT!r}) nor ResNet weights in a known layout "
+                f"(MSRA/Detectron conv1_w, res2_0_branch2a_w; Detectron2 backbone.bottom_up.stem.conv1.weight; "
+                f"torchvision/timm conv1.weight, layer1.0.conv1.weight); its first keys: {keys or type(obj).__name__}")
+    except WeightsFormatError as exc:
+        raise CheckpointError(str(exc)) from exc
+    logger.info("%s: %s ResNet weights (%s)", path, layout, how)
+    return {"format": FORMAT, "arch": arch, "state_dict": state, "normalization": normalization,
+            "class_names": [], "config": f"# converted from {layout} file {path} ({how})"}
 
 
 def load_backbone_weights(model: nn.Module, checkpoint: dict, source: str = "checkpoint", strict_head: bool = False) -> None:
@@ -116,7 +139,8 @@ def load_backbone_weights(model: nn.Module, checkpoint: dict, source: str = "che
     src = checkpoint["state_dict"]
     dst = model.state_dict()
     head_ok = lambda k: strict_head or not k.startswith("fc.")  # noqa: E731
-    missing = [k for k in dst if k not in src and head_ok(k)]
+    # a BN's num_batches_tracked is a counter, absent from converted (folded or frozen) weights
+    missing = [k for k in dst if k not in src and head_ok(k) and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in src if k not in dst and head_ok(k)]
     shapes = [f"{k} {tuple(src[k].shape)} vs {tuple(dst[k].shape)}" for k in dst
               if k in src and src[k].shape != dst[k].shape and head_ok(k)]
