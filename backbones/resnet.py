@@ -289,6 +289,54 @@ def convert_bn_to_frozen(module: nn.Module) -> nn.Module:
     return module
 
 
+class _FoldedAway(FrozenBatchNorm2d):
+    """A FrozenBatchNorm2d whose affine transform its convolution now applies (:func:`fold_frozen_bn`).
+    It keeps its buffers and its place in the module tree, so state_dict keys and checkpoints are
+    unchanged; its forward passes the input through."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class FrozenBNConv2d(nn.Conv2d):
+    """A convolution followed by a frozen batch norm, computed as one convolution.
+
+    Frozen BN is ``y * s + t`` with fixed ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``; so
+    ``conv(x, W) * s + t = conv(x, W * s) + t``. Scaling the C_out filters costs a few thousand
+    multiplies per step instead of two passes over the whole activation map (forward and backward),
+    which is most of a frozen-BN network's elementwise work. The weights stay the trainable ones
+    (gradients flow through the scaling); the BN's statistics are read at every call, so loading a
+    checkpoint afterwards still takes effect."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self._folded_bn
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        shift = bn.bias - bn.running_mean * scale
+        weight = self.weight * scale.to(self.weight.dtype).view(-1, 1, 1, 1)
+        if self.bias is not None:
+            shift = shift + self.bias * scale
+        return F.conv2d(x, weight, shift.to(weight.dtype), self.stride, self.padding, self.dilation, self.groups)
+
+
+def fold_frozen_bn(module: nn.Module) -> int:
+    """In ``module`` (in place), fold every FrozenBatchNorm2d that directly follows its convolution
+    (``conv``/``bn``, ``conv1``/``bn1`` ... siblings, as in every block here) into that convolution
+    (:class:`FrozenBNConv2d`). A trainable BatchNorm is left alone. Returns how many were folded."""
+    folded = 0
+    for parent in module.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is not FrozenBatchNorm2d or not name.startswith("bn"):
+                continue
+            conv = getattr(parent, "conv" + name[2:], None)
+            if type(conv) is not nn.Conv2d or conv.out_channels != child.weight.numel():
+                continue
+            conv.__class__ = FrozenBNConv2d  # same parameters, same state_dict keys
+            object.__setattr__(conv, "_folded_bn", child)  # a reference, not a second registration
+            child.__class__ = _FoldedAway
+            folded += 1
+    return folded
+
+
 # ---------------------------------------------------------------------------------------------
 # Named constructors, mirroring torchvision.models so people and scripts find them.
 

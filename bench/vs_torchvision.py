@@ -44,6 +44,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision.models.detection import FasterRCNN  # noqa: E402
@@ -139,7 +140,8 @@ def prepare_coco128(out_dir: str) -> list[str]:
 
 
 def torchvision_parts(cfg, num_classes: int) -> FasterRCNN:
-    resnet, mean, std = build_backbone(cfg.model.backbone)  # same trunk weights and freezing as ours
+    # same trunk weights and freezing as ours, with torchvision's FrozenBatchNorm2d as separate layers
+    resnet, mean, std = build_backbone(OmegaConf.merge(cfg.model.backbone, {"fold_frozen_bn": False}))
     trunk = nn.Sequential(resnet.stem, resnet.res2, resnet.res3, resnet.res4)
     trunk.out_channels = resnet.stage_channels["res4"]
     head = nn.Sequential(resnet.res5, nn.AdaptiveAvgPool2d(1), nn.Flatten())

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -137,3 +139,46 @@ def test_read_backbone_checkpoint_converts_torchvision_file(tmp_path):
     torch.testing.assert_close(model.stem.conv.weight, tv.conv1.weight)
     with pytest.raises(CheckpointError, match="not found"):
         backbones.read_backbone_checkpoint(tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_folded_frozen_bn_gives_the_same_outputs_gradients_and_checkpoints(depth):
+    """Frozen BN applied through the convolution weights (fold_frozen_bn) against the plain layers: same
+    features, same gradients for the trainable weights, same state_dict keys; a checkpoint loaded after
+    folding takes effect (the BN statistics are read at every call)."""
+    from backbones.resnet import convert_bn_to_frozen, fold_frozen_bn
+    torch.manual_seed(0)
+    plain = build_resnet(depth, num_classes=0, base_width=8)
+    with torch.no_grad():
+        for m in plain.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2.0)
+    convert_bn_to_frozen(plain)
+    plain.freeze(1)
+    folded = copy.deepcopy(plain)
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in folded.modules())
+    assert fold_frozen_bn(folded) == n_convs  # every conv here is followed by its (frozen) BN
+    assert list(folded.state_dict()) == list(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    outs = []
+    for net in (plain, folded):
+        y = net.forward_features(x, ["res4", "res5"])
+        (y["res4"].square().mean() + y["res5"].mean()).backward()
+        outs.append((y, {n: p.grad for n, p in net.named_parameters() if p.requires_grad}))
+    (ya, ga), (yb, gb) = outs
+    for k in ya:
+        torch.testing.assert_close(yb[k], ya[k], rtol=1e-4, atol=1e-5 * float(ya[k].abs().max()))
+    assert set(ga) == set(gb) and not any(n.startswith("stem.") for n in ga)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-3, atol=1e-4 * float(ga[n].abs().max()), msg=n)
+    # a state_dict written by the plain net loads into the folded one and changes its output
+    other = copy.deepcopy(plain)
+    with torch.no_grad():
+        for m in other.modules():
+            if hasattr(m, "running_mean"):
+                m.running_mean.add_(0.5)
+    folded.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(folded.forward_features(x, ["res5"])["res5"],
+                                   other.forward_features(x, ["res5"])["res5"], rtol=1e-4, atol=1e-4)

@@ -16,7 +16,7 @@ import os
 from backbones import (CheckpointError, build_resnet, convert_bn_to_frozen, load_backbone_weights,
                        read_backbone_checkpoint)
 from backbones.checkpoint import IMAGENET_MEAN, IMAGENET_STD
-from backbones.resnet import IMAGENET_DEPTHS, ResNet
+from backbones.resnet import IMAGENET_DEPTHS, ResNet, fold_frozen_bn
 
 from .anchor_generator import AnchorGenerator
 from .box_coder import BoxCoder
@@ -75,6 +75,8 @@ def build_backbone(cfg) -> tuple[ResNet, list[float], list[float]]:
     if cfg.norm == "frozen_bn":
         convert_bn_to_frozen(resnet)
     resnet.freeze(cfg.freeze_at)
+    if cfg.fold_frozen_bn:
+        fold_frozen_bn(resnet)
     return resnet, [255.0 * float(m) for m in mean], [255.0 * float(s) for s in std]
 
 

@@ -18,6 +18,9 @@ class BackboneConfig:
     stride_in_1x1: bool = True  # the paper's layout; torchvision's weights need false
     norm: str = "frozen_bn"  # bn | frozen_bn | sync_bn
     freeze_at: int = 2  # 0: train all, 1: freeze stem, 2: stem + res2, ...
+    # Frozen BN applied through its convolution's weights (same result, no pass over the activations);
+    # false: as separate layers (the plain path, for comparison). Trainable BN is never folded.
+    fold_frozen_bn: bool = True
     # A resdet backbone checkpoint or a torchvision ResNet state_dict file; "" = random initialisation.
     weights: str = ""
 

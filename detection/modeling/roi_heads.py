@@ -111,9 +111,11 @@ def box_voting(kept_boxes: torch.Tensor, kept_labels: torch.Tensor, boxes: torch
     if kept_boxes.numel() == 0:
         return kept_boxes
     iou = box_iou(kept_boxes, boxes)
-    weights = ((iou >= iou_thresh) & (kept_labels[:, None] == labels[None, :])).float() * scores[None, :]
-    # a kept box always votes for itself (IoU 1), so the weights never sum to zero for scores > 0
-    return (weights @ boxes) / weights.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    weights = ((iou >= iou_thresh) & (kept_labels[:, None] == labels[None, :])).double() * scores[None, :].double()
+    # a kept box always votes for itself (IoU 1), so the weights never sum to zero for scores > 0. In float64:
+    # a float32 mean of clipped boxes can land a rounding error past the image border.
+    voted = (weights @ boxes.double()) / weights.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    return voted.to(boxes.dtype)
 
 
 class ROIHeads(nn.Module):
