@@ -161,3 +161,14 @@ def test_format_metrics_table():
     metrics["per_class_AP"] = {"cat": 0.25, "dog": -1.0}
     text = format_metrics_table(metrics)
     assert "AP50" in text and " 50.00" in text and "n/a" in text and "cat" in text and " 25.00" in text
+
+
+def test_per_image_ap50_of_the_report_by_hand():
+    from detection.evaluation.report import image_ap50
+    gt, labels = [[0, 0, 10, 10], [20, 20, 30, 30]], [1, 1]
+    assert image_ap50(gt, labels, [[0, 0, 10, 10], [20, 20, 30, 30]], [0.9, 0.8], np.array([1, 1])) == 1.0
+    # one hit after a false positive: precision 1/2 at recall 1/2 -> 51 of 101 recall points at 0.5
+    assert image_ap50(gt, labels, [[50, 50, 60, 60], [0, 0, 10, 10]], [0.9, 0.8], np.array([1, 1])) == \
+        pytest.approx(51 * 0.5 / 101)
+    assert image_ap50(gt, labels, [[0, 0, 10, 10]], [0.9], np.array([2])) == 0.0  # right place, wrong class
+    assert image_ap50([], [], [], [], np.array([])) == 1.0 and image_ap50([], [], [[0, 0, 1, 1]], [0.5], np.array([1])) == 0.0

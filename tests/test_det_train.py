@@ -110,6 +110,12 @@ def test_train_eval_infer_write_their_files(tiny_coco, tmp_path):
     metrics = json.loads((out / "eval_last" / "coco_metrics.json").read_text())
     assert metrics["AP"] == pytest.approx(summary["coco_val"]["AP"], abs=1e-9)  # same weights, same data
     assert metrics["num_images"] == 6 and metrics["num_unprocessed"] == 0
+    page = (out / "eval_last" / "index.html").read_text()  # the report a person looks at
+    assert "pr_curves.png" in page and "per_class_ap.png" in page and "worst:" in page and "best:" in page
+    for name in ("pr_curves.png", "per_class_ap.png"):
+        assert cv2.imread(str(out / "eval_last" / name)) is not None, name
+    shown = [line.split("src='")[1].split("'")[0] for line in page.splitlines() if "examples/" in line]
+    assert shown and all(cv2.imread(str(out / "eval_last" / src)) is not None for src in shown)
 
     # A broken val image stops evaluation at load (strict val set), naming it ...
     broken = tmp_path / "val_images"

@@ -17,6 +17,7 @@ baseline -> +box refinement -> +global context (the ``--context`` run: a detecto
 It writes ladder.md and ladder.json into <run>/eval_<checkpoint>/.
 """
 import argparse
+import json
 from dataclasses import replace
 import os
 import sys
@@ -32,6 +33,7 @@ from backbones.engine.run import write_json_atomic
 from detection.config import DetConfig
 from detection.engine import build_datasets, evaluate, prepare_data_paths, val_loader
 from detection.evaluation.coco_eval import format_metrics_table
+from detection.evaluation.report import write_report
 from detection.modeling.test_time import for_testing, options_from_config, paper_test_scales
 from detection.predictor import load_trained_detector
 
@@ -147,6 +149,11 @@ def main(argv=None) -> int:
         print(f"results in {out_dir}")
         return 0
     print(format_metrics_table(metrics))
+    results_file = os.path.join(out_dir, "coco_results.json")
+    if cfg.data.format == "coco" and os.path.isfile(results_file):  # the page a person looks at
+        with open(results_file) as f:
+            page = write_report(out_dir, val_set, json.load(f), metrics)
+        print(f"report: {page} (PR curves, per-class AP, best and worst val images)")
     write_json_atomic(os.path.join(out_dir, "summary.json"), {
         "checkpoint": ckpt_path, "ensemble_runs": args.ensemble, "coco_val": metrics,
         "test_time": dict(options_from_config(cfg.eval).__dict__)})

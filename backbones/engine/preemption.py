@@ -13,6 +13,7 @@ so a step plus a checkpoint must fit in that time.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -104,7 +105,6 @@ def after_step(iteration: int, device: torch.device, save, checkpoint: str, debu
     * the preemption check: on a stop signal (any rank's), ``save(iteration)`` on every rank, then
       :class:`Preempted`."""
     if debug_stop_at_iter and (iteration if debug_iteration is None else debug_iteration) == debug_stop_at_iter:
-        import os
         os._exit(3)
     if _ACTIVE is not None and _ACTIVE.requested(device):
         save(iteration)

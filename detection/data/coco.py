@@ -29,7 +29,6 @@ from .problems import DataProblems, DatasetError, verify_images
 logger = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
-MAX_MISSING_LISTED = 5
 __all__ = ["CocoDetection", "DatasetError"]
 
 
