@@ -158,8 +158,10 @@ def write_report(out_dir: str, dataset, results: list[dict], metrics: dict, exam
         boxes = [[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in dets)]
         ap = image_ap50(record["boxes"], gt_labels, boxes, [d["score"] for d in dets],
                         np.asarray([d["category_id"] for d in dets]))
+        if not len(record["boxes"]) and not any(d["score"] >= 0.3 for d in dets):
+            continue  # nothing to see: no object and no confident false positive
         scored.append((ap, record, dets, boxes))
-    scored.sort(key=lambda s: s[0])
+    scored.sort(key=lambda s: (s[0], -len(s[1]["boxes"])))  # ties: the images with more objects first
     chosen = [("worst", s) for s in scored[:examples]] + [("best", s) for s in scored[::-1][:examples]]
     example_rows = []
     for kind, (ap, record, dets, boxes) in chosen:
