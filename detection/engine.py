@@ -22,6 +22,7 @@ from backbones.engine.state import (should_resume, atomic_save, restore_training
 from .data.batching import build_batch_sampler, collate_detection
 from .data.coco import CocoDetection, DatasetError
 from .data.problems import VERIFY_MODES
+from .data.report import class_box_counts
 from .data.synthetic import make_synthetic_coco, make_synthetic_voc
 from .data.transforms import boxes_to_original, build_transform
 from .data.voc import DIFFICULT_MODES, FORMATS as XML_FORMATS, LAYOUTS as XML_LAYOUTS, VocDetection, parse_set_spec
@@ -165,15 +166,6 @@ def build_datasets(cfg: DictConfig, train: bool = True):
     if train_set is not None and train_set.class_names != val_set.class_names:
         raise ValueError(f"{d.train_annotations} and {d.val_annotations} have different categories")
     return train_set, val_set
-
-
-def class_box_counts(dataset) -> dict[str, int]:
-    """Class name -> number of (non-crowd) boxes in ``dataset``, in label order."""
-    counts = [0] * len(dataset.class_names)
-    for record in dataset.records:
-        for label in record["labels"]:
-            counts[int(label) - 1] += 1
-    return dict(zip(dataset.class_names, counts))
 
 
 def val_loader(cfg: DictConfig, dataset) -> DataLoader:

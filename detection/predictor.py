@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 
-import cv2
 import numpy as np
 import torch
 from omegaconf import DictConfig
@@ -68,22 +67,3 @@ class Predictor:
                 for b, s, lbl in zip(boxes[keep], det["scores"].cpu()[keep], det["labels"].cpu()[keep])
             ],
         }
-
-
-def draw_detections(image_rgb: np.ndarray, detections: list[dict]) -> np.ndarray:
-    """Boxes, class names and scores drawn onto a copy of the image (BGR, ready for cv2.imwrite)."""
-    canvas = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
-    scale = max(1.0, 480 / max(canvas.shape[:2]))  # small images are enlarged so the labels stay legible
-    if scale > 1:
-        canvas = cv2.resize(canvas, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-    palette = [(0, 220, 255), (255, 80, 80), (80, 255, 80), (255, 0, 255), (0, 128, 255), (255, 255, 0)]
-    names = sorted({d["label"] for d in detections})
-    for d in detections:
-        x1, y1, x2, y2 = (int(round(v * scale)) for v in d["box_xyxy"])
-        color = palette[names.index(d["label"]) % len(palette)]
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, 2)
-        text = f"{d['label']} {d['score']:.2f}" if "score" in d else str(d["label"])  # ground truth: no score
-        (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
-        cv2.rectangle(canvas, (x1, max(0, y1 - th - 4)), (x1 + tw + 2, y1), color, -1)
-        cv2.putText(canvas, text, (x1 + 1, y1 - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    return canvas

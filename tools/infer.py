@@ -20,7 +20,8 @@ from backbones.engine.config import ConfigError, load_config
 from backbones.engine.imageio import CorruptImageError, is_image_file, read_image_rgb
 from detection.config import DetConfig
 from detection.modeling.test_time import for_testing, options_from_config
-from detection.predictor import Predictor, draw_detections, load_trained_detector
+from detection.predictor import Predictor, load_trained_detector
+from detection.visualize import draw_detections
 
 
 def list_images(inputs: list[str]) -> list[str]:

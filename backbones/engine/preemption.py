@@ -1,8 +1,8 @@
 """Runs that survive the cluster: a termination signal becomes a checkpoint at the next step boundary.
 
 SLURM (``--signal``, preemption, time limit) and cloud spot reclaims send SIGTERM (or SIGUSR1) some
-seconds before they kill a job. :class:`StopSignal` records the signal instead of dying; every trainer
-asks it after each step (:meth:`StopSignal.requested`, which under torchrun makes all ranks agree, so
+seconds before they kill a job. :class:`catch_stop_signals` records the signal instead of dying; every trainer
+asks it after each step (:func:`after_step`, which under torchrun makes all ranks agree, so
 they stop at the same iteration), writes its checkpoint and raises :class:`Preempted`; the tools exit
 with :data:`PREEMPTED_EXIT_CODE`, so a job script can tell "requeue me" from a crash. With
 ``resume=auto`` the same command then resumes, or starts fresh when there is no checkpoint yet.
@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
+_ACTIVE: "catch_stop_signals | None" = None  # the one a tool entered, asked by after_step()
 
 # EX_TEMPFAIL (sysexits.h): "temporary failure, try again": a checkpoint was written, resume=auto continues
 PREEMPTED_EXIT_CODE = 75
@@ -37,22 +38,27 @@ class Preempted(RuntimeError):
         self.iteration, self.signal_name, self.checkpoint = iteration, signal_name, checkpoint
 
 
-class StopSignal:
-    """Catches SIGTERM and SIGUSR1 while a trainer runs (a context manager; the previous handlers come back
-    on exit). Outside the main thread signals cannot be caught, and nothing is installed."""
+class catch_stop_signals:
+    """``with catch_stop_signals():`` around a trainer (the tools do): SIGTERM and SIGUSR1 are recorded for
+    :func:`after_step` instead of killing the process; the previous handlers come back on exit. Outside
+    the main thread signals cannot be caught, and nothing is installed."""
 
     def __init__(self, signals=STOP_SIGNALS):
         self.signals = tuple(signals)
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> "catch_stop_signals":
+        global _ACTIVE
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        _ACTIVE = self
         return self
 
     def __exit__(self, *exc) -> None:
+        global _ACTIVE
+        _ACTIVE = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -76,24 +82,6 @@ class StopSignal:
         flag = torch.tensor([int(local)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
-
-_ACTIVE: StopSignal | None = None  # the StopSignal a tool entered, asked by after_step()
-
-
-class catch_stop_signals(StopSignal):
-    """``with catch_stop_signals():`` around a trainer: the tools use it, so ``after_step`` sees signals."""
-
-    def __enter__(self) -> "catch_stop_signals":
-        global _ACTIVE
-        super().__enter__()
-        _ACTIVE = self
-        return self
-
-    def __exit__(self, *exc) -> None:
-        global _ACTIVE
-        _ACTIVE = None
-        super().__exit__(*exc)
 
 
 def after_step(iteration: int, device: torch.device, save, checkpoint: str, debug_stop_at_iter: int = 0,

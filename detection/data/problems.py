@@ -107,15 +107,21 @@ def verify_images(items: list[tuple[str, int, int, str]], problems: DataProblems
         return set()
     threads = threads or min(32, 4 * (os.cpu_count() or 1))
 
+    unreadable = ("unreadable image", "replace the file, or remove its record")
+    mismatch = ("image size differs from the annotation", "correct width/height in the annotations (for an "
+                "EXIF-rotated photo: the rotated size) or replace the image")
+
     def check(item):
-        path, height, width, where = item
+        """(item, None) or (item, (kind, fix), what was found)."""
+        path, height, width, _ = item
         try:
             found = image_size(path, decode=mode == "decode")
         except Exception as exc:  # noqa: BLE001 - any failure to open is the same problem for the user
-            return item, f"cannot be read ({type(exc).__name__}: {exc})"
+            return item, unreadable, f"cannot be read ({type(exc).__name__}: {exc})"
         if tuple(found) != (height, width):
-            return item, f"decodes as {found[1]}x{found[0]} (EXIF orientation applied), annotated {width}x{height}"
-        return item, None
+            return item, mismatch, (f"decodes as {found[1]}x{found[0]} (EXIF orientation applied), "
+                                    f"annotated {width}x{height}")
+        return item, None, ""
 
     bad = set()
     from backbones.engine.run import progress_bar
@@ -123,15 +129,8 @@ def verify_images(items: list[tuple[str, int, int, str]], problems: DataProblems
         results = pool.map(check, items, chunksize=64)
         bar = progress_bar(iterable=results, total=len(items), desc=f"checking images ({mode})",
                            disable=not progress or len(items) < 2000)
-        for (path, _, _, where), error in bar:
-            if error is None:
-                continue
-            bad.add(path)
-            if error.startswith("cannot"):
-                problems.add("unreadable image", f"{path} ({where}): {error}",
-                             "replace the file, or remove its record")
-            else:
-                problems.add("image size differs from the annotation", f"{path} ({where}): {error}",
-                             "correct width/height in the annotations (for an EXIF-rotated photo: the rotated "
-                             "size) or replace the image")
+        for (path, _, _, where), problem, found in bar:
+            if problem is not None:
+                bad.add(path)
+                problems.add(problem[0], f"{path} ({where}): {found}", problem[1])
     return bad

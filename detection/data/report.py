@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+from ..visualize import draw_detections
 from .transforms import resized_shape
 
 SIZE_BINS = (0, 16, 32, 64, 128, 256, 512, math.inf)  # sqrt(area) in pixels of the training input
@@ -25,6 +26,15 @@ def _percentiles(values) -> dict:
         return {"min": 0, "median": 0, "max": 0}
     v = np.asarray(values)
     return {"min": int(v.min()), "median": float(np.median(v)), "max": int(v.max())}
+
+
+def class_box_counts(dataset) -> dict[str, int]:
+    """Class name -> number of (non-crowd) boxes in ``dataset``, in label order."""
+    counts = [0] * len(dataset.class_names)
+    for record in dataset.records:
+        for label in record["labels"]:
+            counts[int(label) - 1] += 1
+    return dict(zip(dataset.class_names, counts))
 
 
 def anchor_coverage(records, anchor_generator, short_side: int, max_size: int, max_images: int = 2000) -> dict:
@@ -50,11 +60,8 @@ def anchor_coverage(records, anchor_generator, short_side: int, max_size: int, m
 def dataset_report(dataset, anchor_generator=None, short_side: int = 600, max_size: int = 1000) -> dict:
     """The numbers above for one loaded :class:`~detection.data.coco.CocoDetection` (or VOC) set."""
     per_image = [len(r["boxes"]) for r in dataset.records]
-    counts = np.zeros(len(dataset.class_names), np.int64)
     sizes = []
     for r in dataset.records:
-        for label in r["labels"]:
-            counts[int(label) - 1] += 1
         if len(r["boxes"]):
             h, w = resized_shape(r["height"], r["width"], short_side, max_size)
             sx, sy = w / r["width"], h / r["height"]
@@ -67,7 +74,7 @@ def dataset_report(dataset, anchor_generator=None, short_side: int = 600, max_si
         "crowd_boxes": int(sum(len(r["crowd_boxes"]) for r in dataset.records)),
         "images_without_boxes": int(sum(n == 0 for n in per_image)),
         "boxes_per_image": _percentiles(per_image),
-        "classes": {name: int(n) for name, n in zip(dataset.class_names, counts)},
+        "classes": class_box_counts(dataset),
         "box_size_at_training_scale": dict(zip(labels, (int(x) for x in hist))),
         "training_scale": f"shorter side {short_side}, longer at most {max_size}",
         "problems": dict(dataset.stats.get("problems", {})),
@@ -103,7 +110,6 @@ def augmented_grid(dataset, indices, columns: int = 4, cell: int = 320) -> np.nd
     tiled into one BGR image for cv2.imwrite. Crowd regions are labelled ``crowd``."""
     import cv2
 
-    from ..predictor import draw_detections
     tiles = []
     for index in indices:
         item = dataset[index]

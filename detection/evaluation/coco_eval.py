@@ -21,6 +21,7 @@ from backbones.engine.run import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
+PR_CURVES_FILE = "pr_curves.npz"  # precision [IoU .50:.05:.95, 101 recall points, class], and cat_ids
 # COCOeval.stats, in its order
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -49,6 +50,7 @@ class COCOEvaluator:
 
     def reset(self) -> None:
         self._results: dict[int, list[dict]] = {}  # image id -> its COCO results; keyed so repeats count once
+        self._curves: dict | None = None
 
     def process(self, targets: list[dict], detections: list[dict]) -> None:
         """Record one batch. ``detections[i]`` has ``boxes`` (xyxy, original image pixels), ``scores`` and
@@ -97,6 +99,9 @@ class COCOEvaluator:
         _quiet(coco_eval.summarize)
         metrics = {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
         metrics["per_class_AP"] = self._per_class_ap(coco_eval)
+        # the PR curves behind those numbers (all areas, 100 detections), for the evaluation page
+        self._curves = {"precision": coco_eval.eval["precision"][:, :, :, 0, -1],
+                        "cat_ids": np.asarray(coco_eval.params.catIds)}
         return metrics
 
     def _per_class_ap(self, coco_eval: COCOeval) -> dict[str, float]:
@@ -113,6 +118,8 @@ class COCOEvaluator:
         os.makedirs(self.output_dir, exist_ok=True)
         write_json_atomic(os.path.join(self.output_dir, "coco_results.json"), results)
         write_json_atomic(os.path.join(self.output_dir, "coco_metrics.json"), metrics)
+        if self._curves is not None:
+            np.savez(os.path.join(self.output_dir, PR_CURVES_FILE), **self._curves)
         path = os.path.join(self.output_dir, "per_class_ap.txt")
         with open(f"{path}.tmp.{os.getpid()}", "w", encoding="utf-8") as f:
             f.write(format_per_class_table(metrics["per_class_AP"]) + "\n")

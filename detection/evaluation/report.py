@@ -2,35 +2,23 @@
 images with detections beside ground truth, gathered in one ``index.html`` next to the metrics.
 
 The curves are pycocotools' own accumulated precision (101 recall points, all areas, 100 detections),
-so they are the curves behind the AP printed in the table. Images are ranked by their own AP at IoU 0.5
+saved by the evaluator that scored the run (``pr_curves.npz``), so they are the curves behind the AP printed
+in the table and nothing is evaluated twice. Images are ranked by their own AP at IoU 0.5
 (every class pooled, detections of any score), which points at what the detector gets wrong.
 """
 from __future__ import annotations
 
-import contextlib
 import html
-import io
 import os
 
 import numpy as np
 import torch
-from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_iou
 
-from .coco_eval import METRIC_NAMES
+from ..visualize import draw_detections
+from .coco_eval import METRIC_NAMES, PR_CURVES_FILE
 
 RECALL = np.linspace(0, 1, 101)
-
-
-def _coco_eval(coco_gt, results: list[dict]) -> COCOeval | None:
-    if not results:
-        return None
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes([dict(r) for r in results])
-        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
-        ev.evaluate()
-        ev.accumulate()
-    return ev
 
 
 def _mean_precision(precision: np.ndarray) -> np.ndarray:
@@ -41,12 +29,11 @@ def _mean_precision(precision: np.ndarray) -> np.ndarray:
     return np.where(count > 0, total / np.maximum(count, 1), -1)
 
 
-def plot_pr_curves(ev: COCOeval, class_names: dict[int, str], path: str) -> None:
+def plot_pr_curves(precision: np.ndarray, cats, class_names: dict[int, str], path: str) -> None:
+    """``precision`` [IoU .50:.95, 101 recall points, class] for the categories ``cats`` (-1: undefined)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    precision = ev.eval["precision"][:, :, :, 0, -1]  # [IoU, recall, class], all areas, 100 dets
-    cats = ev.params.catIds
     n = len(cats)
     cols = min(5, n)
     rows = 1 + -(-n // cols)
@@ -122,7 +109,6 @@ def image_ap50(gt_boxes, gt_labels, det_boxes, det_scores, det_labels) -> float:
 def _side_by_side(image_rgb, gt, dets) -> np.ndarray:
     import cv2
 
-    from ..predictor import draw_detections
     left = draw_detections(image_rgb, gt)
     right = draw_detections(image_rgb, dets)
     cv2.putText(left, "ground truth", (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 2, cv2.LINE_AA)
@@ -139,10 +125,12 @@ def write_report(out_dir: str, dataset, results: list[dict], metrics: dict, exam
     os.makedirs(os.path.join(out_dir, "examples"), exist_ok=True)
     coco = dataset.coco
     names = {c["id"]: c["name"] for c in coco.dataset["categories"]}
-    ev = _coco_eval(coco, results)
     figures = []
-    if ev is not None:
-        plot_pr_curves(ev, names, os.path.join(out_dir, "pr_curves.png"))
+    curves_file = os.path.join(out_dir, PR_CURVES_FILE)  # written by the COCOEvaluator that scored them
+    if results and os.path.isfile(curves_file):
+        with np.load(curves_file) as curves:
+            plot_pr_curves(curves["precision"], curves["cat_ids"].tolist(), names,
+                           os.path.join(out_dir, "pr_curves.png"))
         figures.append(("Precision-recall (pycocotools' accumulated precision)", "pr_curves.png"))
     if metrics.get("per_class_AP"):
         plot_per_class_ap(metrics["per_class_AP"], os.path.join(out_dir, "per_class_ap.png"))
