@@ -46,8 +46,8 @@ def make_inputs(batch, height, width, device, seed=0):
     return images.to(device), targets
 
 
-def ours(depth, neck, fold=True):
-    """resdet's detector; ``fold=False`` is the plain path (frozen BN as separate layers)."""
+def ours(depth, neck, fold=False):
+    """resdet's detector; ``fold=True`` folds the frozen BN into the convolutions."""
     cfg = OmegaConf.structured(DetConfig)
     cfg.model.backbone.depth = depth
     cfg.model.backbone.fold_frozen_bn = fold
@@ -174,10 +174,10 @@ def main():
     images, targets = make_inputs(args.batch, args.height, args.width, device)
     pairs = {
         "r50c4": [("resdet R50-C4", lambda: ours(50, "none"), run_ours),
-                  ("resdet R50-C4, plain path (BN not folded)", lambda: ours(50, "none", fold=False), run_ours),
+                  ("resdet R50-C4, frozen BN folded", lambda: ours(50, "none", fold=True), run_ours),
                   ("torchvision parts R50-C4", lambda: torchvision_c4(50, args.height, args.width), run_tv)],
         "r101c4": [("resdet R101-C4", lambda: ours(101, "none"), run_ours),
-                   ("resdet R101-C4, plain path (BN not folded)", lambda: ours(101, "none", fold=False), run_ours),
+                   ("resdet R101-C4, frozen BN folded", lambda: ours(101, "none", fold=True), run_ours),
                    ("torchvision parts R101-C4", lambda: torchvision_c4(101, args.height, args.width), run_tv)],
         "r50fpn": [("resdet R50-FPN", lambda: ours(50, "fpn"), run_ours),
                    ("torchvision fasterrcnn_resnet50_fpn", lambda: torchvision_fpn(args.height, args.width), run_tv)],
