@@ -1,18 +1,23 @@
-"""Load a trained detector from its run folder and run it on image files."""
+"""Load a trained detector from its run folder and run it on images: the Python API (``Predictor``)."""
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from backbones.engine.config import load_config
 from backbones.engine.imageio import read_image_rgb
 from backbones.engine.state import load_checkpoint
 
+from .config import DetConfig
 from .data.batching import collate_detection
 from .data.transforms import boxes_to_original, build_transform
+from .modeling.box_ops import clip_boxes
 from .modeling.build import build_detector
+from .modeling.test_time import for_testing, options_from_config
 
 
 def resolve_checkpoint(run_dir: str, which: str) -> str:
@@ -37,7 +42,16 @@ def load_trained_detector(run_dir: str, cfg: DictConfig, which: str, device):
 
 
 class Predictor:
-    """Detections for image files, in the files' own pixel coordinates, with class names."""
+    """Detections for images (file paths or RGB uint8 arrays), in each image's own pixels, with class names.
+
+        predictor = Predictor.from_run("runs/frcnn_demo", checkpoint="best")
+        result = predictor("photo.jpg")                 # one image -> one dict
+        results = predictor(["a.jpg", "b.jpg", array])  # a list -> a list, run as one batch
+
+    Each result is ``{"file", "width", "height", "detections": [{"box_xyxy", "score", "label"}, ...]}``
+    (``file`` is None for an array). Boxes are clipped to the image. The run's ``eval:`` test-time options
+    (box refinement, multi-scale, flip) apply, as in ``tools/eval_det.py``.
+    """
 
     def __init__(self, model, cfg: DictConfig, class_names: list[str], device, score_thresh: float = 0.5):
         self.model, self.device, self.class_names = model, device, class_names
@@ -45,25 +59,46 @@ class Predictor:
         self.size_divisibility = cfg.data.size_divisibility
         self.score_thresh = score_thresh
 
+    @classmethod
+    def from_run(cls, run_dir: str, checkpoint: str = "last", device="cpu", score_thresh: float = 0.5,
+                 overrides: Sequence[str] = ()) -> "Predictor":
+        """The detector a ``tools/train_det.py`` run folder holds (its config.yaml and a checkpoint:
+        last | best | PATH), with config ``overrides`` (``key=value``, e.g. ``eval.flip=true``)."""
+        cfg = load_config(DetConfig, os.path.join(run_dir, "config.yaml"), list(overrides))
+        model, _, class_names = load_trained_detector(run_dir, cfg, checkpoint, device)
+        model = for_testing([model], options_from_config(cfg.eval), cfg.data.min_size_test, cfg.data.size_divisibility)
+        return cls(model, cfg, class_names, device, score_thresh)
+
     @torch.no_grad()
-    def __call__(self, path: str) -> dict:
-        image = read_image_rgb(path)
-        h, w = image.shape[:2]
-        out = self.transform(image=image, bboxes=np.zeros((0, 4), np.float32), labels=[])
-        resized = out["image"]
-        rh, rw = resized.shape[:2]
-        batch = collate_detection([{"image": torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)}],
-                                  self.size_divisibility)
+    def __call__(self, images):
+        """One image (path or HxWx3 RGB uint8 array) -> its result; a list of them -> a list of results."""
+        if isinstance(images, (str, os.PathLike, np.ndarray)):
+            return self([images])[0]
+        if not images:
+            return []
+        files = [str(im) if isinstance(im, (str, os.PathLike)) else None for im in images]
+        arrays = [read_image_rgb(f) if f is not None else np.asarray(im) for f, im in zip(files, images)]
+        items, scales = [], []
+        for array in arrays:
+            if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+                raise ValueError(f"Predictor: an image array must be HxWx3 RGB uint8, got {array.shape} {array.dtype}")
+            resized = self.transform(image=array, bboxes=np.zeros((0, 4), np.float32), labels=[])["image"]
+            items.append({"image": torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)})
+            scales.append((resized.shape[0] / array.shape[0], resized.shape[1] / array.shape[1]))
+        batch = collate_detection(items, self.size_divisibility)
         batch["images"] = batch["images"].to(self.device)
-        det = self.model(batch)[0]
-        scale = (rh / h, rw / w)
-        boxes = boxes_to_original(det["boxes"].float().cpu(), scale, False, transformed_width=rw)
-        keep = det["scores"].cpu() >= self.score_thresh
-        return {
-            "file": path, "width": w, "height": h,
-            "detections": [
-                {"box_xyxy": [round(float(v), 1) for v in b], "score": round(float(s), 4),
-                 "label": self.class_names[int(lbl) - 1]}
-                for b, s, lbl in zip(boxes[keep], det["scores"].cpu()[keep], det["labels"].cpu()[keep])
-            ],
-        }
+        results = []
+        for det, file, array, scale in zip(self.model(batch), files, arrays, scales):
+            h, w = array.shape[:2]
+            boxes = clip_boxes(boxes_to_original(det["boxes"].float().cpu(), scale, False, 0), (h, w))
+            scores, labels = det["scores"].float().cpu(), det["labels"].cpu()
+            keep = scores >= self.score_thresh
+            results.append({
+                "file": file, "width": w, "height": h,
+                "detections": [
+                    {"box_xyxy": [round(float(v), 1) for v in b], "score": round(float(s), 4),
+                     "label": self.class_names[int(lbl) - 1]}
+                    for b, s, lbl in zip(boxes[keep], scores[keep], labels[keep])
+                ],
+            })
+        return results

@@ -238,6 +238,7 @@ def test_exif_rotated_photo_is_checked_at_its_displayed_size(tmp_path):
     ((480, 1000), 800, 1333, (640, 1333)),  # the longer side is capped
     ((100, 100), 64, 1000, (64, 64)),
     ((427, 640), 600, 1000, (600, 899)),
+    ((2236, 702), 800, 1333, (1333, 419)),  # 702 * 1333 / 2236 = 418.5: rounded half up
 ])
 def test_resized_shape(hw, short, max_size, expected):
     assert resized_shape(*hw, short, max_size) == expected

@@ -6,11 +6,19 @@ import subprocess
 import sys
 
 import cv2
+import numpy as np
 import pytest
 import torch
 
+from backbones.engine.config import load_config
+from backbones.engine.imageio import read_image_rgb
 from conftest import ROOT, SHARED_DATA
+from detection.config import DetConfig
+from detection.data.coco import CocoDetection
 from detection.data.synthetic import make_synthetic_coco
+from detection.evaluation.coco_eval import COCOEvaluator
+from detection.export import DeployableDetector, load_exported
+from detection.predictor import Predictor, load_trained_detector
 
 COCO128 = SHARED_DATA / "coco128"
 
@@ -218,17 +226,93 @@ def test_sigterm_writes_a_checkpoint_exits_75_and_resume_auto_matches_uninterrup
     assert proc.returncode == 2 and "resume=true but" in proc.stderr and "resume=auto" in proc.stderr
 
 
-def test_overfits_a_few_synthetic_images(tiny_coco, tmp_path):
-    """Learning through the whole tool chain: AP50 >= 0.9 on the 6 images it trained on (about a minute)."""
+@pytest.fixture(scope="module")
+def overfit_run(tiny_coco, tmp_path_factory):
+    """A detector trained 300 iterations on the 6 val images (about a minute): its run folder."""
     six = {"train_images": tiny_coco["val_images"], "train_annotations": tiny_coco["val_annotations"]}
-    out = tmp_path / "overfit"
+    out = tmp_path_factory.mktemp("overfit") / "run"
     run("train_det.py", ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides({**tiny_coco, **six}),
                          *SLIM, "model.backbone.base_width=16", "data.flip_prob=0", "data.min_size_train=[192]",
                          "data.max_size_train=192", "data.min_size_test=192", "data.max_size_test=192",
                          "solver.max_iter=300", "solver.steps=[250]", "solver.warmup_iters=20", "eval.period=0",
                          "checkpoint_period=1000", "log_period=40", f"output_dir={out}"], env={"OMP_NUM_THREADS": "1"})
-    ap = json.loads((out / "summary.json").read_text())["coco_val"]
+    return out
+
+
+def test_overfits_a_few_synthetic_images(overfit_run):
+    """Learning through the whole tool chain: AP50 >= 0.9 on the 6 images it trained on."""
+    ap = json.loads((overfit_run / "summary.json").read_text())["coco_val"]
     assert ap["AP50"] >= 0.9, ap
+
+
+def match_detections(got, expected, score_thresh):
+    """Pair each expected detection with an exported one of the same label, boxes within 1 px and score
+    within 1e-3 (the tolerance torchvision's export tests use for fp32); returns the unmatched expected
+    ones. Extra detections on either side may only be scores within 1e-3 of the threshold."""
+    got_boxes, got_scores, got_labels = (np.asarray(t) for t in got)
+    used, unmatched = set(), []
+    for box, score, label in zip(*(np.asarray(t) for t in expected)):
+        close = [j for j in range(len(got_boxes)) if j not in used and got_labels[j] == label
+                 and np.abs(got_boxes[j] - box).max() <= 1.0 and abs(got_scores[j] - score) <= 1e-3]
+        if close:
+            used.add(close[0])
+        elif score > score_thresh + 1e-3:
+            unmatched.append((box, score, label))
+    extra = [j for j in range(len(got_boxes)) if j not in used and got_scores[j] > score_thresh + 1e-3]
+    return unmatched + [(got_boxes[j], got_scores[j], got_labels[j]) for j in extra]
+
+
+def test_exported_onnx_and_program_match_pytorch_and_keep_the_ap(overfit_run, tiny_coco, tmp_path):
+    """tools/export.py writes an ONNX file and a torch.export program that take an image of any size and
+    return the PyTorch model's detections in that image's pixels; scored with pycocotools, the ONNX file
+    keeps the AP that tools/train_det.py measured through the data pipeline."""
+    onnx_file, pt2_file = tmp_path / "det.onnx", tmp_path / "det.pt2"
+    proc = run("export.py", [overfit_run, "--out", onnx_file])
+    assert "largest difference from PyTorch" in proc.stdout, proc.stdout
+    run("export.py", [overfit_run, "checkpoint=last", "--format", "torch_export", "--out", pt2_file, "--check", "1"])
+
+    cfg = load_config(DetConfig, str(overfit_run / "config.yaml"))
+    model, _, class_names = load_trained_detector(str(overfit_run), cfg, "last", "cpu")
+    deployable = DeployableDetector(model, cfg.data.min_size_test, cfg.data.max_size_test, cfg.data.size_divisibility)
+    score_thresh = cfg.model.roi_heads.score_thresh
+    val = CocoDetection(tiny_coco["val_images"], tiny_coco["val_annotations"])
+    paths = [os.path.join(tiny_coco["val_images"], val.coco.imgs[i]["file_name"]) for i in sorted(val.coco.imgs)]
+    photos = sorted((COCO128 / "train2017").glob("*.jpg"))[:3] if COCO128.is_dir() else []
+    images = [read_image_rgb(str(p)) for p in [*paths, *photos]]
+    images.append(np.ascontiguousarray(images[0][:, :70]))  # portrait, another size than any traced
+    for name, path in (("onnx", onnx_file), ("torch_export", pt2_file)):
+        run_file, metadata = load_exported(str(path))
+        assert metadata["class_names"] == class_names
+        for image in images:
+            chw = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+            with torch.no_grad():
+                expected = deployable(chw)
+            got = run_file(chw.numpy())
+            assert got[0].shape[1:] == (4,) and got[2].dtype == np.int64
+            assert not match_detections(got, expected, score_thresh), (name, image.shape)
+            if len(got[0]):
+                assert (got[0] >= 0).all() and (got[0][:, 2] <= image.shape[1]).all() and (
+                    got[0][:, 3] <= image.shape[0]).all()
+
+    run_onnx, _ = load_exported(str(onnx_file))
+    evaluator = COCOEvaluator(val.coco, val.contiguous_to_cat_id, val.class_names)
+    for image_id, image in zip(sorted(val.coco.imgs), images):
+        boxes, scores, labels = run_onnx(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        evaluator.process([{"image_id": image_id}], [{"boxes": boxes, "scores": scores, "labels": labels}])
+    exported = evaluator.evaluate()
+    trained = json.loads((overfit_run / "summary.json").read_text())["coco_val"]
+    assert exported["AP50"] >= 0.9 and abs(exported["AP"] - trained["AP"]) <= 0.05, (exported, trained)
+
+    # The Python API: a list of paths and arrays in one batch, the same detections as one at a time
+    predictor = Predictor.from_run(str(overfit_run), score_thresh=0.05)
+    together = predictor([paths[0], images[2]])  # images 1 and 3 hold objects
+    assert together[0]["file"] == paths[0] and together[1]["file"] is None and predictor([]) == []
+    assert together[1]["width"] == images[2].shape[1] and together[1]["height"] == images[2].shape[0]
+    for result, alone in zip(together, (predictor(paths[0]), predictor(images[2]))):
+        assert result["detections"] and len(result["detections"]) == len(alone["detections"])
+        for a, b in zip(result["detections"], alone["detections"]):
+            assert a["label"] == b["label"] and abs(a["score"] - b["score"]) <= 1e-3
+            assert np.abs(np.subtract(a["box_xyxy"], b["box_xyxy"])).max() <= 0.2
 
 
 def test_ddp_two_processes_gather_evaluation(tiny_coco, tmp_path):

@@ -16,11 +16,9 @@ import _bootstrap  # noqa: F401
 
 import cv2
 
-from backbones.engine.config import ConfigError, load_config
+from backbones.engine.config import ConfigError
 from backbones.engine.imageio import CorruptImageError, is_image_file, read_image_rgb
-from detection.config import DetConfig
-from detection.modeling.test_time import for_testing, options_from_config
-from detection.predictor import Predictor, load_trained_detector
+from detection.predictor import Predictor
 from detection.visualize import draw_detections
 
 
@@ -49,18 +47,15 @@ def main(argv=None) -> int:
                         help="config override, e.g. --set eval.box_refinement=true --set eval.flip=true")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(DetConfig, os.path.join(args.run, "config.yaml"), args.set)
         files = list_images(args.inputs)
         if args.limit:
             files = files[: args.limit]
-        model, _, class_names = load_trained_detector(args.run, cfg, args.checkpoint, args.device)
+        predictor = Predictor.from_run(args.run, args.checkpoint, args.device, args.score_thresh, args.set)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out_dir = args.out or os.path.join(args.run, "infer")
     os.makedirs(out_dir, exist_ok=True)
-    model = for_testing([model], options_from_config(cfg.eval), cfg.data.min_size_test, cfg.data.size_divisibility)
-    predictor = Predictor(model, cfg, class_names, args.device, args.score_thresh)
     results = []
     for path in files:
         try:

@@ -22,16 +22,17 @@ import albumentations as A  # noqa: E402
 _BBOX_PARAMS = A.BboxParams(format="pascal_voc", label_fields=["labels", "is_crowd"], clip=True)
 
 
-def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
+def resized_shape(height, width, short_side: int, max_size: int):
     """(h, w) with the shorter side equal to ``short_side``, unless the longer side would then exceed
     ``max_size``, in which case the longer side equals ``max_size``. Aspect ratio is kept up to rounding
-    of the side that is not pinned."""
-    short, long = min(height, width), max(height, width)
-    if long * short_side > max_size * short:  # pinning the short side would overshoot max_size
-        new_long, new_short = max_size, max(1, round(short * max_size / long))
-    else:
-        new_short, new_long = short_side, max(1, round(long * short_side / short))
-    return (new_short, new_long) if height <= width else (new_long, new_short)
+    (half up) of the side that is not pinned.
+
+    Written without a branch on the sizes (``torch.sym_min``/``sym_max`` are plain ``min``/``max`` on
+    ints), so the exported detector (:mod:`detection.export`) computes the same size from a symbolic
+    image shape as the data pipeline does from a real one."""
+    scale = torch.sym_min(short_side / torch.sym_min(height, width), max_size / torch.sym_max(height, width))
+    return (torch.sym_max(1, torch.sym_int(height * scale + 0.5)),
+            torch.sym_max(1, torch.sym_int(width * scale + 0.5)))
 
 
 class DetectionTransform:

@@ -52,7 +52,7 @@ class AnchorGenerator(nn.Module):
     def num_anchors_per_level(self) -> list[int]:
         return [len(c) for c in self.cell_anchors]
 
-    def grid_anchors(self, level: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+    def grid_anchors(self, level: int, height, width, device: torch.device) -> torch.Tensor:
         stride = self.strides[level]
         shifts_x = torch.arange(width, dtype=torch.float32, device=device) * stride
         shifts_y = torch.arange(height, dtype=torch.float32, device=device) * stride
@@ -68,6 +68,9 @@ class AnchorGenerator(nn.Module):
         anchors = []
         for level, fmap in enumerate(feature_maps):
             height, width = fmap.shape[-2:]
+            if torch.compiler.is_exporting():  # symbolic sizes: no cache, and no int() that would fix them
+                anchors.append(self.grid_anchors(level, height, width, fmap.device))
+                continue
             key = (level, int(height), int(width), str(fmap.device))
             if key not in self._cache:
                 if len(self._cache) >= 64:  # many input sizes (multi-scale training): keep memory bounded

@@ -2,6 +2,18 @@
 from __future__ import annotations
 
 import torch
+import torchvision
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_thresh: float) -> torch.Tensor:
+    """NMS within each group (class or level): ``torchvision.ops.batched_nms``, except under
+    ``torch.export``, where its branch on the number of boxes (unknown until run time) cannot be traced;
+    there the same result comes from one NMS over boxes shifted apart per group (the coordinate trick,
+    with a shift that is also defined for no boxes at all)."""
+    if not torch.compiler.is_exporting():
+        return torchvision.ops.batched_nms(boxes, scores, groups, iou_thresh)
+    extent = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).abs().max() + 1
+    return torchvision.ops.nms(boxes + (groups.to(boxes) * extent)[:, None], scores, iou_thresh)
 
 
 def clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:

@@ -25,10 +25,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import box_iou
 
 from .box_coder import BoxCoder
-from .box_ops import clip_boxes, crowd_mask, smooth_l1
+from .box_ops import batched_nms, clip_boxes, crowd_mask, smooth_l1
 from .matcher import Matcher
 from .poolers import ROIPooler
 from .sampling import sample_balanced
@@ -71,7 +71,7 @@ class FastRCNNOutputLayers(nn.Module):
                   image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
         """Per image: softmax scores, per-class decoded and clipped boxes, scores > ``score_thresh``,
         NMS per class, the ``detections_per_img`` best. Labels are 1..K."""
-        counts = [len(p) for p in proposals]
+        counts = [p.shape[0] for p in proposals]  # not len(): a symbolic size under torch.export
         scores_all = F.softmax(class_logits.float(), dim=1).split(counts)
         deltas_all = box_deltas.float().split(counts)
         results = []
@@ -81,7 +81,7 @@ class FastRCNNOutputLayers(nn.Module):
 
     def inference_single_image(self, scores: torch.Tensor, deltas: torch.Tensor, proposals: torch.Tensor,
                                image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        boxes = self.box_coder.decode(deltas, proposals).view(len(proposals), self.num_classes, 4)
+        boxes = self.box_coder.decode(deltas, proposals).view(-1, self.num_classes, 4)
         return postprocess_detections(clip_boxes(boxes, image_size), scores[:, 1:], self.score_thresh,
                                       self.nms_thresh, self.detections_per_img)
 

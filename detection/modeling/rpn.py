@@ -21,11 +21,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import box_iou
 
 from .anchor_generator import AnchorGenerator
 from .box_coder import BoxCoder
-from .box_ops import clip_boxes, crowd_mask, nonempty, smooth_l1
+from .box_ops import batched_nms, clip_boxes, crowd_mask, nonempty, smooth_l1
 from .matcher import Matcher
 from .sampling import sample_balanced
 
@@ -71,7 +71,12 @@ def filter_proposals(boxes: torch.Tensor, scores: torch.Tensor, level_ids: torch
     boxes = clip_boxes(boxes, image_size)
     keep = nonempty(boxes, min_size) & torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
     boxes, scores, level_ids = boxes[keep], scores[keep], level_ids[keep]
-    keep = batched_nms(boxes, scores, level_ids, nms_thresh)[:post_nms_topk]
+    keep = batched_nms(boxes, scores, level_ids, nms_thresh)
+    if torch.compiler.is_exporting():
+        # the RoI head's convolutions cannot be traced for a count that may be 0. NMS keeps at least the
+        # best box, and some box is valid unless the network's outputs are not finite (then this asserts)
+        torch._check(keep.shape[0] >= 1)
+    keep = keep[:post_nms_topk]
     return boxes[keep], scores[keep]
 
 

@@ -1,0 +1,137 @@
+"""A trained detector as one self-contained graph: image in, boxes in the image's own pixels out.
+
+``DeployableDetector`` wraps a ``GeneralizedRCNN`` with the test-time pre- and post-processing of the
+data pipeline, so an exported file needs nothing from resdet to run:
+
+* input: one RGB image, ``uint8`` tensor ``(3, H, W)``, any ``H`` and ``W`` (dynamic in the export);
+* resize so the shorter side is ``min_size`` unless the longer would exceed ``max_size``
+  (:func:`detection.data.transforms.resized_shape`, bilinear like the pipeline's OpenCV resize),
+  normalise, zero-pad to a multiple of the backbone's stride;
+* the trunk, RPN and RoI heads of the trained model;
+* boxes divided by the resize scale and clipped to the original image.
+
+Output: ``boxes`` float32 ``(N, 4)`` xyxy in input-image pixels, ``scores`` float32 ``(N,)``,
+``labels`` int64 ``(N,)`` in ``1..K`` (index into the run's class names, 1-based as in training),
+sorted by decreasing score.
+
+One image per call: a deployment server batches requests itself, and a fixed batch of one keeps the
+graph free of per-image padding logic. Formats (:data:`EXPORT_FORMATS`): ``torch_export`` (a ``.pt2``
+``ExportedProgram``, ``torch.export.load``) and ``onnx`` (written from the same exported program by
+``torch.onnx``, run with onnxruntime). No TorchScript: PyTorch 2.14 deprecates ``torch.jit`` in favour of
+``torch.export``, and a traced graph would fix the image size. The run's class names travel inside the
+file (ONNX metadata ``resdet``, the ``.pt2``'s extra file ``resdet.json``).
+
+What differs from ``tools/eval_det.py``: the resize is ``F.interpolate`` on float pixels where the data
+pipeline uses OpenCV on uint8 (a fraction of a grey level apart); images narrower than about 1:5 are
+padded to two cells of the coarsest feature map; box refinement, voting and test-time augmentation
+(``eval.*``) are evaluation-time options and not in the graph.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data.transforms import resized_shape
+from .modeling.box_ops import clip_boxes
+from .modeling.meta_arch import GeneralizedRCNN
+
+
+@torch.library.register_fake("torchvision::nms", allow_override=True)
+def _nms_fake(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """The size of NMS's output for ``torch.export``: 0 .. number of boxes. torchvision 0.29's own fake
+    kernel asks for a size of at least 2 (``create_unbacked_symint``'s default), so the exported graph
+    asserted that every image keeps two proposals and two detections, and failed on the ones that do not."""
+    torch._check(boxes.dim() == 2 and boxes.size(1) == 4, lambda: f"nms: boxes must be (N, 4), got {boxes.shape}")
+    torch._check(scores.dim() == 1 and scores.size(0) == boxes.size(0), lambda: "nms: one score per box")
+    kept = torch.library.get_ctx().new_dynamic_size(min=0)
+    torch._check(kept <= boxes.size(0))
+    return boxes.new_empty(kept, dtype=torch.long)
+
+
+class DeployableDetector(nn.Module):
+    def __init__(self, model: GeneralizedRCNN, min_size: int, max_size: int, size_divisibility: int):
+        super().__init__()
+        self.model = model.eval()
+        self.min_size, self.max_size = int(min_size), int(max_size)
+        self.size_divisibility = int(size_divisibility)
+        coarsest = max(model.rpn.anchor_generator.strides)
+        self.min_padded_side = -(-2 * coarsest // self.size_divisibility) * self.size_divisibility
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        height, width = image.shape[-2:]
+        new_h, new_w = resized_shape(height, width, self.min_size, self.max_size)
+        model = self.model
+        x = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False)
+        x = (x - model.pixel_mean) / model.pixel_std
+        # zero-pad to a multiple of the stride, and to at least two cells of the coarsest feature map: a
+        # one-cell map would need a broadcasting branch the exported graph does not have (only images over
+        # about 5:1 at the usual sizes are padded more than the data pipeline pads them)
+        d, least = self.size_divisibility, self.min_padded_side
+        pad_h, pad_w = torch.sym_max(least, (new_h + d - 1) // d * d), torch.sym_max(least, (new_w + d - 1) // d * d)
+        x = F.pad(x, (0, pad_w - new_w, 0, pad_h - new_h))
+        features = model.features(x)
+        image_sizes = [(new_h, new_w)]
+        proposals, _ = model.rpn(model.rpn_inputs(features), image_sizes)
+        detections, _ = model.roi_heads(features, proposals, image_sizes)
+        det = detections[0]
+        x1, y1, x2, y2 = det["boxes"].unbind(dim=1)
+        sx, sy = torch.sym_float(width) / new_w, torch.sym_float(height) / new_h  # original / network input
+        boxes = clip_boxes(torch.stack([x1 * sx, y1 * sy, x2 * sx, y2 * sy], dim=1), (height, width))
+        return boxes, det["scores"], det["labels"]
+
+
+EXPORT_FORMATS = ("onnx", "torch_export")
+SUFFIXES = {"onnx": ".onnx", "torch_export": ".pt2"}
+
+
+def export_program(deployable: DeployableDetector, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """``torch.export`` with the image height and width dynamic (8 .. 16384 pixels)."""
+    height, width = torch.export.Dim("height", min=8, max=16384), torch.export.Dim("width", min=8, max=16384)
+    with torch.no_grad():
+        return torch.export.export(deployable.eval(), (example,), dynamic_shapes={"image": {1: height, 2: width}},
+                                   strict=False)
+
+
+def save_exported(program: torch.export.ExportedProgram, example: torch.Tensor, path: str, fmt: str,
+                  metadata: dict) -> None:
+    """Write ``program`` as ``fmt`` with ``metadata`` (class names, sizes, source) inside the file."""
+    if fmt == "torch_export":
+        torch.export.save(program, path, extra_files={"resdet.json": json.dumps(metadata)})
+    elif fmt == "onnx":
+        import onnx  # the exporter's own dependency (pip install 'resdet[export]')
+
+        torch.onnx.export(program, (example,), path, dynamo=True, external_data=False, input_names=["image"],
+                          output_names=["boxes", "scores", "labels"], verbose=False)
+        model = onnx.load(path)
+        entry = model.metadata_props.add()
+        entry.key, entry.value = "resdet", json.dumps(metadata)
+        onnx.save(model, path)
+    else:
+        raise ValueError(f"export format must be one of {EXPORT_FORMATS}, got {fmt!r}")
+
+
+def load_exported(path: str):
+    """An exported file as ``(run, metadata)``: ``run(image uint8 (3, H, W) numpy or tensor)`` gives
+    ``(boxes, scores, labels)`` numpy arrays. ONNX files run on onnxruntime's CPU provider."""
+    if path.endswith(".onnx"):
+        import onnx
+        import onnxruntime
+
+        metadata = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+        def run_onnx(image):
+            image = image.numpy() if isinstance(image, torch.Tensor) else image
+            return tuple(session.run(None, {"image": image}))
+        return run_onnx, json.loads(metadata.get("resdet", "{}"))
+    extra = {"resdet.json": ""}
+    module = torch.export.load(path, extra_files=extra).module()
+
+    def run_program(image):
+        image = torch.as_tensor(image)
+        with torch.no_grad():
+            return tuple(t.numpy() for t in module(image))
+    return run_program, json.loads(extra["resdet.json"] or "{}")

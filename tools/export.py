@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Export a trained detector as one file: an RGB uint8 image (3, H, W) of any size in; boxes (N, 4) xyxy in
+that image's pixels, scores (N,) and labels (N,) out (pre- and post-processing inside the graph).
+
+    python tools/export.py runs/frcnn_demo                                  # -> runs/frcnn_demo/export/model.onnx
+    python tools/export.py runs/frcnn_demo checkpoint=best --format torch_export   # -> .../model.pt2
+    python tools/export.py runs/frcnn_demo data.min_size_test=800 data.max_size_test=1333 --out det.onnx
+
+Formats: ``onnx`` (run with onnxruntime; needs ``pip install 'resdet[export]'``) and ``torch_export``
+(a ``torch.export`` program, ``torch.export.load``). The class names travel inside the file. After
+writing, the tool runs the file on up to ``--check`` val images (or a random image when the val set is
+not on this machine) beside the PyTorch model and prints the largest box and score difference.
+Using the file: see the README ("Deploy") or ``detection.export.load_exported``.
+"""
+import argparse
+import os
+import sys
+import time
+
+import _bootstrap  # noqa: F401
+import numpy as np
+import torch
+
+from backbones.engine.config import ConfigError, load_config
+from backbones.engine.imageio import CorruptImageError, is_image_file, read_image_rgb
+from detection.config import DetConfig
+from detection.export import (EXPORT_FORMATS, SUFFIXES, DeployableDetector, export_program, load_exported,
+                              save_exported)
+from detection.predictor import load_trained_detector
+
+
+def check_images(cfg, limit: int, seed: int = 0) -> list[tuple[str, np.ndarray]]:
+    """Up to ``limit`` readable images of the val folder, else one random image at the test size."""
+    folder = cfg.data.val_images
+    images = []
+    if limit > 0 and os.path.isdir(folder):
+        for root, _, names in sorted(os.walk(folder)):
+            for name in sorted(n for n in names if is_image_file(n)):
+                if len(images) >= limit:
+                    return images
+                try:
+                    images.append((os.path.join(root, name), read_image_rgb(os.path.join(root, name))))
+                except CorruptImageError:
+                    continue
+    if not images:
+        size = cfg.data.min_size_test
+        rng = np.random.default_rng(seed)
+        images.append(("random", rng.integers(0, 256, (size, size * 4 // 3, 3), dtype=np.uint8)))
+    return images
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="run folder written by tools/train_det.py")
+    parser.add_argument("overrides", nargs="*", help="checkpoint=last|best|PATH and config key=value overrides")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
+    parser.add_argument("--out", default=None, help="output file (default: <run>/export/model.onnx|.pt2)")
+    parser.add_argument("--check", type=int, default=4, help="val images to compare on after export (0 = a random one)")
+    args = parser.parse_args(argv)
+    checkpoint, overrides = "last", []
+    for o in args.overrides:
+        if o.startswith("checkpoint="):
+            checkpoint = o.split("=", 1)[1]
+        else:
+            overrides.append(o)
+    try:
+        cfg = load_config(DetConfig, os.path.join(args.run, "config.yaml"), overrides)
+        model, path, class_names = load_trained_detector(args.run, cfg, checkpoint, "cpu")
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join(args.run, "export", "model" + SUFFIXES[args.format])
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    d = cfg.data
+    deployable = DeployableDetector(model, d.min_size_test, d.max_size_test, d.size_divisibility)
+    images = check_images(cfg, args.check)
+    example = torch.from_numpy(images[0][1]).permute(2, 0, 1).contiguous()
+    start = time.time()
+    print(f"exporting {path} ({args.format}, test size {d.min_size_test}/{d.max_size_test}) ...", flush=True)
+    program = export_program(deployable, example)
+    metadata = {"class_names": class_names, "checkpoint": os.path.abspath(path), "min_size": d.min_size_test,
+                "max_size": d.max_size_test, "input": "image: uint8 (3, H, W) RGB",
+                "outputs": "boxes: float32 (N, 4) xyxy image pixels; scores: float32 (N,); labels: int64 (N,) "
+                           "1-based index into class_names"}
+    save_exported(program, example, out, args.format, metadata)
+    print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB) in {time.time() - start:.0f} s")
+
+    run_file, _ = load_exported(out)
+    worst_box = worst_score = 0.0
+    for name, image in images:
+        tensor = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+        with torch.no_grad():
+            expected = [t.numpy() for t in deployable(tensor)]
+        got = run_file(tensor.numpy())
+        if len(got[0]) != len(expected[0]) or not np.array_equal(got[2], expected[2]):
+            print(f"warning: {name}: {len(got[0])} detections from the file, {len(expected[0])} from PyTorch "
+                  "(scores near the threshold or tied)", file=sys.stderr)
+            continue
+        if len(got[0]):
+            worst_box = max(worst_box, float(np.abs(got[0] - expected[0]).max()))
+            worst_score = max(worst_score, float(np.abs(got[1] - expected[1]).max()))
+    print(f"checked on {len(images)} image(s) ({images[0][0]}{', ...' if len(images) > 1 else ''}): largest "
+          f"difference from PyTorch {worst_box:.2g} px (boxes), {worst_score:.2g} (scores)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
