@@ -64,6 +64,11 @@ class DetSolverConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0001
     steps: list[int] = field(default_factory=lambda: [240000])  # iterations at which lr *= gamma
+    # > 0: the schedule counts epochs of the training set (small data sets, where iterations mean little
+    # until the set's size is known): max_iter = epochs x iterations per epoch, steps from step_epochs,
+    # eval.period from eval.period_epochs; the resolved config.yaml holds the iterations it came to.
+    epochs: int = 0
+    step_epochs: list[float] = field(default_factory=list)  # with epochs: lr *= gamma after these epochs
     gamma: float = 0.1
     warmup_iters: int = 0
     warmup_factor: float = 0.001
@@ -75,6 +80,7 @@ class DetSolverConfig:
 @dataclass
 class DetEvalConfig:
     period: int = 20000  # iterations between COCO evaluations (and at the end); 0 = only at the end
+    period_epochs: int = 0  # with solver.epochs: evaluate every this many epochs instead (best.pth keeps the best AP)
     batch_size: int = 8
     # voc/imagenet_det: which mAP@0.5 is metrics["AP"] (and picks best.pth): voc07 (11-point, how VOC2007
     # test is scored) | area (VOC2010+, ImageNet DET) | auto (voc07 when every val set is a VOC2007 one).

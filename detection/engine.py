@@ -16,6 +16,7 @@ from backbones.engine.dist import (all_gather_object, barrier, every_rank_has_ba
 from backbones.engine.precision import advance_schedule, check_solver, optimizer_step
 from backbones.engine.run import LossWindow, RunFolder, progress_bar
 from backbones.engine.preemption import after_step
+from backbones.engine.solver import describe_scaling, scaled_lr
 from backbones.engine.state import (should_resume, atomic_save, restore_training_state, rng_state, seed_everything, training_state,
                                    unwrap)
 
@@ -235,6 +236,23 @@ def to_original(det: dict, target: dict) -> dict:
     return {"boxes": boxes, "scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()}
 
 
+def apply_epoch_schedule(cfg: DictConfig, iters_per_epoch: int) -> str | None:
+    """With ``solver.epochs`` > 0, set max_iter, steps and the evaluation period from epochs (in place, so
+    the run's config.yaml records them). Returns a line for the log, or None with an iteration schedule."""
+    s = cfg.solver
+    if s.epochs <= 0:
+        return None
+    if any(not 0 < e < s.epochs for e in s.step_epochs):
+        raise ConfigError(f"solver.step_epochs {list(s.step_epochs)}: each must lie between 0 and solver.epochs "
+                          f"({s.epochs})")
+    s.max_iter = s.epochs * iters_per_epoch
+    s.steps = [round(e * iters_per_epoch) for e in s.step_epochs]
+    if cfg.eval.period_epochs > 0:
+        cfg.eval.period = cfg.eval.period_epochs * iters_per_epoch
+    return (f"schedule in epochs: {s.epochs} epochs x {iters_per_epoch} iterations = {s.max_iter} iterations, "
+            f"lr steps at {list(s.steps)}, evaluation every {cfg.eval.period or 'end only'} iterations")
+
+
 def lr_factor(cfg: DictConfig, iteration: int) -> float:
     s = cfg.solver
     factor = s.gamma ** sum(iteration >= step for step in s.steps)
@@ -282,6 +300,13 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     amp_dtype = check_solver(s, world_size)
     prepare_data_paths(cfg)
     train_set, val_set = build_datasets(cfg)  # annotation problems surface here, before any training
+    per_rank_batch = s.batch_size // world_size
+    batch_sampler = build_batch_sampler(train_set.aspect_ratios(), per_rank_batch, shuffle=True, seed=cfg.seed,
+                                        distributed=world_size > 1, drop_last=True)
+    iters_per_epoch = len(batch_sampler)
+    if iters_per_epoch == 0:
+        raise ValueError(f"{data_source(cfg, 'train')}: fewer training images than one batch of {per_rank_batch}")
+    epoch_schedule = apply_epoch_schedule(cfg, iters_per_epoch)  # before config.yaml is written
     run = RunFolder(cfg.output_dir or os.path.join("runs", run_name), cfg)
     log = run.logger
     seed_everything(cfg.seed + rank)
@@ -292,17 +317,11 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=False) if world_size > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = s.base_lr * s.batch_size / s.reference_batch_size
+    lr = scaled_lr(s)
     optimizer = torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
     scaler = torch.amp.GradScaler(device.type, enabled=s.amp == "fp16")
 
-    per_rank_batch = s.batch_size // world_size
-    batch_sampler = build_batch_sampler(train_set.aspect_ratios(), per_rank_batch, shuffle=True, seed=cfg.seed,
-                                        distributed=world_size > 1, drop_last=True)
-    iters_per_epoch = len(batch_sampler)
-    if iters_per_epoch == 0:
-        raise ValueError(f"{data_source(cfg, 'train')}: fewer training images than one batch of {per_rank_batch}")
     seeded_train_set = EpochSeeded(train_set, cfg.seed)
     collate = functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility)
 
@@ -314,6 +333,9 @@ def train(cfg: DictConfig, run_name: str) -> dict:
 
     log.info("training %s on %d images (%d classes), %d ranks x %d images, lr %.5f, %d iterations",
              run_name, len(train_set), len(train_set.class_names), world_size, per_rank_batch, lr, s.max_iter)
+    log.info(describe_scaling(s, world_size))
+    if epoch_schedule:
+        log.info(epoch_schedule)
     counts = class_box_counts(train_set)
     log.info("classes (training boxes): %s", ", ".join(f"{name} ({n})" for name, n in counts.items()))
     if missing := [name for name, n in counts.items() if n == 0]:
@@ -343,6 +365,15 @@ def train(cfg: DictConfig, run_name: str) -> dict:
             run.log_metrics(iteration, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, prefix="val/")
             log.info("iteration %d %s val:\n%s", iteration, cfg.data.format.upper(), format_metrics_table(metrics))
         return metrics
+
+    def keep_best(metrics: dict, iteration: int, best: float) -> float:
+        """best.pth: the weights of the evaluation with the highest AP so far (the final one included)."""
+        if not metrics or metrics["AP"] <= best:
+            return best
+        if is_main_process():
+            atomic_save({"model": model.state_dict(), "iteration": iteration, "AP": metrics["AP"],
+                         "class_names": list(train_set.class_names)}, run.best_checkpoint)
+        return metrics["AP"]
 
     iteration = start_iter
     progress = progress_bar(total=s.max_iter, initial=start_iter, desc="train_det")
@@ -382,20 +413,18 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                 save_state(iteration)
             if cfg.eval.period and iteration % cfg.eval.period == 0 and iteration < s.max_iter:
                 metrics = run_eval(iteration)
-                if metrics and metrics["AP"] > best_ap:
-                    best_ap = metrics["AP"]
-                    if is_main_process():
-                        atomic_save({"model": model.state_dict(), "iteration": iteration, "AP": best_ap,
-                                     "class_names": list(train_set.class_names)}, run.best_checkpoint)
+                best_ap = keep_best(metrics, iteration, best_ap)
             if iteration >= s.max_iter:
                 break
     progress.close()
     save_state(iteration)
     metrics = run_eval(iteration)
+    best_ap = keep_best(metrics, iteration, best_ap)
     # "coco_val" keeps its name for every data format (tools read it); data_format says which metrics it holds.
     summary = {"task": "detection", "iterations": iteration, "class_names": list(train_set.class_names),
                "coco_val": metrics, "data_format": cfg.data.format, "last_checkpoint": run.last_checkpoint,
-               "skipped_corrupt_train": skipped_total, "val_annotations": data_source(cfg, "val"),
+               "skipped_corrupt_train": skipped_total,
+               "best_checkpoint": run.best_checkpoint if best_ap >= 0 else None, "best_AP": best_ap if best_ap >= 0 else None, "val_annotations": data_source(cfg, "val"),
                # records and images dropped at load (data.strict_train/strict_val false), per kind of problem
                "data_problems": {"train": train_set.stats.get("problems", {}), "val": val_set.stats.get("problems", {})}}
     summary = run.write_summary(summary)

@@ -1,6 +1,7 @@
 """End-to-end checks of the detection tools: train_det, eval_det, infer, resume, DDP, real COCO data."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,7 +110,9 @@ def test_train_eval_infer_write_their_files(tiny_coco, tmp_path):
     names = {c["id"]: c["name"] for c in train_json["categories"]}
     first = names[min(names)]
     n_first = sum(a["category_id"] == min(names) for a in train_json["annotations"] if not a.get("iscrowd"))
-    assert f"classes (training boxes): {first} ({n_first})" in (out / "log.txt").read_text()
+    log_text = (out / "log.txt").read_text()
+    assert f"classes (training boxes): {first} ({n_first})" in log_text
+    assert "effective batch 4 images = 1 rank x 4; lr 0.02 = base_lr 0.02 x 4 / 4" in log_text
     assert summary["data_problems"] == {"train": {}, "val": {}}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss_rpn_cls" in r for r in records) and any("val/AP" in r for r in records)
@@ -149,6 +152,31 @@ def test_train_eval_infer_write_their_files(tiny_coco, tmp_path):
         for d in r["detections"]:
             x1, y1, x2, y2 = d["box_xyxy"]
             assert 0 <= x1 <= x2 <= r["width"] and 0 <= y1 <= y2 <= r["height"]
+
+
+def test_small_data_config_counts_epochs_evaluates_each_and_keeps_the_best(tiny_coco, tmp_path):
+    """configs/frcnn_r50_c4_finetune_small.yaml (slimmed): solver.epochs / step_epochs / eval.period_epochs
+    become iterations from the training set's size, recorded in config.yaml; best.pth holds the best AP."""
+    out = tmp_path / "small"
+    proc = run("train_det.py", ["configs/frcnn_r50_c4_finetune_small.yaml", *data_overrides(tiny_coco), *SLIM,
+                                "solver.epochs=3", "solver.step_epochs=[2]", "eval.period_epochs=1",
+                                "solver.warmup_iters=0", f"output_dir={out}"])
+    # 10 images with objects (empty ones are left out of training), batches of 4 grouped by orientation
+    iters_per_epoch = int(re.search(r"schedule in epochs: 3 epochs x (\d+) iterations", proc.stdout).group(1))
+    assert iters_per_epoch >= 1 and (f"= {3 * iters_per_epoch} iterations, lr steps at [{2 * iters_per_epoch}], "
+                                     f"evaluation every {iters_per_epoch} iterations") in proc.stdout
+    resolved = load_config(DetConfig, str(out / "config.yaml"))
+    assert resolved.solver.max_iter == 3 * iters_per_epoch and list(resolved.solver.steps) == [2 * iters_per_epoch]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [(r["step"], r["val/AP"]) for r in records if "val/AP" in r]
+    assert [step for step, _ in evaluated] == [iters_per_epoch * e for e in (1, 2, 3)]
+    summary = json.loads((out / "summary.json").read_text())
+    best = torch.load(out / "checkpoints" / "best.pth", weights_only=True)
+    assert summary["best_AP"] == best["AP"] == max(ap for _, ap in evaluated)
+    assert best["iteration"] == max(evaluated, key=lambda e: e[1])[0]
+    proc = run("train_det.py", ["configs/frcnn_r50_c4_finetune_small.yaml", *data_overrides(tiny_coco), *SLIM,
+                                "solver.epochs=3", "solver.step_epochs=[4]", f"output_dir={tmp_path}/bad"], check=False)
+    assert proc.returncode == 2 and "solver.step_epochs [4.0]: each must lie between 0 and solver.epochs" in proc.stderr
 
 
 def test_ladder_of_the_papers_additions_prints_its_table(tiny_coco, tmp_path):
@@ -243,6 +271,17 @@ def test_overfits_a_few_synthetic_images(overfit_run):
     """Learning through the whole tool chain: AP50 >= 0.9 on the 6 images it trained on."""
     ap = json.loads((overfit_run / "summary.json").read_text())["coco_val"]
     assert ap["AP50"] >= 0.9, ap
+
+
+def test_plot_curves_draws_a_detection_run(overfit_run, tmp_path):
+    out = tmp_path / "curves.png"
+    proc = run("plot_curves.py", [overfit_run, "--out", out])
+    assert "wrote" in proc.stdout and cv2.imread(str(out)).shape[1] > 1000  # three panels
+    pretrain = tmp_path / "pretrain"
+    (pretrain).mkdir()
+    (pretrain / "metrics.jsonl").write_text(json.dumps({"step": 1, "val/top1_err": 0.5}) + "\n")
+    proc = run("plot_curves.py", [overfit_run, pretrain, "--out", out], check=False)
+    assert proc.returncode == 2 and "not both" in proc.stderr
 
 
 def match_detections(got, expected, score_thresh):

@@ -65,3 +65,15 @@ def test_resume_modes():
         should_resume(True, "/nonexistent/last.pth")  # YAML's true arrives as a bool or "True"
     with pytest.raises(ConfigError, match="use one of"):
         should_resume("sometimes", "/nonexistent/last.pth")
+
+
+def test_scaling_line_counts_nodes_from_torchrun_and_scales_lr_linearly(monkeypatch):
+    from types import SimpleNamespace
+
+    from backbones.engine.solver import describe_scaling, scaled_lr
+    solver = SimpleNamespace(batch_size=32, base_lr=0.02, reference_batch_size=16)
+    assert scaled_lr(solver) == pytest.approx(0.04)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: 8 ranks per node, 16 in all -> 2 nodes
+    assert describe_scaling(solver, 16).startswith("effective batch 32 images = 2 nodes x 8 ranks x 2; lr 0.04 ")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert describe_scaling(solver, 1).startswith("effective batch 32 images = 1 rank x 32; lr 0.04 = base_lr 0.02")

@@ -18,6 +18,7 @@ from ..engine.dist import (all_gather_object, barrier, every_rank_has_batch, ini
 from ..engine.precision import advance_schedule, check_solver, optimizer_step
 from ..engine.run import RunFolder, progress_bar
 from ..engine.preemption import after_step
+from ..engine.solver import describe_scaling, scaled_lr
 from ..engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, should_resume,
                             training_state)
 from ..resnet import build_resnet
@@ -92,7 +93,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world_size > 1 else model
 
-    lr = s.base_lr * s.batch_size / s.reference_batch_size
+    lr = scaled_lr(s)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay,
                                 nesterov=s.nesterov)
     scaler = torch.amp.GradScaler(device.type, enabled=s.amp == "fp16")
@@ -118,6 +119,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
              "%d ranks, batch %d, lr %.4f, %d iterations", "plain" if cfg.model.plain else "resnet", cfg.model.depth,
              cfg.model.shortcut, cfg.model.base_width, len(classes), len(train_samples), len(val_samples),
              world_size, s.batch_size, lr, total_iters)
+    log.info(describe_scaling(s, world_size))
 
     mean_t = torch.tensor(d.mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(d.std, device=device).view(1, 3, 1, 1)

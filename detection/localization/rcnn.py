@@ -31,6 +31,7 @@ from backbones.engine.imageio import read_image_rgb
 from backbones.engine.precision import advance_schedule, optimizer_step
 from backbones.engine.run import LossWindow, progress_bar
 from backbones.engine.preemption import after_step
+from backbones.engine.solver import scaled_lr
 from backbones.engine.state import (should_resume, atomic_save, load_checkpoint, restore_training_state, rng_state,
                                     training_state)
 from backbones.pretraining.evaluate import normalize
@@ -289,7 +290,7 @@ def train_rcnn(cfg, run, loc_model, train_records, class_names, mean, std, devic
     net = build_rcnn_net(clf_ckpt, len(class_names)).to(device)
     ddp_net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
         if world_size > 1 else net
-    lr = r.base_lr * r.batch_size / r.reference_batch_size
+    lr = scaled_lr(r)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=cfg.solver.momentum,
                                 weight_decay=cfg.solver.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: _lr_factor(it, r))

@@ -19,6 +19,7 @@ from backbones.engine.dist import all_gather_object, barrier, every_rank_has_bat
 from backbones.engine.precision import advance_schedule, check_solver, optimizer_step
 from backbones.engine.run import LossWindow, RunFolder, progress_bar
 from backbones.engine.preemption import after_step
+from backbones.engine.solver import describe_scaling, scaled_lr
 from backbones.engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, should_resume,
                                     training_state)
 from backbones.pretraining.data import ShardedSampler
@@ -141,7 +142,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world_size > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = s.base_lr * s.batch_size / s.reference_batch_size
+    lr = scaled_lr(s)
     optimizer = torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda it: lr_factor(it, s.steps, s.gamma, s.warmup_iters))
@@ -168,6 +169,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
              "batch %d, lr %.4f, %d iterations", cfg.model.classifier, cfg.model.feature_stage, len(class_names),
              len(train_records), stats.get("train_unannotated_skipped", 0), len(val_records), world_size,
              s.batch_size, lr, s.max_iter)
+    log.info(describe_scaling(s, world_size))
 
     def save_state(iteration: int) -> None:
         rngs = all_gather_object(rng_state())
