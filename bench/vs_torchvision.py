@@ -53,7 +53,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor  # noqa: 
 from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 
 from backbones.engine.config import load_config  # noqa: E402
-from backbones.pretraining.data import scan_image_folder, split_holdout  # noqa: E402
+from backbones.imagedata import scan_image_folder, split_holdout  # noqa: E402
 from detection.config import DetConfig  # noqa: E402
 from detection.data.batching import build_batch_sampler, collate_detection  # noqa: E402
 from detection.data.voc import read_xml_annotation  # noqa: E402

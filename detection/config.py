@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from backbones.engine.config import RunConfig
+from backbones.engine.solver import IterationSolverConfig
 
 from .modeling.config import DetectorConfig
 
@@ -56,25 +57,17 @@ class DetDataConfig:
 
 
 @dataclass
-class DetSolverConfig:
+class DetSolverConfig(IterationSolverConfig):
+    """The shared solver fields (backbones/engine/solver.py) with the paper's COCO defaults, and a
+    schedule that may count epochs instead."""
     max_iter: int = 320000
-    batch_size: int = 8  # images per iteration, total over ranks
-    base_lr: float = 0.001  # at reference_batch_size; scaled linearly with batch_size
-    reference_batch_size: int = 8
-    momentum: float = 0.9
-    weight_decay: float = 0.0001
-    steps: list[int] = field(default_factory=lambda: [240000])  # iterations at which lr *= gamma
+    base_lr: float = 0.001
+    steps: list[int] = field(default_factory=lambda: [240000])
     # > 0: the schedule counts epochs of the training set (small data sets, where iterations mean little
     # until the set's size is known): max_iter = epochs x iterations per epoch, steps from step_epochs,
     # eval.period from eval.period_epochs; the resolved config.yaml holds the iterations it came to.
     epochs: int = 0
     step_epochs: list[float] = field(default_factory=list)  # with epochs: lr *= gamma after these epochs
-    gamma: float = 0.1
-    warmup_iters: int = 0
-    warmup_factor: float = 0.001
-    amp: str = "none"  # none | bf16 | fp16
-    channels_last: bool = False
-    clip_grad_norm: float = 0.0  # 0 = off
 
 
 @dataclass

@@ -11,12 +11,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from backbones.engine.config import ConfigError, to_yaml
-from backbones.engine.dist import (all_gather_object, barrier, every_rank_has_batch, get_world_size, init_distributed,
-                                   is_main_process, reduce_sum)
-from backbones.engine.precision import advance_schedule, check_solver, optimizer_step
-from backbones.engine.run import LossWindow, RunFolder, progress_bar
-from backbones.engine.preemption import after_step
-from backbones.engine.solver import describe_scaling, scaled_lr
+from backbones.engine.dist import all_gather_object, barrier, get_world_size, init_distributed, is_main_process, reduce_sum
+from backbones.engine.precision import check_solver
+from backbones.engine.run import RunFolder, progress_bar
+from backbones.engine.solver import describe_scaling, lr_multiplier, scaled_lr
+from backbones.engine.trainer import Trainer
 from backbones.engine.state import (should_resume, atomic_save, restore_training_state, rng_state, seed_everything, training_state,
                                    unwrap)
 
@@ -253,15 +252,6 @@ def apply_epoch_schedule(cfg: DictConfig, iters_per_epoch: int) -> str | None:
             f"lr steps at {list(s.steps)}, evaluation every {cfg.eval.period or 'end only'} iterations")
 
 
-def lr_factor(cfg: DictConfig, iteration: int) -> float:
-    s = cfg.solver
-    factor = s.gamma ** sum(iteration >= step for step in s.steps)
-    if iteration < s.warmup_iters:
-        alpha = iteration / s.warmup_iters
-        factor *= s.warmup_factor * (1 - alpha) + alpha
-    return factor
-
-
 class EpochSeeded(torch.utils.data.Dataset):
     """Seeds Python's ``random`` (which the detection transforms draw from) per (seed, epoch, index), so
     augmentation does not depend on workers or ranks, and a resumed run sees the same images."""
@@ -319,7 +309,8 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     lr = scaled_lr(s)
     optimizer = torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_multiplier(
+        it, s.steps, s.gamma, s.warmup_iters, s.warmup_factor))
     scaler = torch.amp.GradScaler(device.type, enabled=s.amp == "fp16")
 
     seeded_train_set = EpochSeeded(train_set, cfg.seed)
@@ -349,7 +340,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
         if is_main_process():
             atomic_save(training_state(
                 model, optimizer, scheduler, scaler, iteration, rngs, best_ap=best_ap,
-                skipped_corrupt=skipped_total, config=to_yaml(cfg), class_names=list(train_set.class_names),
+                skipped_corrupt=trainer.skipped, config=to_yaml(cfg), class_names=list(train_set.class_names),
                 contiguous_to_cat_id={int(k): int(v) for k, v in train_set.contiguous_to_cat_id.items()},
             ), run.last_checkpoint)
 
@@ -375,55 +366,45 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                          "class_names": list(train_set.class_names)}, run.best_checkpoint)
         return metrics["AP"]
 
-    iteration = start_iter
-    progress = progress_bar(total=s.max_iter, initial=start_iter, desc="train_det")
-    window = LossWindow()
-    metrics: dict = {}
-    model.train()
-    while iteration < s.max_iter:
-        epoch, offset = divmod(iteration, iters_per_epoch)
+    def loader(epoch: int, offset: int) -> DataLoader:
         batch_sampler.set_epoch(epoch)
         seeded_train_set.epoch = epoch
-        loader = DataLoader(seeded_train_set, batch_sampler=SkipBatches(batch_sampler, offset), collate_fn=collate,
-                            num_workers=cfg.data.workers, pin_memory=device.type == "cuda")
-        for batch in loader:
-            skipped_total += batch["num_skipped"]
-            # When every image of this rank's (or another rank's) batch was unreadable (counted), the step is
-            # spent untrained, so that iterations still map to epochs exactly.
-            if every_rank_has_batch(bool(batch["targets"]), device):
-                batch["images"] = batch["images"].to(device, non_blocking=True)
-                for t in batch["targets"]:
-                    for key in ("boxes", "labels", "crowd_boxes"):
-                        t[key] = t[key].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    losses = ddp_model(batch)
-                optimizer_step(sum(losses.values()), optimizer, scaler, params, s.clip_grad_norm,
-                               iteration=iteration, losses=losses)
-                window.add(losses, len(batch["targets"]))
-            advance_schedule(scheduler)
-            iteration += 1
-            progress.update(1)
-            after_step(iteration, device, save_state, run.last_checkpoint, cfg.debug_stop_at_iter)
-            if iteration % cfg.log_period == 0 or iteration == s.max_iter:
-                avg, img_s = window.flush(device)
-                progress.set_postfix(loss=f"{avg['loss']:.3f}", img_s=f"{img_s:.1f}")
-                run.log_metrics(iteration, dict(avg, lr=optimizer.param_groups[0]["lr"], img_per_s=img_s,
-                                                skipped_corrupt=skipped_total), prefix="train/")
-            if iteration % cfg.checkpoint_period == 0 or iteration == s.max_iter:
-                save_state(iteration)
-            if cfg.eval.period and iteration % cfg.eval.period == 0 and iteration < s.max_iter:
-                metrics = run_eval(iteration)
-                best_ap = keep_best(metrics, iteration, best_ap)
-            if iteration >= s.max_iter:
-                break
-    progress.close()
+        return DataLoader(seeded_train_set, batch_sampler=SkipBatches(batch_sampler, offset), collate_fn=collate,
+                          num_workers=cfg.data.workers, pin_memory=device.type == "cuda")
+
+    def prepare(batch: dict, iteration: int):
+        # When every image of this rank's (or another rank's) batch was unreadable (counted), the step is
+        # spent untrained, so that iterations still map to epochs exactly.
+        if not batch["targets"]:
+            return None, 0, batch["num_skipped"]
+        batch["images"] = batch["images"].to(device, non_blocking=True)
+        for t in batch["targets"]:
+            for key in ("boxes", "labels", "crowd_boxes"):
+                t[key] = t[key].to(device, non_blocking=True)
+        return batch, len(batch["targets"]), batch["num_skipped"]
+
+    trainer = Trainer(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, device=device,
+                      amp_dtype=amp_dtype, run=run, max_iter=s.max_iter, iters_per_epoch=iters_per_epoch,
+                      loader=loader, prepare=prepare, forward=ddp_model, save_state=save_state,
+                      checkpoint=run.last_checkpoint, log_period=cfg.log_period, checkpoint_period=cfg.checkpoint_period,
+                      params=params, clip_grad_norm=s.clip_grad_norm, debug_stop_at_iter=cfg.debug_stop_at_iter,
+                      log_extra=lambda it: {"skipped_corrupt": trainer.skipped}, desc="train_det")
+    trainer.skipped = skipped_total
+
+    def periodic_eval(iteration: int) -> None:
+        nonlocal best_ap
+        if cfg.eval.period and iteration % cfg.eval.period == 0 and iteration < s.max_iter:
+            best_ap = keep_best(run_eval(iteration), iteration, best_ap)
+
+    trainer.after_step_hooks.append(periodic_eval)
+    iteration = trainer.train(start_iter)
     save_state(iteration)
     metrics = run_eval(iteration)
     best_ap = keep_best(metrics, iteration, best_ap)
     # "coco_val" keeps its name for every data format (tools read it); data_format says which metrics it holds.
     summary = {"task": "detection", "iterations": iteration, "class_names": list(train_set.class_names),
                "coco_val": metrics, "data_format": cfg.data.format, "last_checkpoint": run.last_checkpoint,
-               "skipped_corrupt_train": skipped_total,
+               "skipped_corrupt_train": trainer.skipped,
                "best_checkpoint": run.best_checkpoint if best_ap >= 0 else None, "best_AP": best_ap if best_ap >= 0 else None, "val_annotations": data_source(cfg, "val"),
                # records and images dropped at load (data.strict_train/strict_val false), per kind of problem
                "data_problems": {"train": train_set.stats.get("problems", {}), "val": val_set.stats.get("problems", {})}}

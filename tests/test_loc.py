@@ -109,7 +109,8 @@ def test_class_candidates_decode_each_class_with_its_own_regressor():
 def test_rcnn_rois_labels_losses_and_mirroring(tmp_path):
     import cv2
     from detection.localization.data import LocRecord
-    from detection.localization.rcnn import RoIBatchSampler, RoIDataset, rcnn_losses, roi_table, warp_crops
+    from detection.localization.rcnn import rcnn_losses
+    from detection.localization.rcnn_data import RoIBatchSampler, RoIDataset, roi_table, warp_crops
     from detection.modeling.box_coder import BoxCoder
     image = np.zeros((40, 80, 3), np.uint8)
     image[:, :40] = 255

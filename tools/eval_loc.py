@@ -22,7 +22,7 @@ from backbones.checkpoint import CheckpointError
 from backbones.engine.config import ConfigError, load_config
 from backbones.engine.dist import cleanup, is_main_process
 from backbones.engine.run import write_json_atomic
-from backbones.pretraining.data import DatasetError
+from backbones.imagedata import DatasetError
 from detection.localization.config import LocConfig
 from detection.localization.data import LocDataError
 from detection.localization.evaluate import format_errors

@@ -14,7 +14,7 @@ import sys
 import _bootstrap  # noqa: F401
 
 from backbones.engine.cli import run_training, training_arguments
-from backbones.pretraining.data import DatasetError
+from backbones.imagedata import DatasetError
 from detection.localization.config import LocConfig
 from detection.localization.data import LocDataError
 from detection.localization.trainer import train

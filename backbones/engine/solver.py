@@ -7,7 +7,48 @@ used is ``base_lr * batch_size / reference_batch_size``.
 """
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+
+@dataclass
+class SolverConfig:
+    """What every trainer's ``solver:`` holds: SGD, the batch and its learning rate, precision."""
+    batch_size: int = 8  # images per iteration, total over all ranks and nodes
+    base_lr: float = 0.01  # at reference_batch_size; scaled linearly with batch_size
+    reference_batch_size: int = 8
+    momentum: float = 0.9
+    weight_decay: float = 0.0001
+    gamma: float = 0.1  # the step schedule's factor at each step
+    amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler)
+    channels_last: bool = False
+    clip_grad_norm: float = 0.0  # 0 = off
+
+
+@dataclass
+class IterationSolverConfig(SolverConfig):
+    """A schedule counted in iterations (detection, localization): linear warm-up, then steps."""
+    max_iter: int = 1000
+    steps: list[int] = field(default_factory=list)  # iterations at which lr *= gamma
+    warmup_iters: int = 0
+    warmup_factor: float = 0.001  # the warm-up starts at this fraction of the rate
+
+
+def lr_multiplier(progress: float, steps: Sequence[float], gamma: float, warmup: float = 0.0,
+                  warmup_factor: float = 0.001, schedule: str = "step", total: float = 0.0) -> float:
+    """The factor on the scaled learning rate at ``progress`` (iterations or epochs: the unit of ``steps``,
+    ``warmup`` and ``total``), for every trainer: a linear warm-up from ``warmup_factor`` to 1 over
+    ``warmup``, times ``gamma`` per step passed (``step``) or a half cosine to 0 at ``total`` (``cosine``)."""
+    factor = 1.0
+    if progress < warmup:
+        factor = warmup_factor + (1 - warmup_factor) * progress / warmup
+    if schedule == "step":
+        return factor * gamma ** sum(progress >= step for step in steps)
+    if schedule == "cosine":
+        return factor * 0.5 * (1 + math.cos(math.pi * min(progress / total, 1.0)))
+    raise ValueError(f"solver.schedule must be step or cosine, got {schedule!r}")
 
 
 def scaled_lr(solver) -> float:

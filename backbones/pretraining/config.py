@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..engine.config import RunConfig
+from ..engine.solver import SolverConfig
 
 
 @dataclass
@@ -45,21 +46,16 @@ class DataConfig:
 
 
 @dataclass
-class SolverConfig:
+class PretrainSolverConfig(SolverConfig):
+    """The shared solver fields (backbones/engine/solver.py) with a schedule counted in epochs."""
     epochs: int = 60
-    batch_size: int = 64  # total over all ranks
-    base_lr: float = 0.1  # at reference_batch_size; scaled linearly with batch_size
+    batch_size: int = 64
+    base_lr: float = 0.1
     reference_batch_size: int = 64  # demo: lr 0.1 at batch 64; the paper configs set 256
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
     nesterov: bool = False
     schedule: str = "step"  # step | cosine
-    steps: list[int] = field(default_factory=lambda: [45, 55])  # epochs at which lr /= 10 (step)
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler)
-    channels_last: bool = False
-    clip_grad_norm: float = 0.0  # 0 = off
+    steps: list[int] = field(default_factory=lambda: [45, 55])  # epochs at which lr *= gamma (step)
+    warmup_epochs: float = 0.0  # linear warm-up from 0.1 of the rate
 
 
 @dataclass
@@ -75,5 +71,5 @@ class EvalConfig:
 class PretrainConfig(RunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    solver: SolverConfig = field(default_factory=SolverConfig)
+    solver: PretrainSolverConfig = field(default_factory=PretrainSolverConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

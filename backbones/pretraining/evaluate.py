@@ -9,14 +9,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..engine.dist import get_rank, get_world_size, reduce_sum
-from .data import (ImageFolderDataset, ShardedSampler, center_crop_transform, collate_skip_none,
-                   resize_transform)
-
-
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 NxCxHxW -> normalised float, on the images' device (cheaper than in the workers)."""
-    x = (images.float() / 255.0 - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+from ..imagedata import ShardedSampler, normalize  # noqa: F401 (normalize: re-exported)
+from .data import ImageFolderDataset, center_crop_transform, collate_skip_none, resize_transform
 
 
 def _topk_correct(probs: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:

@@ -1,9 +1,7 @@
 """The pretraining loop: SGD with the paper's recipe, DDP-ready, resumable to the iteration."""
 from __future__ import annotations
 
-import math
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -13,12 +11,11 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import backbone_checkpoint
 from ..engine.config import to_yaml
-from ..engine.dist import (all_gather_object, barrier, every_rank_has_batch, init_distributed, is_main_process,
-                           reduce_sum)
-from ..engine.precision import advance_schedule, check_solver, optimizer_step
-from ..engine.run import RunFolder, progress_bar
-from ..engine.preemption import after_step
-from ..engine.solver import describe_scaling, scaled_lr
+from ..engine.dist import all_gather_object, barrier, init_distributed, is_main_process
+from ..engine.precision import check_solver
+from ..engine.run import RunFolder
+from ..engine.solver import describe_scaling, lr_multiplier, scaled_lr
+from ..engine.trainer import Trainer
 from ..engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, should_resume,
                             training_state)
 from ..resnet import build_resnet
@@ -59,17 +56,10 @@ def prepare_data(cfg: DictConfig):
 
 
 def lr_factor(cfg: DictConfig, iteration: int, iters_per_epoch: int) -> float:
-    """Multiplier of the base learning rate at ``iteration`` (warm-up, then step or cosine)."""
+    """Multiplier of the base learning rate at ``iteration``: the shared schedule counted in epochs
+    (warm-up from 0.1 of the rate, then step or cosine)."""
     s = cfg.solver
-    epoch = iteration / iters_per_epoch
-    warmup = 1.0
-    if s.warmup_epochs > 0 and epoch < s.warmup_epochs:
-        warmup = 0.1 + 0.9 * epoch / s.warmup_epochs
-    if s.schedule == "step":
-        return warmup * s.gamma ** sum(epoch >= step for step in s.steps)
-    if s.schedule == "cosine":
-        return warmup * 0.5 * (1 + math.cos(math.pi * min(epoch / s.epochs, 1.0)))
-    raise ValueError(f"solver.schedule must be step or cosine, got {s.schedule!r}")
+    return lr_multiplier(iteration / iters_per_epoch, s.steps, s.gamma, s.warmup_epochs, 0.1, s.schedule, s.epochs)
 
 
 def train(cfg: DictConfig, run_name: str) -> dict:
@@ -129,7 +119,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
         if is_main_process():
             atomic_save(training_state(
                 model, optimizer, scheduler, scaler, iteration, rngs, epoch=iteration // iters_per_epoch,
-                best_top1=best_top1, skipped_corrupt=skipped_total, config=to_yaml(cfg),
+                best_top1=best_top1, skipped_corrupt=trainer.skipped, config=to_yaml(cfg),
                 backbone=backbone_checkpoint(model, d.mean, d.std, classes, to_yaml(cfg)),
             ), run.last_checkpoint)
 
@@ -139,47 +129,40 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                                    batch_size=cfg.eval.batch_size, workers=d.workers, amp_dtype=amp_dtype,
                                    channels_last=s.channels_last)
 
-    iteration = start_iter
-    val_metrics: dict = {}
-    progress = progress_bar(total=total_iters, initial=start_iter, desc="pretrain")
-    window_loss, window_images, window_start = 0.0, 0, time.time()
-    for epoch in range(start_iter // iters_per_epoch, s.epochs):
-        model.train()
+    def loader(epoch: int, offset: int) -> DataLoader:
         train_set.epoch = epoch
-        done_in_epoch = iteration - epoch * iters_per_epoch
-        sampler.set_epoch(epoch, start=done_in_epoch * per_rank_batch)
-        loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=d.workers,
-                            collate_fn=collate_skip_none, drop_last=True, pin_memory=device.type == "cuda",
-                            persistent_workers=False)
-        for images, labels, n_skipped in loader:
-            skipped_total += n_skipped
-            if every_rank_has_batch(images is not None, device):
-                images = normalize(images.to(device, non_blocking=True), mean_t, std_t, s.channels_last)
-                labels = labels.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = F.cross_entropy(ddp_model(images), labels)
-                optimizer_step(loss, optimizer, scaler, model.parameters(), s.clip_grad_norm, iteration=iteration)
-                window_loss += loss.item() * labels.numel()
-                window_images += labels.numel()
-            advance_schedule(scheduler)
-            iteration += 1
-            progress.update(1)
-            after_step(iteration, device, save_state, run.last_checkpoint, cfg.debug_stop_at_iter)
-            if iteration % cfg.log_period == 0 or iteration % iters_per_epoch == 0:
-                elapsed = time.time() - window_start
-                stats = reduce_sum({"loss": window_loss, "images": window_images}, device)
-                train_loss = stats["loss"] / max(stats["images"], 1)
-                img_s = stats["images"] / max(elapsed, 1e-9)
-                progress.set_postfix(loss=f"{train_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}",
-                                     img_s=f"{img_s:.0f}")
-                run.log_metrics(iteration, {"loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
-                                            "img_per_s": img_s, "epoch": iteration / iters_per_epoch,
-                                            "skipped_corrupt": skipped_total}, prefix="train/")
-                window_loss, window_images, window_start = 0.0, 0, time.time()
-            if cfg.checkpoint_period and iteration % cfg.checkpoint_period == 0 and iteration % iters_per_epoch:
-                save_state(iteration)
-        end_of_run = epoch + 1 == s.epochs
-        if (cfg.eval.period and (epoch + 1) % cfg.eval.period == 0) or end_of_run:
+        sampler.set_epoch(epoch, start=offset * per_rank_batch)
+        return DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=d.workers,
+                          collate_fn=collate_skip_none, drop_last=True, pin_memory=device.type == "cuda",
+                          persistent_workers=False)
+
+    def prepare(batch, iteration: int):
+        images, labels, n_skipped = batch
+        if images is None:
+            return None, 0, n_skipped
+        images = normalize(images.to(device, non_blocking=True), mean_t, std_t, s.channels_last)
+        return (images, labels.to(device, non_blocking=True)), labels.numel(), n_skipped
+
+    def forward(inputs) -> dict:
+        images, labels = inputs
+        return {"loss_cls": F.cross_entropy(ddp_model(images), labels)}
+
+    trainer = Trainer(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, device=device,
+                      amp_dtype=amp_dtype, run=run, max_iter=total_iters, iters_per_epoch=iters_per_epoch,
+                      loader=loader, prepare=prepare, forward=forward, save_state=save_state,
+                      checkpoint=run.last_checkpoint, log_period=cfg.log_period, checkpoint_period=cfg.checkpoint_period,
+                      params=list(model.parameters()), clip_grad_norm=s.clip_grad_norm,
+                      debug_stop_at_iter=cfg.debug_stop_at_iter, log_every_epoch=True, desc="pretrain",
+                      # mid-epoch checkpoints by checkpoint_period; the one at each epoch's end follows its evaluation
+                      should_checkpoint=lambda it: bool(cfg.checkpoint_period and it % cfg.checkpoint_period == 0
+                                                        and it % iters_per_epoch),
+                      log_extra=lambda it: {"epoch": it / iters_per_epoch, "skipped_corrupt": trainer.skipped})
+    trainer.skipped = skipped_total
+    val_metrics: dict = {}
+
+    def end_of_epoch(epoch: int, iteration: int) -> None:
+        nonlocal best_top1, val_metrics
+        if (cfg.eval.period and (epoch + 1) % cfg.eval.period == 0) or epoch + 1 == s.epochs:
             val_metrics = evaluate("center")
             model.train()
             run.log_metrics(iteration, val_metrics, prefix="val/")
@@ -190,7 +173,9 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                 if is_main_process():
                     atomic_save(backbone_checkpoint(model, d.mean, d.std, classes, to_yaml(cfg)), run.best_checkpoint)
         save_state(iteration)
-    progress.close()
+
+    trainer.after_epoch_hooks.append(end_of_epoch)
+    iteration = trainer.train(start_iter)
 
     final = {"center": val_metrics or evaluate("center")}
     if cfg.eval.ten_crop:
@@ -205,7 +190,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                  100 * m["top1_err"], 100 * m["top5"], 100 * m["top5_err"])
     summary = {
         "task": "pretrain", "classes": classes, "iterations": iteration, "epochs": s.epochs,
-        "val": final, "best_center_top1": best_top1, "skipped_corrupt_train": skipped_total,
+        "val": final, "best_center_top1": best_top1, "skipped_corrupt_train": trainer.skipped,
         "backbone_checkpoint": backbone_path, "last_checkpoint": run.last_checkpoint,
         "best_checkpoint": run.best_checkpoint,
     }

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from backbones.engine.config import RunConfig
+from backbones.engine.solver import IterationSolverConfig
 
 
 @dataclass
@@ -57,19 +58,14 @@ class LocDataConfig:
 
 
 @dataclass
-class LocSolverConfig:
+class LocSolverConfig(IterationSolverConfig):
+    """The shared solver fields (backbones/engine/solver.py), the per-class RPN's defaults."""
     max_iter: int = 250
-    batch_size: int = 32  # images per iteration, total over ranks (paper: 256)
-    base_lr: float = 0.05  # at reference_batch_size; scaled linearly with batch_size
+    batch_size: int = 32  # paper: 256
+    base_lr: float = 0.05
     reference_batch_size: int = 32
-    momentum: float = 0.9
-    weight_decay: float = 0.0001
-    steps: list[int] = field(default_factory=lambda: [200])  # iterations at which lr *= gamma
-    gamma: float = 0.1
+    steps: list[int] = field(default_factory=lambda: [200])
     warmup_iters: int = 20
-    amp: str = "none"  # none | bf16 | fp16
-    channels_last: bool = False
-    clip_grad_norm: float = 0.0
 
 
 @dataclass

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from backbones.engine.imageio import CorruptImageError, is_image_file, read_image_rgb
 from backbones.engine.run import get_logger
-from backbones.pretraining.data import PCALighting, scan_image_folder, split_holdout
+from backbones.imagedata import PCALighting, scan_image_folder, split_holdout
 from detection.data.voc import read_xml_annotation
 
 LAYOUTS = ("imagefolder", "ilsvrc", "synthetic")

@@ -17,8 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from backbones.engine.dist import get_rank, get_world_size, is_main_process, reduce_sum
 from backbones.engine.imageio import CorruptImageError, read_image_rgb
 from backbones.engine.run import progress_bar
-from backbones.pretraining.data import ShardedSampler
-from backbones.pretraining.evaluate import normalize
+from backbones.imagedata import ShardedSampler, normalize
 from detection.modeling.rpn import filter_proposals
 from torchvision.ops import box_iou
 

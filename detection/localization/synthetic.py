@@ -14,7 +14,7 @@ import shutil
 import cv2
 import numpy as np
 
-from backbones.pretraining.synthetic import SHAPES, render_shape_image
+from backbones.shapes import SHAPES, render_shape_image
 
 RADIUS_RANGE = (0.12, 0.3)  # fraction of the image side (classification uses 0.22-0.45)
 

@@ -15,15 +15,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from backbones.engine.config import to_yaml
-from backbones.engine.dist import all_gather_object, barrier, every_rank_has_batch, init_distributed, is_main_process
-from backbones.engine.precision import advance_schedule, check_solver, optimizer_step
-from backbones.engine.run import LossWindow, RunFolder, progress_bar
-from backbones.engine.preemption import after_step
-from backbones.engine.solver import describe_scaling, scaled_lr
+from backbones.engine.dist import all_gather_object, barrier, init_distributed, is_main_process
+from backbones.engine.precision import check_solver
+from backbones.engine.run import RunFolder
+from backbones.engine.solver import describe_scaling, lr_multiplier, scaled_lr
+from backbones.engine.trainer import Trainer
 from backbones.engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, should_resume,
                                     training_state)
-from backbones.pretraining.data import ShardedSampler
-from backbones.pretraining.evaluate import normalize
+from backbones.imagedata import ShardedSampler, normalize
 
 from .data import (LAYOUTS, LocDataError, LocTrainDataset, collate_loc, load_ilsvrc, load_imagefolder,
                    loc_train_transform, read_synset_mapping)
@@ -108,13 +107,6 @@ def prepare(cfg: DictConfig):
     return classifier, ckpt, class_names, train_records, val_records, stats
 
 
-def lr_factor(iteration: int, steps, gamma: float, warmup_iters: int) -> float:
-    factor = gamma ** sum(iteration >= s for s in steps)
-    if iteration < warmup_iters:
-        factor *= 0.001 + (1 - 0.001) * iteration / warmup_iters
-    return factor
-
-
 def sampling_generator(seed: int, iteration: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 1009 + rank)
 
@@ -144,8 +136,8 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     lr = scaled_lr(s)
     optimizer = torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                  lambda it: lr_factor(it, s.steps, s.gamma, s.warmup_iters))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_multiplier(
+        it, s.steps, s.gamma, s.warmup_iters, s.warmup_factor))
     scaler = torch.amp.GradScaler(device.type, enabled=s.amp == "fp16")
 
     per_rank_batch = s.batch_size // world_size
@@ -175,7 +167,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
         rngs = all_gather_object(rng_state())
         if is_main_process():
             atomic_save(training_state(model, optimizer, scheduler, scaler, iteration, rngs, format=FORMAT,
-                                       skipped_corrupt=skipped_total, config=to_yaml(cfg), class_names=class_names,
+                                       skipped_corrupt=trainer.skipped, config=to_yaml(cfg), class_names=class_names,
                                        classifier=os.path.abspath(cfg.model.classifier),
                                        normalization={"mean": list(mean), "std": list(std)}), run.last_checkpoint)
 
@@ -184,45 +176,37 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                                      baseline_fraction=baseline_fraction, rescorer=rescorer, workers=d.workers,
                                      amp_dtype=amp_dtype, limit=limit)
 
-    iteration = start_iter
-    progress = progress_bar(total=s.max_iter, initial=start_iter, desc="train_loc")
-    window = LossWindow()
-    model.train()
-    while iteration < s.max_iter:
-        epoch, offset = divmod(iteration, iters_per_epoch)
+    def loader(epoch: int, offset: int) -> DataLoader:
         train_set.epoch = epoch
         sampler.set_epoch(epoch, start=offset * per_rank_batch)
-        loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=d.workers,
-                            collate_fn=collate_loc, drop_last=True, pin_memory=device.type == "cuda")
-        for images, labels, boxes, n_skipped in loader:
-            skipped_total += n_skipped
-            model.rpn.generator = sampling_generator(cfg.seed, iteration, rank)
-            if every_rank_has_batch(images is not None, device):
-                x = normalize(images.to(device, non_blocking=True), mean_t, std_t, s.channels_last)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    losses = ddp_model(x, labels.to(device), [b.to(device) for b in boxes])
-                optimizer_step(sum(losses.values()), optimizer, scaler, params, s.clip_grad_norm,
-                               iteration=iteration, losses=losses)
-                window.add(losses, len(labels))
-            advance_schedule(scheduler)
-            iteration += 1
-            progress.update(1)
-            after_step(iteration, device, save_state, run.last_checkpoint, cfg.debug_stop_at_iter)
-            if iteration % cfg.log_period == 0 or iteration == s.max_iter:
-                avg, img_s = window.flush(device)
-                progress.set_postfix(loss=f"{avg['loss']:.3f}", img_s=f"{img_s:.1f}")
-                run.log_metrics(iteration, dict(avg, lr=optimizer.param_groups[0]["lr"], img_per_s=img_s,
-                                                epoch=iteration / iters_per_epoch, skipped_corrupt=skipped_total),
-                                prefix="train/")
-            if (cfg.checkpoint_period and iteration % cfg.checkpoint_period == 0) or iteration == s.max_iter:
-                save_state(iteration)
-            if cfg.eval.period and iteration % cfg.eval.period == 0 and iteration < s.max_iter:
-                m = evaluate("center")
-                run.log_metrics(iteration, {k: v for k, v in m.items() if not isinstance(v, dict)}, prefix="val_center/")
-                log.info("iteration %d\n%s", iteration, format_errors("center", m))
-            if iteration >= s.max_iter:
-                break
-    progress.close()
+        return DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=d.workers,
+                          collate_fn=collate_loc, drop_last=True, pin_memory=device.type == "cuda")
+
+    def to_device(batch, iteration: int):
+        images, labels, boxes, n_skipped = batch
+        model.rpn.generator = sampling_generator(cfg.seed, iteration, rank)  # anchor sampling, reproducible
+        if images is None:
+            return None, 0, n_skipped
+        x = normalize(images.to(device, non_blocking=True), mean_t, std_t, s.channels_last)
+        return (x, labels.to(device), [b.to(device) for b in boxes]), len(labels), n_skipped
+
+    trainer = Trainer(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, device=device,
+                      amp_dtype=amp_dtype, run=run, max_iter=s.max_iter, iters_per_epoch=iters_per_epoch,
+                      loader=loader, prepare=to_device, forward=lambda inputs: ddp_model(*inputs), save_state=save_state,
+                      checkpoint=run.last_checkpoint, log_period=cfg.log_period, checkpoint_period=cfg.checkpoint_period,
+                      params=params, clip_grad_norm=s.clip_grad_norm, debug_stop_at_iter=cfg.debug_stop_at_iter,
+                      log_extra=lambda it: {"epoch": it / iters_per_epoch, "skipped_corrupt": trainer.skipped},
+                      desc="train_loc")
+    trainer.skipped = skipped_total
+
+    def periodic_eval(iteration: int) -> None:
+        if cfg.eval.period and iteration % cfg.eval.period == 0 and iteration < s.max_iter:
+            m = evaluate("center")  # restores training mode
+            run.log_metrics(iteration, {k: v for k, v in m.items() if not isinstance(v, dict)}, prefix="val_center/")
+            log.info("iteration %d\n%s", iteration, format_errors("center", m))
+
+    trainer.after_step_hooks.append(periodic_eval)
+    iteration = trainer.train(start_iter)
     if start_iter >= s.max_iter:
         log.info("the per-class RPN finished training earlier (%s): evaluating only", run.last_checkpoint)
 
@@ -241,7 +225,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     summary = {"task": "localization", "iterations": iteration, "class_names": class_names,
                "classifier": os.path.abspath(cfg.model.classifier), "train_images": len(train_records),
                "val_images": len(val_records), "train_unannotated_skipped": stats.get("train_unannotated_skipped", 0),
-               "skipped_corrupt_train": skipped_total, "val": final, "last_checkpoint": run.last_checkpoint}
+               "skipped_corrupt_train": trainer.skipped, "val": final, "last_checkpoint": run.last_checkpoint}
     if rcnn_summary:
         summary["rcnn"] = rcnn_summary
     summary = run.write_summary(summary)

@@ -1,0 +1,112 @@
+"""The one training loop: pretraining, detection, and localization's RPN and R-CNN stages all run here.
+
+A task builds its model, optimizer, schedule and data, and gives the :class:`Trainer`:
+
+* ``loader(epoch, offset)``: the batches of one epoch, starting ``offset`` batches in (exact mid-epoch
+  resumption); a task whose sampler spans the whole run (the R-CNN stage) sets ``iters_per_epoch`` to the
+  run's length and gets one call;
+* ``prepare(batch, iteration)``: ``(inputs, samples, skipped)``, with ``inputs`` None when every image of
+  this rank's batch was unreadable (``skipped`` of them counted);
+* ``forward(inputs)``: the loss terms, computed under autocast;
+* ``save_state(iteration)``: write the resumable checkpoint (every rank calls it; it gathers RNG states);
+* hooks: ``after_step(iteration)`` (evaluation, best checkpoint) and ``after_epoch(epoch, iteration)``.
+
+The trainer owns what every task did the same way: the order of a step (a step where any rank has no
+batch is skipped by all ranks together, so their collectives stay paired and iterations still map to
+epochs), autocast, the loss check and optimizer step (:func:`~backbones.engine.precision.optimizer_step`),
+the schedule advancing once per iteration, preemption (:func:`~backbones.engine.preemption.after_step`),
+the progress bar, the loss window written to ``metrics.jsonl`` / TensorBoard, and periodic checkpoints.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .dist import every_rank_has_batch
+from .precision import STEP_HINT, advance_schedule, optimizer_step
+from .preemption import after_step
+from .run import LossWindow, RunFolder, progress_bar
+
+
+class Trainer:
+    def __init__(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
+                 device: torch.device, amp_dtype: torch.dtype | None, run: RunFolder, max_iter: int,
+                 iters_per_epoch: int, loader: Callable[[int, int], Iterable],
+                 prepare: Callable[[Any, int], tuple[Any, int, int]], forward: Callable[[Any], dict],
+                 save_state: Callable[[int], None], checkpoint: str, log_period: int, checkpoint_period: int,
+                 params=None, clip_grad_norm: float = 0.0, debug_stop_at_iter: int = 0, debug_iteration_offset: int = 0,
+                 should_checkpoint: Callable[[int], bool] | None = None, log_every_epoch: bool = False,
+                 sync_empty_batches: bool = True, metrics_prefix: str = "train/", rate_name: str = "img_per_s",
+                 log_extra: Callable[[int], dict] | None = None, desc: str = "train", hint: str = STEP_HINT):
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.device, self.amp_dtype, self.run = device, amp_dtype, run
+        self.max_iter, self.iters_per_epoch = max_iter, iters_per_epoch
+        self.loader, self.prepare, self.forward, self.save_state = loader, prepare, forward, save_state
+        self.checkpoint, self.log_period, self.checkpoint_period = checkpoint, log_period, checkpoint_period
+        self.params, self.clip_grad_norm, self.hint = params, clip_grad_norm, hint
+        self.debug_stop_at_iter, self.debug_iteration_offset = debug_stop_at_iter, debug_iteration_offset
+        self.should_checkpoint = should_checkpoint or self.periodic_checkpoint
+        self.log_every_epoch, self.sync_empty_batches = log_every_epoch, sync_empty_batches
+        self.metrics_prefix, self.rate_name, self.log_extra, self.desc = metrics_prefix, rate_name, log_extra, desc
+        self.after_step_hooks: list[Callable[[int], None]] = []
+        self.after_epoch_hooks: list[Callable[[int, int], None]] = []
+        self.iteration, self.progress = 0, None
+        self.skipped = 0  # unreadable training images so far (restored on resume by the task)
+
+    def periodic_checkpoint(self, iteration: int) -> bool:
+        return bool(self.checkpoint_period and iteration % self.checkpoint_period == 0) or iteration == self.max_iter
+
+    def train(self, start_iter: int = 0) -> int:
+        """Train from ``start_iter`` to ``max_iter``; returns the last iteration."""
+        self.iteration = start_iter
+        self.progress = progress = progress_bar(total=self.max_iter, initial=start_iter, desc=self.desc)
+        window = LossWindow()
+        while self.iteration < self.max_iter:
+            epoch, offset = divmod(self.iteration, self.iters_per_epoch)
+            self.model.train()
+            stepped = False
+            for batch in self.loader(epoch, offset):
+                self.step(batch, window)
+                progress.update(1)
+                stepped = True
+                if self.iteration >= self.max_iter or self.iteration % self.iters_per_epoch == 0:
+                    break
+            if not stepped:
+                raise RuntimeError(f"{self.desc}: the data loader of epoch {epoch} gave no batch {offset} batches in")
+            if self.iteration % self.iters_per_epoch == 0:
+                for hook in self.after_epoch_hooks:
+                    hook(epoch, self.iteration)
+        progress.close()
+        return self.iteration
+
+    def step(self, batch, window: LossWindow) -> None:
+        iteration = self.iteration
+        inputs, samples, skipped = self.prepare(batch, iteration)
+        self.skipped += skipped
+        if not self.sync_empty_batches or every_rank_has_batch(inputs is not None, self.device):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                losses = self.forward(inputs)
+            optimizer_step(sum(losses.values()), self.optimizer, self.scaler, self.params, self.clip_grad_norm,
+                           iteration=iteration, losses=losses, hint=self.hint)
+            window.add(losses, samples)
+        advance_schedule(self.scheduler)
+        self.iteration = iteration = iteration + 1
+        after_step(iteration, self.device, self.save_state, self.checkpoint, self.debug_stop_at_iter,
+                   self.debug_iteration_offset + iteration)
+        epoch_end = self.log_every_epoch and iteration % self.iters_per_epoch == 0
+        if iteration % self.log_period == 0 or iteration == self.max_iter or epoch_end:
+            self.log(window)
+        if self.should_checkpoint(iteration):
+            self.save_state(iteration)
+        for hook in self.after_step_hooks:
+            hook(iteration)
+
+    def log(self, window: LossWindow) -> None:
+        avg, rate = window.flush(self.device)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.progress is not None and "loss" in avg:
+            self.progress.set_postfix(loss=f"{avg['loss']:.3f}", lr=f"{lr:.4g}", **{self.rate_name: f"{rate:.1f}"})
+        self.run.log_metrics(self.iteration, dict(avg, lr=lr, **{self.rate_name: rate},
+                                                  **(self.log_extra(self.iteration) if self.log_extra else {})),
+                             prefix=self.metrics_prefix)

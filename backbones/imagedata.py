@@ -1,0 +1,117 @@
+"""ImageNet-style image data that pretraining and localization share: ImageFolder scanning, a
+deterministic per-class holdout, the sharded (resumable) sampler, AlexNet's PCA colour augmentation
+and the normalisation done on the device."""
+from __future__ import annotations
+
+import os
+
+import albumentations as A
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from .engine.imageio import is_image_file
+
+# Principal components of ImageNet's RGB pixels (on a 0-1 scale), as used for AlexNet's and the
+# ResNet paper's colour augmentation.
+IMAGENET_PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045], dtype=np.float32)
+IMAGENET_PCA_EIGVEC = np.array([
+    [-0.5675, 0.7192, 0.4009],
+    [-0.5808, -0.0045, -0.8140],
+    [-0.5836, -0.6948, 0.4203],
+], dtype=np.float32)
+
+EXPECTED_LAYOUT = "<root>/<class_name>/<image>.jpg (ImageFolder: one sub-folder per class)"
+
+
+
+class DatasetError(ValueError):
+    """The dataset on disk is missing or malformed."""
+
+
+class PCALighting(A.ImageOnlyTransform):
+    """AlexNet-style colour augmentation: add multiples of the ImageNet RGB principal components."""
+
+    def __init__(self, std: float = 0.1, p: float = 1.0):
+        super().__init__(p=p)
+        self.std = std
+
+    def get_params_dependent_on_data(self, params, data):
+        alpha = self.random_generator.normal(0.0, self.std, 3).astype(np.float32)
+        return {"offset": IMAGENET_PCA_EIGVEC @ (alpha * IMAGENET_PCA_EIGVAL) * 255.0}
+
+    def apply(self, img, offset=None, **params):
+        return np.clip(img.astype(np.float32) + offset, 0, 255).astype(np.uint8)
+
+
+def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes (sorted sub-folder names) and (path, class index) samples; clear errors when missing."""
+    if not os.path.isdir(root):
+        raise DatasetError(f"dataset folder not found: {os.path.abspath(root)}\n  expected layout: {EXPECTED_LAYOUT}")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{os.path.abspath(root)}: no class sub-folders\n  expected layout: {EXPECTED_LAYOUT}")
+    samples = []
+    for idx, name in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            samples.extend((os.path.join(dirpath, f), idx) for f in sorted(files) if is_image_file(f))
+    if not samples:
+        raise DatasetError(f"{os.path.abspath(root)}: class folders hold no image files\n  expected layout: {EXPECTED_LAYOUT}")
+    return classes, samples
+
+
+def split_holdout(samples, fraction: float, seed: int):
+    """Deterministic per-class holdout (for sets shipped without a val folder)."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    by_class: dict[int, list] = {}
+    for s in samples:
+        by_class.setdefault(s[1], []).append(s)
+    for cls in sorted(by_class):
+        items = by_class[cls]
+        order = rng.permutation(len(items))
+        n_val = max(1, int(round(len(items) * fraction)))
+        val += [items[i] for i in sorted(order[:n_val])]
+        train += [items[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 NxCxHxW -> normalised float, on the images' device (cheaper than in the workers)."""
+    x = (images.float() / 255.0 - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class ShardedSampler(Sampler[int]):
+    """Each rank's share of a (per-epoch shuffled) order; can start mid-epoch for exact resumption.
+
+    Training shards are padded to equal length so every rank runs the same number of steps
+    (DDP needs that); evaluation shards are not padded so each image counts exactly once.
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, pad: bool = True):
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """``start``: number of this rank's samples already consumed in this epoch."""
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        if self.pad and self.world_size > 1:
+            per_rank = -(-self.size // self.world_size)
+            order += order[: per_rank * self.world_size - self.size]
+        return order[self.rank::self.world_size]
+
+    def __iter__(self):
+        return iter(self._indices()[self.start:])
+
+    def __len__(self):
+        return len(self._indices()) - self.start
