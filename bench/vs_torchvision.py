@@ -57,9 +57,10 @@ from backbones.imagedata import scan_image_folder, split_holdout  # noqa: E402
 from detection.config import DetConfig  # noqa: E402
 from detection.data.batching import build_batch_sampler, collate_detection  # noqa: E402
 from detection.data.voc import read_xml_annotation  # noqa: E402
-from detection.engine import build_datasets, prepare_data_paths, to_original  # noqa: E402
+from detection.engine import build_datasets, prepare_data_paths  # noqa: E402
 from detection.evaluation.coco_eval import COCOEvaluator  # noqa: E402
 from detection.modeling.build import build_backbone, build_detector  # noqa: E402
+from detection.postprocessing import target_to_original  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -220,7 +221,7 @@ def coco_metrics(model, step, cfg, val_set) -> dict:
     collate = functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility)
     for batch in DataLoader(val_set, batch_sampler=sampler, collate_fn=collate):
         detections = step(model, batch)
-        evaluator.process(batch["targets"], [to_original(d, t) for d, t in zip(detections, batch["targets"])])
+        evaluator.process(batch["targets"], [target_to_original(d, t) for d, t in zip(detections, batch["targets"])])
     return evaluator.evaluate()
 
 

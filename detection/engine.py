@@ -24,9 +24,11 @@ from .data.coco import CocoDetection, DatasetError
 from .data.problems import VERIFY_MODES
 from .data.report import class_box_counts
 from .data.synthetic import make_synthetic_coco, make_synthetic_voc
-from .data.transforms import boxes_to_original, build_transform
+from .data.transforms import build_transform
 from .data.voc import DIFFICULT_MODES, FORMATS as XML_FORMATS, LAYOUTS as XML_LAYOUTS, VocDetection, parse_set_spec
-from .evaluation.coco_eval import COCOEvaluator, format_metrics_table
+from .evaluation.coco_eval import COCOEvaluator
+from .evaluation.tables import format_metrics_table
+from .postprocessing import target_to_original
 from .evaluation.voc_eval import METRICS as VOC_METRICS, VOCEvaluator, ground_truth_from_coco
 from .modeling.build import build_detector
 from .modeling.test_time import for_testing, options_from_config
@@ -210,7 +212,7 @@ def evaluate(model, loader: DataLoader, dataset, device, output_dir: str | None,
         batch["images"] = batch["images"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             detections = model(batch)
-        originals = [to_original(det, t) for det, t in zip(detections, batch["targets"])]
+        originals = [target_to_original(det, t) for det, t in zip(detections, batch["targets"])]
         for evaluator in evaluators:
             evaluator.process(batch["targets"], originals)
     model.train(was_training)
@@ -223,16 +225,6 @@ def evaluate(model, loader: DataLoader, dataset, device, output_dir: str | None,
     if metrics is not None and is_main_process():
         metrics["skipped_corrupt"] = skipped
     return metrics or {}
-
-
-def to_original(det: dict, target: dict) -> dict:
-    """Map one image's detections from the network's (resized, maybe flipped) frame to the file's."""
-    h, w = target["orig_size"]
-    boxes = boxes_to_original(det["boxes"].float().cpu(), target["scale"], target["flipped"],
-                              transformed_width=w * target["scale"][1])
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-    return {"boxes": boxes, "scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()}
 
 
 def apply_epoch_schedule(cfg: DictConfig, iters_per_epoch: int) -> str | None:
@@ -401,9 +393,9 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     save_state(iteration)
     metrics = run_eval(iteration)
     best_ap = keep_best(metrics, iteration, best_ap)
-    # "coco_val" keeps its name for every data format (tools read it); data_format says which metrics it holds.
+    # "val": the evaluator's metrics; data_format says which (COCO for coco, VOC/ImageNet-DET mAP for the XML formats)
     summary = {"task": "detection", "iterations": iteration, "class_names": list(train_set.class_names),
-               "coco_val": metrics, "data_format": cfg.data.format, "last_checkpoint": run.last_checkpoint,
+               "val": metrics, "data_format": cfg.data.format, "last_checkpoint": run.last_checkpoint,
                "skipped_corrupt_train": trainer.skipped,
                "best_checkpoint": run.best_checkpoint if best_ap >= 0 else None, "best_AP": best_ap if best_ap >= 0 else None, "val_annotations": data_source(cfg, "val"),
                # records and images dropped at load (data.strict_train/strict_val false), per kind of problem

@@ -14,10 +14,10 @@ from backbones.engine.state import load_checkpoint
 
 from .config import DetConfig
 from .data.batching import collate_detection
-from .data.transforms import boxes_to_original, build_transform
-from .modeling.box_ops import clip_boxes
+from .data.transforms import build_transform
 from .modeling.build import build_detector
 from .modeling.test_time import for_testing, options_from_config
+from .postprocessing import to_original
 
 
 def resolve_checkpoint(run_dir: str, which: str) -> str:
@@ -90,8 +90,8 @@ class Predictor:
         results = []
         for det, file, array, scale in zip(self.model(batch), files, arrays, scales):
             h, w = array.shape[:2]
-            boxes = clip_boxes(boxes_to_original(det["boxes"].float().cpu(), scale, False, 0), (h, w))
-            scores, labels = det["scores"].float().cpu(), det["labels"].cpu()
+            original = to_original(det, (h, w), scale)
+            boxes, scores, labels = original["boxes"], original["scores"], original["labels"]
             keep = scores >= self.score_thresh
             results.append({
                 "file": file, "width": w, "height": h,

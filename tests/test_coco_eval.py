@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from detection.evaluation import COCOEvaluator, coco_eval, format_metrics_table
+from detection.evaluation import METRIC_NAMES, COCOEvaluator, coco_eval, format_metrics_table
 
 CATEGORIES = [{"id": 5, "name": "cat"}, {"id": 9, "name": "dog"}]
 CONTIGUOUS = {1: 5, 2: 9}
@@ -156,7 +156,7 @@ def test_ground_truth_without_area_or_iscrowd(tmp_path):
 
 
 def test_format_metrics_table():
-    metrics = {name: 0.5 for name in coco_eval.METRIC_NAMES}
+    metrics = {name: 0.5 for name in METRIC_NAMES}
     metrics["APl"] = -1.0
     metrics["per_class_AP"] = {"cat": 0.25, "dog": -1.0}
     text = format_metrics_table(metrics)

@@ -105,7 +105,7 @@ def test_train_eval_infer_write_their_files(tiny_coco, tmp_path):
         assert (out / name).is_file(), name
     assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["iterations"] == 4 and {"AP", "AP50", "AP75", "APs", "AR100"} <= set(summary["coco_val"])
+    assert summary["iterations"] == 4 and {"AP", "AP50", "AP75", "APs", "AR100"} <= set(summary["val"])
     train_json = json.loads(open(tiny_coco["train_annotations"]).read())
     names = {c["id"]: c["name"] for c in train_json["categories"]}
     first = names[min(names)]
@@ -119,7 +119,7 @@ def test_train_eval_infer_write_their_files(tiny_coco, tmp_path):
 
     run("eval_det.py", [out])
     metrics = json.loads((out / "eval_last" / "coco_metrics.json").read_text())
-    assert metrics["AP"] == pytest.approx(summary["coco_val"]["AP"], abs=1e-9)  # same weights, same data
+    assert metrics["AP"] == pytest.approx(summary["val"]["AP"], abs=1e-9)  # same weights, same data
     assert metrics["num_images"] == 6 and metrics["num_unprocessed"] == 0
     page = (out / "eval_last" / "index.html").read_text()  # the report a person looks at
     assert "pr_curves.png" in page and "per_class_ap.png" in page and "worst:" in page and "best:" in page
@@ -196,9 +196,9 @@ def test_ladder_of_the_papers_additions_prints_its_table(tiny_coco, tmp_path):
     assert [r["members"] for r in ladder["rows"]] == [1, 1, 1, 1, 1, 2]
     # the baseline rung is the plain detector: the same AP as its own end-of-training evaluation
     summary = json.loads((tmp_path / "base/summary.json").read_text())
-    assert ladder["rows"][0]["metrics"]["AP"] == pytest.approx(summary["coco_val"]["AP"], abs=1e-9)
+    assert ladder["rows"][0]["metrics"]["AP"] == pytest.approx(summary["val"]["AP"], abs=1e-9)
     ctx_summary = json.loads((tmp_path / "ctx/summary.json").read_text())
-    assert ladder["rows"][2]["metrics"]["AP"] == pytest.approx(ctx_summary["coco_val"]["AP"], abs=1e-9)
+    assert ladder["rows"][2]["metrics"]["AP"] == pytest.approx(ctx_summary["val"]["AP"], abs=1e-9)
     table = (tmp_path / "base/eval_last/ladder.md").read_text()
     assert table.count("\n") == 8 and "| + ensemble of 2 |" in table and table.splitlines()[0] in out
 
@@ -269,7 +269,7 @@ def overfit_run(tiny_coco, tmp_path_factory):
 
 def test_overfits_a_few_synthetic_images(overfit_run):
     """Learning through the whole tool chain: AP50 >= 0.9 on the 6 images it trained on."""
-    ap = json.loads((overfit_run / "summary.json").read_text())["coco_val"]
+    ap = json.loads((overfit_run / "summary.json").read_text())["val"]
     assert ap["AP50"] >= 0.9, ap
 
 
@@ -339,7 +339,7 @@ def test_exported_onnx_and_program_match_pytorch_and_keep_the_ap(overfit_run, ti
         boxes, scores, labels = run_onnx(np.ascontiguousarray(image.transpose(2, 0, 1)))
         evaluator.process([{"image_id": image_id}], [{"boxes": boxes, "scores": scores, "labels": labels}])
     exported = evaluator.evaluate()
-    trained = json.loads((overfit_run / "summary.json").read_text())["coco_val"]
+    trained = json.loads((overfit_run / "summary.json").read_text())["val"]
     assert exported["AP50"] >= 0.9 and abs(exported["AP"] - trained["AP"]) <= 0.05, (exported, trained)
 
     # The Python API: a list of paths and arrays in one batch, the same detections as one at a time
@@ -376,7 +376,7 @@ def test_ddp_two_processes_gather_evaluation(tiny_coco, tmp_path):
     # Each rank saw half of the val images; rank 0 scored the union.
     assert {r["image_id"] for r in results} <= {im["id"] for im in val["images"]}
     assert "2 ranks" in (out / "log.txt").read_text()
-    assert json.loads((out / "summary.json").read_text())["coco_val"]["AP"] >= 0
+    assert json.loads((out / "summary.json").read_text())["val"]["AP"] >= 0
 
 
 @pytest.mark.skipif(not COCO128.is_dir(), reason="needs ../shared/data/coco128")
@@ -391,7 +391,7 @@ def test_coco128_trains_and_evaluates_with_pycocotools(tmp_path):
     run("train_det.py", args)
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["class_names"]) == 80
-    assert 0 <= summary["coco_val"]["AP"] <= 1 and len(summary["coco_val"]["per_class_AP"]) == 80
+    assert 0 <= summary["val"]["AP"] <= 1 and len(summary["val"]["per_class_AP"]) == 80
     results = json.loads((out / "coco_results.json").read_text())
     coco_ids = {c["id"] for c in json.loads(ann.read_text())["categories"]}
     assert results and {r["category_id"] for r in results} <= coco_ids  # original (gapped) ids

@@ -380,7 +380,7 @@ def test_evaluate_scores_voc_data_with_the_voc_evaluator(tmp_path, synthetic_voc
 def test_train_and_eval_on_synthetic_voc(tmp_path, synthetic_voc):
     cfg = voc_cfg(tmp_path, synthetic_voc, "solver.max_iter=4", "eval.period=2", "checkpoint_period=2")
     summary = train(cfg, "voc_test")
-    m = summary["coco_val"]
+    m = summary["val"]
     assert summary["data_format"] == "voc" and summary["class_names"] == ["circle", "rectangle", "triangle", "cross"]
     assert {"AP", "AP50", "AP75", "mAP", "mAP_07", "per_class", "per_class_AP", "coco"} <= set(m)
     assert m["metric"] == "voc07" and m["AP"] == m["mAP_07"] and 0 <= m["AP"] <= 1

@@ -46,7 +46,7 @@ def main() -> int:
     with open(os.path.join(ROOT, PRETRAIN_RUN, "summary.json")) as f:
         pre = json.load(f)
     with open(os.path.join(ROOT, DET_RUN, "eval_last", "summary.json")) as f:
-        det = json.load(f)["coco_val"]
+        det = json.load(f)["val"]
     rows = [
         "| step | data | metric | value | wall time |",
         "|---|---|---|---|---|",

@@ -32,7 +32,7 @@ from backbones.engine.precision import AMP_DTYPES
 from backbones.engine.run import write_json_atomic
 from detection.config import DetConfig
 from detection.engine import build_datasets, evaluate, prepare_data_paths, val_loader
-from detection.evaluation.coco_eval import format_metrics_table
+from detection.evaluation.tables import format_metrics_table
 from detection.evaluation.report import write_report
 from detection.modeling.test_time import for_testing, options_from_config, paper_test_scales
 from detection.predictor import load_trained_detector
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
             page = write_report(out_dir, val_set, json.load(f), metrics)
         print(f"report: {page} (PR curves, per-class AP, best and worst val images)")
     write_json_atomic(os.path.join(out_dir, "summary.json"), {
-        "checkpoint": ckpt_path, "ensemble_runs": args.ensemble, "coco_val": metrics,
+        "checkpoint": ckpt_path, "ensemble_runs": args.ensemble, "val": metrics,
         "test_time": dict(options_from_config(cfg.eval).__dict__)})
     print(f"results in {out_dir}")
     return 0

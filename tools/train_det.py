@@ -22,8 +22,8 @@ def main(argv=None) -> int:
     code, cfg, summary = run_training(DetConfig, train, args, "det", (DatasetError, DataNotFoundError))
     if code:
         return code
-    if summary.get("coco_val"):
-        m = summary["coco_val"]
+    if summary.get("val"):
+        m = summary["val"]
         # the full table is in the log above; VOC / ImageNet DET dicts have these three keys too
         print(f"\n{cfg.data.format.upper()} val: AP {100 * m['AP']:.1f}  AP50 {100 * m['AP50']:.1f}  "
               f"AP75 {100 * m['AP75']:.1f}")

@@ -19,11 +19,12 @@ from pycocotools.cocoeval import COCOeval
 from backbones.engine.dist import all_gather_object, get_rank
 from backbones.engine.run import write_json_atomic
 
+from .tables import METRIC_NAMES, format_per_class_table
+
 logger = logging.getLogger(__name__)
 
 PR_CURVES_FILE = "pr_curves.npz"  # precision [IoU .50:.05:.95, 101 recall points, class], and cat_ids
 # COCOeval.stats, in its order
-METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 class COCOEvaluator:
@@ -124,44 +125,6 @@ class COCOEvaluator:
         with open(f"{path}.tmp.{os.getpid()}", "w", encoding="utf-8") as f:
             f.write(format_per_class_table(metrics["per_class_AP"]) + "\n")
         os.replace(f"{path}.tmp.{os.getpid()}", path)
-
-
-def format_metrics_table(metrics: dict) -> str:
-    """The twelve COCO numbers (in percent, "n/a" for -1) and, when present, the per-class AP table.
-    A VOC evaluator's dict (it has ``mAP_07``) gets the VOC table instead."""
-    if "mAP_07" in metrics:
-        from .voc_eval import format_voc_metrics_table
-        return format_voc_metrics_table(metrics)
-
-    def pct(v: float) -> str:
-        return f"{100 * v:6.2f}" if v >= 0 else "   n/a"
-
-    header = " ".join(f"{name:>6}" for name in METRIC_NAMES[:6])
-    lines = [_images_line(metrics)] if "num_images" in metrics else []
-    lines += [header, " ".join(pct(metrics[name]) for name in METRIC_NAMES[:6]),
-             " ".join(f"{name:>6}" for name in METRIC_NAMES[6:]),
-             " ".join(pct(metrics[name]) for name in METRIC_NAMES[6:])]
-    if metrics.get("per_class_AP"):
-        lines += ["", format_per_class_table(metrics["per_class_AP"])]
-    return "\n".join(lines)
-
-
-def _images_line(metrics: dict) -> str:
-    """``images 200`` plus, when some could not be read, how many of them scored as "no detections"."""
-    line = f"images {metrics['num_images']}"
-    if metrics.get("num_unprocessed"):
-        line += f" ({metrics['num_unprocessed']} not processed, e.g. unreadable: scored as no detections)"
-    return line
-
-
-def format_per_class_table(per_class_ap: dict[str, float], columns: int = 3) -> str:
-    """Per-class AP (percent) in ``columns`` side-by-side (class, AP) pairs, for the 80 COCO classes."""
-    width = max([len("class")] + [len(name) for name in per_class_ap])
-    cells = [f"{name:<{width}} {100 * ap:6.2f}" if ap >= 0 else f"{name:<{width}}    n/a"
-             for name, ap in per_class_ap.items()]
-    header = "  |  ".join([f"{'class':<{width}} {'AP':>6}"] * min(columns, max(1, len(cells))))
-    rows = ["  |  ".join(cells[i:i + columns]) for i in range(0, len(cells), columns)]
-    return "\n".join([header, "-" * len(header)] + rows)
 
 
 def _complete_ground_truth(coco: COCO) -> None:

@@ -16,7 +16,8 @@ import torch
 from torchvision.ops import box_iou
 
 from ..visualize import draw_detections
-from .coco_eval import METRIC_NAMES, PR_CURVES_FILE
+from .coco_eval import PR_CURVES_FILE
+from .tables import METRIC_NAMES
 
 RECALL = np.linspace(0, 1, 101)
 

@@ -55,6 +55,8 @@ import torch
 from backbones.engine.dist import all_gather_object, get_rank
 from backbones.engine.run import write_json_atomic
 
+from .tables import format_voc_per_class_table
+
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("voc", "imagenet")
@@ -252,7 +254,7 @@ class VOCEvaluator:
         m_area, m_07 = _mean([c["AP"] for c in per_class.values()]), _mean([c["AP_07"] for c in per_class.values()])
         headline = m_07 if self.metric == "voc07" else m_area
         return {"AP": headline, "AP50": headline, "AP75": _mean(headline_75), "mAP": m_area, "mAP_07": m_07,
-                "metric": self.metric, "per_class_AP": {name: c[key] for name, c in per_class.items()},
+                "format": "voc", "metric": self.metric, "per_class_AP": {name: c[key] for name, c in per_class.items()},
                 "per_class": per_class, "num_images": len(image_ids)}
 
     def _class_inputs(self, results: dict, image_ids: list[int], label: int):
@@ -289,39 +291,6 @@ class VOCEvaluator:
                 for (x1, y1, x2, y2), score in zip(boxes[labels == label], scores[labels == label]):
                     lines.append(f"{image_name} {score:.6f} {x1 + 1:.1f} {y1 + 1:.1f} {x2:.1f} {y2:.1f}\n")
             _write_text(os.path.join(folder, f"comp4_det_test_{name}.txt"), "".join(lines))
-
-
-def format_voc_metrics_table(metrics: dict) -> str:
-    """The VOC mAPs (percent) and the per-class table; the COCO table too when ``metrics["coco"]`` is there."""
-    def pct(v: float) -> str:
-        return f"{100 * v:.2f}" if v >= 0 else "n/a"
-
-    headline = "11-point (VOC2007)" if metrics.get("metric") == "voc07" else "area (VOC2010+)"
-    lines = [f"mAP@0.5 {pct(metrics['AP'])} [{headline}]   11-point {pct(metrics['mAP_07'])}   "
-             f"area {pct(metrics['mAP'])}   AP75 {pct(metrics['AP75'])}   images {metrics.get('num_images', '?')}"
-             + (f" ({metrics['num_unprocessed']} not processed, e.g. unreadable: scored as no detections)"
-                if metrics.get("num_unprocessed") else "")]
-    if metrics.get("per_class"):
-        lines += ["", format_voc_per_class_table(metrics)]
-    if metrics.get("coco"):
-        from .coco_eval import format_metrics_table
-        lines += ["", "COCO metrics on the same images (difficult objects as crowd regions):",
-                  format_metrics_table({k: v for k, v in metrics["coco"].items() if k != "per_class_AP"})]
-    return "\n".join(lines)
-
-
-def format_voc_per_class_table(metrics: dict) -> str:
-    """class | AP (area) | AP_07 | ground truth (non-difficult) | difficult | detections, percent for APs."""
-    per_class = metrics.get("per_class", {})
-    width = max([len("class")] + [len(n) for n in per_class])
-
-    def pct(v: float) -> str:
-        return f"{100 * v:7.2f}" if v >= 0 else "    n/a"
-
-    header = f"{'class':<{width}} {'AP':>7} {'AP_07':>7} {'gt':>6} {'diff':>6} {'dets':>7}"
-    rows = [f"{name:<{width}} {pct(c['AP'])} {pct(c['AP_07'])} {c['num_gt']:6d} {c['num_difficult']:6d} "
-            f"{c['num_det']:7d}" for name, c in per_class.items()]
-    return "\n".join([header, "-" * len(header)] + rows)
 
 
 def _mean(values) -> float:
