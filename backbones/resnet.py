@@ -204,6 +204,8 @@ class ResNet(nn.Module):
         super().__init__()
         if block not in BLOCKS:
             raise ValueError(f"block must be one of {tuple(BLOCKS)}, got {block!r}")
+        # config enums arrive as str subclasses; arch goes into checkpoints read with weights_only: plain str
+        shortcut, norm = str(shortcut), str(norm)
         self.arch = dict(
             block=block, stage_blocks=list(stage_blocks), shortcut=shortcut, base_width=base_width,
             stride_in_1x1=stride_in_1x1, cifar=cifar,

@@ -27,6 +27,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor  # noqa: 
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign  # noqa: E402
 
 from detection.config import DetConfig  # noqa: E402
+from detection.modeling.config import Neck  # noqa: E402
 from detection.modeling.build import build_detector  # noqa: E402
 
 NUM_CLASSES = 80
@@ -52,7 +53,7 @@ def ours(depth, neck, fold=False):
     cfg.model.backbone.depth = depth
     cfg.model.backbone.fold_frozen_bn = fold
     cfg.model.backbone.stride_in_1x1 = False  # torchvision's layout, so both sides do the same work
-    cfg.model.neck = neck
+    cfg.model.neck = Neck(neck)
     if neck == "fpn":
         cfg.model.roi_heads.pooler_resolution = 7
         cfg.model.rpn.pre_nms_topk_train, cfg.model.rpn.post_nms_topk_train = 2000, 1000

@@ -9,24 +9,48 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from backbones.engine.config import RunConfig
+from backbones.engine.config import Choice, RunConfig
 from backbones.engine.solver import IterationSolverConfig
 
 from .modeling.config import DetectorConfig
+
+
+class DataFormat(Choice):
+    coco = "coco"  # a COCO json per split
+    voc = "voc"  # PASCAL VOC XML folders
+    imagenet_det = "imagenet_det"  # ILSVRC DET XML
+
+
+class Difficult(Choice):
+    ignore = "ignore"  # like crowd regions: neither positive nor negative
+    train = "train"
+    drop = "drop"
+
+
+class VerifyImages(Choice):
+    header = "header"  # size and EXIF orientation (fast)
+    decode = "decode"  # every pixel (finds truncated files)
+    none = "none"
+
+
+class VocMetric(Choice):
+    auto = "auto"
+    voc07 = "voc07"
+    area = "area"
 
 
 @dataclass
 class DetDataConfig:
     # coco: the four paths below. voc | imagenet_det: XML datasets given as ROOT:SPLIT sets
     # (detection/data/voc.py), e.g. datasets/VOCdevkit/VOC2007:trainval or datasets/ILSVRC:val.
-    format: str = "coco"
+    format: DataFormat = DataFormat.coco
     train_sets: list[str] = field(default_factory=list)  # voc/imagenet_det: concatenated (VOC 07+12)
     val_sets: list[str] = field(default_factory=list)
     # voc/imagenet_det: the XML <name>s in label order; [] = the 20 VOC classes (voc), the synsets file's
     # wnids sorted, or without one every wnid in the sets sorted (imagenet_det).
     class_names: list[str] = field(default_factory=list)
     synsets_file: str = ""  # imagenet_det: "wnid [index] name" lines (devkit data/map_det.txt): class names
-    train_difficult: str = "ignore"  # VOC difficult objects in training: ignore (like crowd) | train | drop
+    train_difficult: Difficult = Difficult.ignore  # VOC difficult objects in training: ignore (like crowd) | train | drop
     train_images: str = "datasets/coco/train2017"
     train_annotations: str = "datasets/coco/annotations/instances_train2017.json"
     val_images: str = "datasets/coco/val2017"
@@ -53,7 +77,7 @@ class DetDataConfig:
     strict_val: bool = True
     # Every image is opened once at load (threads): header = size + EXIF orientation (fast), decode = every
     # pixel (also finds truncated files), none = only when read (then skipped mid-epoch).
-    verify_images: str = "header"
+    verify_images: VerifyImages = VerifyImages.header
 
 
 @dataclass
@@ -77,7 +101,7 @@ class DetEvalConfig:
     batch_size: int = 8
     # voc/imagenet_det: which mAP@0.5 is metrics["AP"] (and picks best.pth): voc07 (11-point, how VOC2007
     # test is scored) | area (VOC2010+, ImageNet DET) | auto (voc07 when every val set is a VOC2007 one).
-    voc_metric: str = "auto"
+    voc_metric: VocMetric = VocMetric.auto
     coco_metrics: bool = True  # voc/imagenet_det: also pycocotools' metrics (difficult = crowd), under "coco"
     # false: every image of the val set is scored, an unreadable one as an image without detections (the
     # count is in the metrics and the table). true: only the images that were read (a deliberate subset).

@@ -7,7 +7,6 @@ import random
 
 import torch
 from omegaconf import DictConfig
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from backbones.engine.config import ConfigError, to_yaml
@@ -15,22 +14,21 @@ from backbones.engine.dist import all_gather_object, barrier, get_world_size, in
 from backbones.engine.precision import check_solver
 from backbones.engine.run import RunFolder, progress_bar
 from backbones.engine.solver import describe_scaling, lr_multiplier, scaled_lr
-from backbones.engine.trainer import Trainer
+from backbones.engine.trainer import Trainer, distribute, sgd
 from backbones.engine.state import (should_resume, atomic_save, restore_training_state, rng_state, seed_everything, training_state,
                                    unwrap)
 
 from .data.batching import build_batch_sampler, collate_detection
 from .data.coco import CocoDetection, DatasetError
-from .data.problems import VERIFY_MODES
 from .data.report import class_box_counts
 from .data.synthetic import make_synthetic_coco, make_synthetic_voc
 from .data.transforms import build_transform
-from .data.voc import DIFFICULT_MODES, FORMATS as XML_FORMATS, LAYOUTS as XML_LAYOUTS, VocDetection, parse_set_spec
+from .data.voc import LAYOUTS as XML_LAYOUTS, VocDetection, parse_set_spec
 from .evaluation.coco_eval import COCOEvaluator
 from .evaluation.tables import format_metrics_table
-from .postprocessing import target_to_original
-from .evaluation.voc_eval import METRICS as VOC_METRICS, VOCEvaluator, ground_truth_from_coco
+from .evaluation.voc_eval import VOCEvaluator, ground_truth_from_coco
 from .modeling.build import build_detector
+from .postprocessing import target_to_original
 from .modeling.test_time import for_testing, options_from_config
 
 DEMO_HINT = "  to try resdet without any download: python tools/train_det.py configs/frcnn_demo.yaml"
@@ -49,8 +47,6 @@ class DataNotFoundError(FileNotFoundError):
 def prepare_data_paths(cfg: DictConfig) -> None:
     """Materialise the synthetic set if asked; otherwise fail at once when files are missing."""
     d = cfg.data
-    if d.verify_images not in VERIFY_MODES:
-        raise ConfigError(f"data.verify_images={d.verify_images!r}; use one of {list(VERIFY_MODES)}")
     if d.format != "coco":
         _prepare_xml_sets(cfg)
         return
@@ -71,15 +67,9 @@ def prepare_data_paths(cfg: DictConfig) -> None:
 
 
 def _prepare_xml_sets(cfg: DictConfig) -> None:
-    """PASCAL VOC / ImageNet DET: check the settings and that every set's folders are there (their files
-    are checked when the sets are loaded)."""
+    """PASCAL VOC / ImageNet DET: check that every set's folders are there (their files are checked when
+    the sets are loaded; data.format and the other fixed choices when the config loads)."""
     d = cfg.data
-    if d.format not in XML_FORMATS:
-        raise ConfigError(f"data.format={d.format!r}; use coco or one of {list(XML_FORMATS)}")
-    if d.train_difficult not in DIFFICULT_MODES:
-        raise ConfigError(f"data.train_difficult={d.train_difficult!r}; use one of {list(DIFFICULT_MODES)}")
-    if cfg.eval.voc_metric not in (*VOC_METRICS, "auto"):
-        raise ConfigError(f"eval.voc_metric={cfg.eval.voc_metric!r}; use one of {[*VOC_METRICS, 'auto']}")
     if d.synthetic:
         make = functools.partial(make_synthetic_voc, f"{d.synthetic_root}_{d.format}", num_train=d.synthetic_num_train,
                                  num_val=d.synthetic_num_val, image_size=d.synthetic_image_size, seed=cfg.seed,
@@ -294,16 +284,11 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     seed_everything(cfg.seed + rank)
 
     model = build_detector(cfg.model, num_classes=len(train_set.class_names)).to(device)
-    if s.channels_last:
-        model.to(memory_format=torch.channels_last)
-    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        find_unused_parameters=False) if world_size > 1 else model
+    ddp_model = distribute(model, device, world_size, s.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = scaled_lr(s)
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_multiplier(
-        it, s.steps, s.gamma, s.warmup_iters, s.warmup_factor))
-    scaler = torch.amp.GradScaler(device.type, enabled=s.amp == "fp16")
+    optimizer, scheduler, scaler = sgd(params, lr, s.momentum, s.weight_decay, lambda it: lr_multiplier(
+        it, s.steps, s.gamma, s.warmup_iters, s.warmup_factor), device, s.amp)
 
     seeded_train_set = EpochSeeded(train_set, cfg.seed)
     collate = functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility)

@@ -75,3 +75,18 @@ def test_every_shipped_detection_config_loads(repo_root):
     full = load_config(DetConfig, str(repo_root / "configs/frcnn_r101_coco_full.yaml"))
     assert full.model.roi_heads.global_context and full.eval.box_refinement
     assert list(full.eval.test_scales) == [200, 400, 600, 800, 1000] and full.model.backbone.depth == 101
+
+
+def test_a_fixed_choice_fails_at_load_naming_the_key_and_the_valid_values(tmp_path, repo_root):
+    from detection.config import DetConfig
+
+    with pytest.raises(ConfigError, match=r"command line: solver.amp: Invalid value 'fp32', expected one of "
+                                          r"\[none, bf16, fp16\]"):
+        load_config(DetConfig, str(repo_root / "configs/frcnn_demo.yaml"), ["solver.amp=fp32"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("_base_: %s\nmodel:\n  roi_heads:\n    pooler_type: RoIAlign\n" % (repo_root / "configs/frcnn_demo.yaml"))
+    with pytest.raises(ConfigError, match=r"bad.yaml: model.roi_heads.pooler_type: Invalid value 'RoIAlign', "
+                                          r"expected one of \[ROIAlignV2, ROIAlign, ROIPool\]"):
+        load_config(DetConfig, str(bad))
+    cfg = load_config(DetConfig, str(repo_root / "configs/frcnn_demo.yaml"), ["solver.amp=bf16", "model.neck=fpn"])
+    assert cfg.solver.amp == "bf16" and f"{cfg.model.neck}" == "fpn" and {"fpn": 1}[cfg.model.neck] == 1

@@ -29,6 +29,8 @@ from detection.modeling import (
     filter_proposals,
     sample_balanced,
 )
+from backbones.options import Norm
+from detection.modeling.config import Neck, PoolerType
 
 
 def random_boxes(n, size=200.0, min_side=2.0, seed=0):
@@ -43,8 +45,8 @@ def slim_cfg(neck="none", **backbone):
     cfg.backbone.depth = 18
     cfg.backbone.base_width = 8
     for k, v in backbone.items():
-        cfg.backbone[k] = v
-    cfg.neck = neck
+        OmegaConf.update(cfg, f"backbone.{k}", v)  # a string for a fixed choice is converted
+    cfg.neck = Neck(neck)
     cfg.fpn_channels = 16
     if neck == "fpn":
         cfg.rpn.anchor_sizes = [16.0, 32.0, 64.0, 128.0, 256.0]
@@ -447,7 +449,7 @@ def test_c4_detector_equals_torchvision_faster_rcnn_with_the_same_weights():
     every detection equals torchvision's: whatever resdet does differently is the options, not the code."""
     torch.manual_seed(0)
     cfg = slim_cfg()
-    cfg.roi_heads.pooler_type, cfg.roi_heads.smooth_l1_beta = "ROIAlign", 1.0 / 9
+    cfg.roi_heads.pooler_type, cfg.roi_heads.smooth_l1_beta = PoolerType.ROIAlign, 1.0 / 9
     cfg.rpn.batch_size_per_image, cfg.rpn.positive_fraction = 10 ** 6, 1.0
     cfg.roi_heads.batch_size_per_image, cfg.roi_heads.positive_fraction = 10 ** 6, 1.0
     cfg.roi_heads.score_thresh = 0.0
@@ -570,7 +572,7 @@ def test_tiny_c4_detector_overfits_synthetic_shapes():
     torch.manual_seed(0)
     cfg = OmegaConf.structured(DetectorConfig)
     cfg.backbone.depth, cfg.backbone.base_width = 18, 16
-    cfg.backbone.norm, cfg.backbone.freeze_at = "bn", 0  # from scratch: BN statistics must adapt
+    cfg.backbone.norm, cfg.backbone.freeze_at = Norm.bn, 0  # from scratch: BN statistics must adapt
     cfg.rpn.anchor_sizes = [16.0, 32.0, 64.0]
     cfg.rpn.pre_nms_topk_train, cfg.rpn.post_nms_topk_train = 300, 100
     cfg.rpn.pre_nms_topk_test, cfg.rpn.post_nms_topk_test = 300, 50

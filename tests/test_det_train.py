@@ -152,6 +152,12 @@ def test_train_eval_infer_write_their_files(tiny_coco, tmp_path):
         for d in r["detections"]:
             x1, y1, x2, y2 = d["box_xyxy"]
             assert 0 <= x1 <= x2 <= r["width"] and 0 <= y1 <= y2 <= r["height"]
+    # the tools' one grammar: checkpoint= and key=value overrides after the positional arguments
+    run("infer.py", [out, tiny_coco["val_images"], "checkpoint=last", "eval.flip=true", "--limit", "2",
+                     "--out", tmp_path / "flip"])
+    assert len(json.loads((tmp_path / "flip" / "detections.json").read_text())) == 2
+    proc = run("infer.py", [out, tiny_coco["val_images"], "eval.flipp=true"], check=False)
+    assert proc.returncode == 2 and "unknown config key 'eval.flipp'; did you mean 'eval.flip'" in proc.stderr
 
 
 def test_small_data_config_counts_epochs_evaluates_each_and_keeps_the_best(tiny_coco, tmp_path):

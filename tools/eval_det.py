@@ -26,6 +26,7 @@ import time
 import _bootstrap  # noqa: F401
 import torch
 
+from backbones.engine.cli import split_checkpoint
 from backbones.engine.config import ConfigError, load_config
 from backbones.engine.dist import cleanup, init_distributed, is_main_process
 from backbones.engine.precision import AMP_DTYPES
@@ -90,13 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ladder", action="store_true", help="evaluate the appendix-B additions step by step")
     parser.add_argument("--context", metavar="RUN", help="with --ladder: a run trained with global context")
     args = parser.parse_args(argv)
-    checkpoint = "last"
-    overrides = []
-    for o in args.overrides:
-        if o.startswith("checkpoint="):
-            checkpoint = o.split("=", 1)[1]
-        else:
-            overrides.append(o)
+    checkpoint, overrides = split_checkpoint(args.overrides)
     if args.context and not args.ladder:
         parser.error("--context is a rung of --ladder; evaluate that run on its own otherwise")
     try:

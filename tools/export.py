@@ -21,6 +21,7 @@ import _bootstrap  # noqa: F401
 import numpy as np
 import torch
 
+from backbones.engine.cli import split_checkpoint
 from backbones.engine.config import ConfigError, load_config
 from backbones.engine.imageio import CorruptImageError, is_image_file, read_image_rgb
 from detection.config import DetConfig
@@ -57,12 +58,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="output file (default: <run>/export/model.onnx|.pt2)")
     parser.add_argument("--check", type=int, default=4, help="val images to compare on after export (0 = a random one)")
     args = parser.parse_args(argv)
-    checkpoint, overrides = "last", []
-    for o in args.overrides:
-        if o.startswith("checkpoint="):
-            checkpoint = o.split("=", 1)[1]
-        else:
-            overrides.append(o)
+    checkpoint, overrides = split_checkpoint(args.overrides)
     try:
         cfg = load_config(DetConfig, os.path.join(args.run, "config.yaml"), overrides)
         model, path, class_names = load_trained_detector(args.run, cfg, checkpoint, "cpu")

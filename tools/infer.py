@@ -2,10 +2,11 @@
 """Run a trained detector on an image, several, or a folder.
 
     python tools/infer.py runs/frcnn_demo datasets/synthetic_coco/val --out runs/frcnn_demo/infer
+    python tools/infer.py runs/frcnn_demo photo.jpg checkpoint=best eval.flip=true
 
 Writes detections.json (boxes in each file's pixel coordinates, class names, scores) and one
 image per input with the boxes drawn. The run's ``eval:`` test-time settings apply (box refinement,
-multi-scale, flip); change them with ``--set eval.flip=true``.
+multi-scale, flip); change them with ``key=value`` overrides after the images (``--set key=value`` too).
 """
 import argparse
 import json
@@ -16,6 +17,7 @@ import _bootstrap  # noqa: F401
 
 import cv2
 
+from backbones.engine.cli import split_checkpoint
 from backbones.engine.config import ConfigError
 from backbones.engine.imageio import CorruptImageError, is_image_file, read_image_rgb
 from detection.predictor import Predictor
@@ -37,20 +39,24 @@ def list_images(inputs: list[str]) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run folder written by tools/train_det.py")
-    parser.add_argument("inputs", nargs="+", help="image files and/or folders")
+    parser.add_argument("inputs", nargs="+", help="image files and/or folders, then checkpoint=last|best|PATH and "
+                                                  "key=value config overrides")
     parser.add_argument("--out", default=None, help="output folder (default: <run>/infer)")
-    parser.add_argument("--checkpoint", default="last", help="last | best | PATH")
+    parser.add_argument("--checkpoint", default="last", help="last | best | PATH (or checkpoint=...)")
     parser.add_argument("--score-thresh", type=float, default=0.5)
     parser.add_argument("--limit", type=int, default=0, help="at most this many images (0 = all)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set eval.box_refinement=true --set eval.flip=true")
     args = parser.parse_args(argv)
+    # the shared grammar: key=value (a config key, never an existing file) after the inputs
+    overrides = [a for a in args.inputs if "=" in a and not os.path.exists(a)]
+    checkpoint, overrides = split_checkpoint(overrides, args.checkpoint)
     try:
-        files = list_images(args.inputs)
+        files = list_images([a for a in args.inputs if "=" not in a or os.path.exists(a)])
         if args.limit:
             files = files[: args.limit]
-        predictor = Predictor.from_run(args.run, args.checkpoint, args.device, args.score_thresh, args.set)
+        predictor = Predictor.from_run(args.run, checkpoint, args.device, args.score_thresh, [*overrides, *args.set])
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

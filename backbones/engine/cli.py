@@ -1,5 +1,5 @@
-"""What the training tools share: ``TOOL [CONFIG] [key=value ...]``, the config load, the run under
-signal handling, and one mapping from what went wrong to the exit code and the message on stderr:
+"""What the tools share: one grammar, ``TOOL [CONFIG|RUN] [key=value ...]`` plus a few flags (a run folder's
+tools also take ``checkpoint=last|best|PATH``), the config load, the run under signal handling, and one mapping from what went wrong to the exit code and the message on stderr:
 0 done, 2 a problem the message explains (config, data, checkpoint, a full disk), 75 preempted with a
 checkpoint written (run again with ``resume=auto``)."""
 from __future__ import annotations
@@ -13,6 +13,17 @@ from .config import ConfigError, config_name, load_config
 from .dist import cleanup
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, catch_stop_signals
 from .state import CheckpointWriteError
+
+
+def split_checkpoint(args: list[str], default: str = "last") -> tuple[str, list[str]]:
+    """``checkpoint=last|best|PATH`` (the tools that read a run folder) apart from the config overrides."""
+    checkpoint, overrides = default, []
+    for arg in args:
+        if arg.startswith("checkpoint="):
+            checkpoint = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    return checkpoint, overrides
 
 
 def training_arguments(description: str, config_required: bool, argv=None) -> argparse.Namespace:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Sequence
 
 import yaml
@@ -32,6 +33,16 @@ class RunConfig:
     checkpoint_period: int = 0  # iterations between checkpoints (pretraining: 0 = end of each epoch only)
     debug_stop_at_iter: int = 0  # tests: exit abruptly at this iteration, as a killed run would
     # (localization: the R-CNN stage's iterations count on from solver.max_iter)
+
+
+class Choice(str, Enum):
+    """A fixed choice in a config schema: a value outside it fails when the config loads, naming the valid
+    ones. Members are strings (``cfg.solver.amp == "fp16"``, dict keys, f-strings all see the value)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
 
 
 class ConfigError(ValueError):
@@ -98,7 +109,9 @@ def load_config(schema: type, path: str | None = None, overrides: Sequence[str] 
         try:
             cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as exc:
-            raise ConfigError(f"{source}: {exc.msg if hasattr(exc, 'msg') else exc}") from exc
+            key = getattr(exc, "full_key", None)
+            message = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]  # omegaconf appends its internals
+            raise ConfigError(f"{source}: {key + ': ' if key else ''}{message}") from exc
     if "resume" in cfg:  # a fixed choice: a wrong value fails here, not after the data is loaded
         from .state import resume_mode
         resume_mode(cfg.resume)

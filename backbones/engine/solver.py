@@ -12,6 +12,19 @@ import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from .config import Choice
+
+
+class Amp(Choice):
+    none = "none"
+    bf16 = "bf16"
+    fp16 = "fp16"  # with a GradScaler
+
+
+class Schedule(Choice):
+    step = "step"
+    cosine = "cosine"
+
 
 @dataclass
 class SolverConfig:
@@ -22,7 +35,7 @@ class SolverConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0001
     gamma: float = 0.1  # the step schedule's factor at each step
-    amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler)
+    amp: Amp = Amp.none
     channels_last: bool = False
     clip_grad_norm: float = 0.0  # 0 = off
 

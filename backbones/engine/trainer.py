@@ -22,11 +22,32 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from .dist import every_rank_has_batch
 from .precision import STEP_HINT, advance_schedule, optimizer_step
 from .preemption import after_step
 from .run import LossWindow, RunFolder, progress_bar
+
+
+def distribute(model: torch.nn.Module, device: torch.device, world_size: int, channels_last: bool = False,
+               find_unused_parameters: bool = False) -> torch.nn.Module:
+    """The module a step calls: ``model`` in channels-last layout if asked, wrapped in DDP under torchrun."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if world_size == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused_parameters)
+
+
+def sgd(params, lr: float, momentum: float, weight_decay: float, lr_lambda: Callable[[int], float],
+        device: torch.device, amp, nesterov: bool = False):
+    """SGD at ``lr`` with a per-iteration ``LambdaLR`` schedule, and the GradScaler (active for fp16 only):
+    ``(optimizer, scheduler, scaler)``, what every task trains with."""
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
 
 class Trainer:

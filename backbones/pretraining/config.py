@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..engine.config import RunConfig
-from ..engine.solver import SolverConfig
+from ..engine.solver import Schedule, SolverConfig
+from ..options import Norm, Shortcut
 
 
 @dataclass
@@ -16,11 +17,11 @@ class ModelConfig:
     depth: int = 18  # 18/34/50/101/152; with cifar=true: 6n+2 (20, 32, 44, 56, 110, 1202)
     cifar: bool = False  # the section 4.2 nets (3x3 stem, three stages of 16/32/64 filters)
     plain: bool = False  # no shortcuts: the paper's plain counterparts
-    shortcut: str = "B"  # A: zero-padding identity, B: projection where shape changes, C: all projection
+    shortcut: Shortcut = Shortcut.B  # A: zero-padding identity, B: projection where shape changes, C: all projection
     base_width: int = 16  # 64 in the paper; 16 trains on a CPU in minutes
     stride_in_1x1: bool = True  # paper/Caffe layout; false = torchvision's (stride in the 3x3)
     zero_init_last_bn: bool = False
-    norm: str = "bn"  # bn | sync_bn (sync_bn across ranks under torchrun)
+    norm: Norm = Norm.bn  # bn | sync_bn (sync_bn across ranks under torchrun)
 
 
 @dataclass
@@ -53,7 +54,7 @@ class PretrainSolverConfig(SolverConfig):
     base_lr: float = 0.1
     reference_batch_size: int = 64  # demo: lr 0.1 at batch 64; the paper configs set 256
     nesterov: bool = False
-    schedule: str = "step"  # step | cosine
+    schedule: Schedule = Schedule.step
     steps: list[int] = field(default_factory=lambda: [45, 55])  # epochs at which lr *= gamma (step)
     warmup_epochs: float = 0.0  # linear warm-up from 0.1 of the rate
 

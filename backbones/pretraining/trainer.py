@@ -6,7 +6,6 @@ import os
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..checkpoint import backbone_checkpoint
@@ -15,7 +14,7 @@ from ..engine.dist import all_gather_object, barrier, init_distributed, is_main_
 from ..engine.precision import check_solver
 from ..engine.run import RunFolder
 from ..engine.solver import describe_scaling, lr_multiplier, scaled_lr
-from ..engine.trainer import Trainer
+from ..engine.trainer import Trainer, distribute, sgd
 from ..engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, should_resume,
                             training_state)
 from ..resnet import build_resnet
@@ -78,15 +77,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     if cfg.model.norm == "sync_bn" and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    if s.channels_last:
-        model.to(memory_format=torch.channels_last)
-    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else model
-
-    lr = scaled_lr(s)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay,
-                                nesterov=s.nesterov)
-    scaler = torch.amp.GradScaler(device.type, enabled=s.amp == "fp16")
+    ddp_model = distribute(model, device, world_size, s.channels_last)
 
     per_rank_batch = s.batch_size // world_size
     train_set = ImageFolderDataset(train_samples, classes, train_transform(d.scale_range, d.crop_size, d.flip,
@@ -96,7 +87,9 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     if iters_per_epoch == 0:
         raise DatasetError(f"{d.train_dir}: {len(train_set)} images are fewer than one batch of {s.batch_size}")
     total_iters = iters_per_epoch * s.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it, iters_per_epoch))
+    lr = scaled_lr(s)
+    optimizer, scheduler, scaler = sgd(model.parameters(), lr, s.momentum, s.weight_decay,
+                                       lambda it: lr_factor(cfg, it, iters_per_epoch), device, s.amp, s.nesterov)
 
     start_iter, best_top1, skipped_total = 0, -1.0, 0
     if should_resume(cfg.resume, run.last_checkpoint):

@@ -6,8 +6,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from backbones.engine.config import RunConfig
+from backbones.engine.config import Choice, RunConfig
 from backbones.engine.solver import IterationSolverConfig
+from backbones.options import Norm
+
+
+class Layout(Choice):
+    imagefolder = "imagefolder"
+    ilsvrc = "ilsvrc"
+    synthetic = "synthetic"
+
+
+class Merge(Choice):
+    max = "max"
+    vote = "vote"
 
 
 @dataclass
@@ -25,7 +37,7 @@ class LocModelConfig:
     # demo's small shapes on a coarse grid get too few positives at 0.7 (0.5 is also the metric's bar).
     iou_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5])
     smooth_l1_beta: float = 0.1111111111111111
-    norm: str = "bn"  # bn | frozen_bn (the statistics of the classifier, not updated)
+    norm: Norm = Norm.bn  # bn | frozen_bn (the statistics of the classifier, not updated)
     freeze_at: int = 0  # 0: fine-tune everything (the paper); 1: freeze the stem, 2: + res2, ...
 
 
@@ -34,7 +46,7 @@ class LocDataConfig:
     # imagefolder: <images>/<wnid>/*.JPEG + <annotations>/<stem>.xml (or <annotations>/<wnid>/<stem>.xml)
     # ilsvrc: the official CLS-LOC layout under ilsvrc_root (Data/, Annotations/, LOC_synset_mapping.txt)
     # synthetic: shapes with their boxes, written as an imagefolder at synthetic_root on first use
-    layout: str = "synthetic"
+    layout: Layout = Layout.synthetic
     train_images: str = ""
     train_annotations: str = ""
     val_images: str = ""  # "" = hold out val_fraction of train_images (the pretraining's split function)
@@ -79,7 +91,7 @@ class LocEvalConfig:
     # How the boxes of all views (and anchors) become one guess per class: "max" = the highest-scoring one
     # after NMS; "vote" = re-score every box by the summed scores of the boxes overlapping it (IoU >=
     # iou_thresh) and average their coordinates (box voting), which favours what several scales agree on.
-    merge: str = "vote"
+    merge: Merge = Merge.vote
     nms_thresh: float = 0.7
     period: int = 0  # iterations between centre-crop evaluations during training; 0 = only at the end
 

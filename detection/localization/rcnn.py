@@ -18,14 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from backbones import load_backbone_weights, read_backbone_checkpoint, resnet_from_arch
 from backbones.engine.config import to_yaml
 from backbones.engine.dist import all_gather_object, get_rank, get_world_size, is_main_process
 from backbones.engine.solver import lr_multiplier, scaled_lr
-from backbones.engine.trainer import Trainer
+from backbones.engine.trainer import Trainer, distribute, sgd
 from backbones.engine.state import (should_resume, atomic_save, load_checkpoint, restore_training_state, rng_state,
                                     training_state)
 from backbones.imagedata import normalize
@@ -105,13 +104,10 @@ def train_rcnn(cfg, run, loc_model, train_records, class_names, mean, std, devic
     box_coder = BoxCoder(list(r.bbox_reg_weights))
     clf_ckpt = read_backbone_checkpoint(cfg.model.classifier)
     net = build_rcnn_net(clf_ckpt, len(class_names)).to(device)
-    ddp_net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else net
+    ddp_net = distribute(net, device, world_size)
     lr = scaled_lr(r)
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=cfg.solver.momentum,
-                                weight_decay=cfg.solver.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_multiplier(it, r.steps, 0.1, r.warmup_iters))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.solver.amp == "fp16")
+    optimizer, scheduler, scaler = sgd(net.parameters(), lr, cfg.solver.momentum, cfg.solver.weight_decay,
+                                       lambda it: lr_multiplier(it, r.steps, 0.1, r.warmup_iters), device, cfg.solver.amp)
     checkpoint = os.path.join(run.checkpoint_dir, CHECKPOINT)
     start = 0
     if should_resume(cfg.resume, checkpoint, required=False):  # the RPN stage may be all there is

@@ -11,7 +11,6 @@ import os
 import torch
 import yaml
 from omegaconf import DictConfig
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from backbones.engine.config import to_yaml
@@ -19,7 +18,7 @@ from backbones.engine.dist import all_gather_object, barrier, init_distributed, 
 from backbones.engine.precision import check_solver
 from backbones.engine.run import RunFolder
 from backbones.engine.solver import describe_scaling, lr_multiplier, scaled_lr
-from backbones.engine.trainer import Trainer
+from backbones.engine.trainer import Trainer, distribute, sgd
 from backbones.engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, should_resume,
                                     training_state)
 from backbones.imagedata import ShardedSampler, normalize
@@ -129,16 +128,11 @@ def train(cfg: DictConfig, run_name: str) -> dict:
 
     model = build_localization_net(cfg.model, clf_ckpt, len(class_names), cfg.eval.nms_thresh).to(device)
     classifier.to(device)
-    if s.channels_last:
-        model.to(memory_format=torch.channels_last)
-    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else model
+    ddp_model = distribute(model, device, world_size, s.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = scaled_lr(s)
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_multiplier(
-        it, s.steps, s.gamma, s.warmup_iters, s.warmup_factor))
-    scaler = torch.amp.GradScaler(device.type, enabled=s.amp == "fp16")
+    optimizer, scheduler, scaler = sgd(params, lr, s.momentum, s.weight_decay, lambda it: lr_multiplier(
+        it, s.steps, s.gamma, s.warmup_iters, s.warmup_factor), device, s.amp)
 
     per_rank_batch = s.batch_size // world_size
     train_set = LocTrainDataset(train_records, loc_train_transform(d.scale_range, d.crop_size, d.flip,

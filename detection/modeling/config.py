@@ -9,14 +9,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from backbones.engine.config import Choice
+from backbones.options import Norm, Shortcut
+
+
+class BoxLoss(Choice):
+    smooth_l1 = "smooth_l1"
+    l1 = "l1"
+
+
+class PoolerType(Choice):
+    ROIAlignV2 = "ROIAlignV2"  # RoIAlign, aligned (pixel centres at +0.5): Detectron2's default
+    ROIAlign = "ROIAlign"  # Mask R-CNN's, without the half-pixel shift
+    ROIPool = "ROIPool"  # the paper's
+
+
+class Neck(Choice):
+    none = "none"  # C4: RoI pooling on res4, res5 per region
+    fpn = "fpn"
+
 
 @dataclass
 class BackboneConfig:
     depth: int = 101  # 18, 34, 50, 101, 152
     base_width: int = 64  # channels of the stem and res2
-    shortcut: str = "B"  # A | B | C
+    shortcut: Shortcut = Shortcut.B
     stride_in_1x1: bool = True  # the paper's layout; torchvision's weights need false
-    norm: str = "frozen_bn"  # bn | frozen_bn | sync_bn
+    norm: Norm = Norm.frozen_bn
     freeze_at: int = 2  # 0: train all, 1: freeze stem, 2: stem + res2, ...
     # true: frozen BN applied through its convolution's weights (no pass over the activations). Off by
     # default: on ATEN_CPU_CAPABILITY=default with one thread its res5 weight gradients were found up to 7%
@@ -42,13 +61,13 @@ class RPNConfig:
     iou_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.7])  # below: negative, above: positive
     # Anchors covering >= this fraction of their own area with a crowd box are not used as negatives.
     crowd_ioa_thresh: float = 0.7
-    box_loss: str = "smooth_l1"  # smooth_l1 | l1
+    box_loss: BoxLoss = BoxLoss.smooth_l1
     smooth_l1_beta: float = 0.111
 
 
 @dataclass
 class ROIHeadsConfig:
-    pooler_type: str = "ROIAlignV2"  # ROIAlignV2 (aligned) | ROIAlign | ROIPool (the paper's)
+    pooler_type: PoolerType = PoolerType.ROIAlignV2
     pooler_resolution: int = 14  # C4: 14 (res5 halves it to 7); FPN: 7
     pooler_sampling_ratio: int = 0  # 0 = adaptive
     fc_dim: int = 1024  # FPN box head: two fully connected layers of this width
@@ -69,7 +88,7 @@ class ROIHeadsConfig:
 @dataclass
 class DetectorConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    neck: str = "none"  # none (C4) | fpn
+    neck: Neck = Neck.none
     fpn_channels: int = 256
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_heads: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
