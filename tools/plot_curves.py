@@ -56,7 +56,7 @@ def plot_classification(runs: dict[str, list[dict]], out: str) -> None:
 def plot_detection(runs: dict[str, list[dict]], out: str) -> None:
     """Left: val AP / AP50 / AP75 (%) at each evaluation; middle: total training loss; right: each loss
     term (log scale), so a stalled RPN or box regressor shows apart from the classifier."""
-    fig, (ax_ap, ax_loss, ax_terms) = plt.subplots(1, 3, figsize=(16, 4.3))
+    fig, (ax_ap, ax_loss, ax_terms) = plt.subplots(1, 3, figsize=(16, 4.3), sharex=True)  # one iteration axis
     for i, (name, records) in enumerate(runs.items()):
         color = f"C{i}"
         for key, style in DET_METRICS:
