@@ -10,7 +10,7 @@ from typing import Callable
 
 from ..checkpoint import CheckpointError
 from .config import ConfigError, config_name, load_config
-from .dist import cleanup
+from .dist import barrier, cleanup
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, catch_stop_signals
 from .state import CheckpointWriteError
 
@@ -48,6 +48,9 @@ def run_training(schema: type, train: Callable, args: argparse.Namespace, defaul
         cfg = load_config(schema, args.config, args.overrides)
         with catch_stop_signals():  # SIGTERM / SIGUSR1: checkpoint at the next step, then exit 75
             summary = train(cfg, config_name(args.config, default_name))
+            # every rank done before any tears its process group down: a rank leaving while another still
+            # talks to it was seen to abort at exit ("terminate called without an active exception")
+            barrier()
     except Preempted as exc:
         print(exc, file=sys.stderr)
         return PREEMPTED_EXIT_CODE, cfg, {}
