@@ -84,8 +84,8 @@ class DeployableDetector(nn.Module):
         return boxes, det["scores"], det["labels"]
 
 
-EXPORT_FORMATS = ("onnx", "torch_export")
 SUFFIXES = {"onnx": ".onnx", "torch_export": ".pt2"}
+EXPORT_FORMATS = tuple(SUFFIXES)
 
 
 def export_program(deployable: DeployableDetector, example: torch.Tensor) -> torch.export.ExportedProgram:

@@ -65,12 +65,13 @@ def main(argv=None) -> int:
     results = []
     for path in files:
         try:
-            result = predictor(path)
+            image = read_image_rgb(path)  # read once: for the detector and for the drawing
         except CorruptImageError as exc:
             print(f"skipping: {exc}", file=sys.stderr)
             continue
+        result = dict(predictor(image), file=path)
         results.append(result)
-        drawn = draw_detections(read_image_rgb(path), result["detections"])
+        drawn = draw_detections(image, result["detections"])
         cv2.imwrite(os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_det.jpg"), drawn)
     with open(os.path.join(out_dir, "detections.json"), "w") as f:
         json.dump(results, f, indent=1)
