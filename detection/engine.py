@@ -15,8 +15,8 @@ from backbones.engine.precision import check_solver
 from backbones.engine.run import RunFolder, progress_bar
 from backbones.engine.solver import describe_scaling, lr_multiplier, scaled_lr
 from backbones.engine.trainer import Trainer, distribute, sgd
-from backbones.engine.state import (should_resume, atomic_save, restore_training_state, rng_state, seed_everything, training_state,
-                                   unwrap)
+from backbones.engine.state import (should_resume, atomic_save, keyed_generator, restore_training_state, rng_state,
+                                   seed_everything, training_state, unwrap)
 
 from .data.batching import build_batch_sampler, collate_detection
 from .data.coco import CocoDetection, DatasetError
@@ -347,7 +347,8 @@ def train(cfg: DictConfig, run_name: str) -> dict:
         batch_sampler.set_epoch(epoch)
         seeded_train_set.epoch = epoch
         return DataLoader(seeded_train_set, batch_sampler=SkipBatches(batch_sampler, offset), collate_fn=collate,
-                          num_workers=cfg.data.workers, pin_memory=device.type == "cuda")
+                          num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
+                          generator=keyed_generator(cfg.seed, epoch, rank))
 
     def prepare(batch: dict, iteration: int):
         # When every image of this rank's (or another rank's) batch was unreadable (counted), the step is
@@ -355,6 +356,8 @@ def train(cfg: DictConfig, run_name: str) -> dict:
         if not batch["targets"]:
             return None, 0, batch["num_skipped"]
         batch["images"] = batch["images"].to(device, non_blocking=True)
+        # anchor and RoI sampling keyed by the iteration: a run resumed anywhere samples what it would have
+        model.set_sampling_generator(keyed_generator(cfg.seed, iteration, rank, device=device))
         for t in batch["targets"]:
             for key in ("boxes", "labels", "crowd_boxes"):
                 t[key] = t[key].to(device, non_blocking=True)

@@ -210,14 +210,19 @@ def test_ladder_of_the_papers_additions_prints_its_table(tiny_coco, tmp_path):
 
 
 def test_killed_and_resumed_detector_matches_uninterrupted(tiny_coco, tmp_path):
-    # 12 train images at batch 4 = 3 iterations per epoch; checkpoints every 2; killed at 5.
-    common = ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides(tiny_coco), *SLIM,
-              "solver.max_iter=6", "checkpoint_period=2", "eval.period=0"]
-    run("train_det.py", [*common, f"output_dir={tmp_path}/straight"])
-    killed = run("train_det.py", [*common, f"output_dir={tmp_path}/resumed", "debug_stop_at_iter=5"], check=False)
+    """Killed mid-epoch (no cleanup), resumed from the last checkpoint: the same weights as a run never
+    stopped. Mid-epoch matters: the resumed run builds its data loader where the straight one did not."""
+    common = ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides(tiny_coco), *SLIM, "eval.period=0",
+              "solver.max_iter=7"]
+    straight = run("train_det.py", [*common, f"output_dir={tmp_path}/straight"]).stdout
+    iters_per_epoch = int(re.search(r"training \S+ on (\d+) images", straight).group(1)) // 4
+    assert iters_per_epoch >= 2
+    resume_at = iters_per_epoch + 1  # epoch 1, one batch in
+    killed = run("train_det.py", [*common, f"output_dir={tmp_path}/resumed", "checkpoint_period=1",
+                                  f"debug_stop_at_iter={resume_at + 1}"], check=False)
     assert killed.returncode == 3
     log = run("train_det.py", [*common, f"output_dir={tmp_path}/resumed", "resume=true"]).stdout
-    assert "at iteration 4" in log  # mid-epoch: epoch 1, one batch in
+    assert f"at iteration {resume_at}" in log
     a = torch.load(tmp_path / "straight/checkpoints/last.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "resumed/checkpoints/last.pth", weights_only=True)["model"]
     for key in a:

@@ -106,6 +106,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def keyed_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded by ``keys`` alone (e.g. seed, iteration, rank), for random choices that must not
+    depend on the run's history. A resumed run restores the global generators as they were saved, but
+    not every draw falls at the same place: a DataLoader takes its base seed from the global generator
+    each time it is iterated, which an uninterrupted run does at epoch starts and a resumed one mid-epoch.
+    Sampling (anchors, RoIs) and loaders seeded per key draw the same in both."""
+    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def training_state(model, optimizer, scheduler, scaler, iteration: int, rngs: list, **extra) -> dict:
     """Everything a killed run needs to continue exactly: weights, optimizer, schedule, scaler, RNGs."""
     return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),

@@ -15,8 +15,8 @@ from ..engine.precision import check_solver
 from ..engine.run import RunFolder
 from ..engine.solver import describe_scaling, lr_multiplier, scaled_lr
 from ..engine.trainer import Trainer, distribute, sgd
-from ..engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, should_resume,
-                            training_state)
+from ..engine.state import (atomic_save, keyed_generator, restore_training_state, rng_state, seed_everything,
+                            should_resume, training_state)
 from ..resnet import build_resnet
 from .data import (DatasetError, ImageFolderDataset, ShardedSampler, collate_skip_none, scan_image_folder,
                    split_holdout, train_transform)
@@ -127,7 +127,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
         sampler.set_epoch(epoch, start=offset * per_rank_batch)
         return DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=d.workers,
                           collate_fn=collate_skip_none, drop_last=True, pin_memory=device.type == "cuda",
-                          persistent_workers=False)
+                          persistent_workers=False, generator=keyed_generator(cfg.seed, epoch, rank))
 
     def prepare(batch, iteration: int):
         images, labels, n_skipped = batch

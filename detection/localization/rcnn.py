@@ -25,8 +25,8 @@ from backbones.engine.config import to_yaml
 from backbones.engine.dist import all_gather_object, get_rank, get_world_size, is_main_process
 from backbones.engine.solver import lr_multiplier, scaled_lr
 from backbones.engine.trainer import Trainer, distribute, sgd
-from backbones.engine.state import (should_resume, atomic_save, load_checkpoint, restore_training_state, rng_state,
-                                    training_state)
+from backbones.engine.state import (should_resume, atomic_save, keyed_generator, load_checkpoint, restore_training_state,
+                                    rng_state, training_state)
 from backbones.imagedata import normalize
 from detection.modeling.box_coder import BoxCoder
 from detection.modeling.box_ops import clip_boxes, smooth_l1
@@ -128,7 +128,8 @@ def train_rcnn(cfg, run, loc_model, train_records, class_names, mean, std, devic
         sampler = RoIBatchSampler(table["pos"], table["neg"], r.batch_size // world_size, r.positive_fraction,
                                   cfg.seed, offset, r.max_iter)
         return DataLoader(RoIDataset(train_records, table, r.crop_size, box_coder), batch_sampler=sampler,
-                          num_workers=cfg.data.workers, collate_fn=collate_rois, pin_memory=device.type == "cuda")
+                          num_workers=cfg.data.workers, collate_fn=collate_rois, pin_memory=device.type == "cuda",
+                          generator=keyed_generator(cfg.seed, offset, rank))
 
     def prepare(batch, iteration: int):
         crops, classes, fg, targets = batch

@@ -19,8 +19,8 @@ from backbones.engine.precision import check_solver
 from backbones.engine.run import RunFolder
 from backbones.engine.solver import describe_scaling, lr_multiplier, scaled_lr
 from backbones.engine.trainer import Trainer, distribute, sgd
-from backbones.engine.state import (atomic_save, restore_training_state, rng_state, seed_everything, should_resume,
-                                    training_state)
+from backbones.engine.state import (atomic_save, keyed_generator, restore_training_state, rng_state, seed_everything,
+                                    should_resume, training_state)
 from backbones.imagedata import ShardedSampler, normalize
 
 from .data import (LAYOUTS, LocDataError, LocTrainDataset, collate_loc, load_ilsvrc, load_imagefolder,
@@ -106,10 +106,6 @@ def prepare(cfg: DictConfig):
     return classifier, ckpt, class_names, train_records, val_records, stats
 
 
-def sampling_generator(seed: int, iteration: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 1009 + rank)
-
-
 def train(cfg: DictConfig, run_name: str) -> dict:
     rank, world_size, device = init_distributed()
     if cfg.device == "cpu":
@@ -174,11 +170,12 @@ def train(cfg: DictConfig, run_name: str) -> dict:
         train_set.epoch = epoch
         sampler.set_epoch(epoch, start=offset * per_rank_batch)
         return DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=d.workers,
-                          collate_fn=collate_loc, drop_last=True, pin_memory=device.type == "cuda")
+                          collate_fn=collate_loc, drop_last=True, pin_memory=device.type == "cuda",
+                          generator=keyed_generator(cfg.seed, epoch, rank))
 
     def to_device(batch, iteration: int):
         images, labels, boxes, n_skipped = batch
-        model.rpn.generator = sampling_generator(cfg.seed, iteration, rank)  # anchor sampling, reproducible
+        model.rpn.generator = keyed_generator(cfg.seed, iteration, rank, device=device)  # anchor sampling, reproducible
         if images is None:
             return None, 0, n_skipped
         x = normalize(images.to(device, non_blocking=True), mean_t, std_t, s.channels_last)

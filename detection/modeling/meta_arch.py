@@ -35,6 +35,11 @@ class GeneralizedRCNN(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(list(pixel_mean), dtype=torch.float32).view(-1, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(list(pixel_std), dtype=torch.float32).view(-1, 1, 1))
 
+    def set_sampling_generator(self, generator: torch.Generator | None) -> None:
+        """The generator the RPN and the RoI heads draw their training samples from (None: the global one).
+        The trainer sets one per iteration, so a resumed run samples exactly as an uninterrupted one."""
+        self.rpn.generator = self.roi_heads.generator = generator
+
     def _channels_last(self) -> bool:
         for p in self.parameters():
             if p.dim() == 4:
