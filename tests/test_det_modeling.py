@@ -339,6 +339,25 @@ def test_box_loss_hand_computed():
     assert losses["loss_cls"].item() == pytest.approx(math.log(3))
 
 
+def test_predictor_init_choices():
+    """'normal' (Detectron2's): small weights, zero biases; 'linear_default' (torchvision's): nn.Linear's
+    uniform fill within 1/sqrt(fan_in), biases too. The config key reaches the layers."""
+    cfg = OmegaConf.merge(OmegaConf.structured(DetectorConfig), {"backbone": {"depth": 18, "base_width": 8,
+                                                                              "weights": ""}})
+    torch.manual_seed(0)
+    normal = build_detector(cfg, num_classes=3).roi_heads.box_predictor
+    assert 0.005 < normal.cls_score.weight.std() < 0.02 and 0.0005 < normal.bbox_pred.weight.std() < 0.002
+    assert not normal.cls_score.bias.any() and not normal.bbox_pred.bias.any()
+    cfg.roi_heads.predictor_init = "linear_default"
+    default = build_detector(cfg, num_classes=3).roi_heads.box_predictor
+    bound = 1 / math.sqrt(default.cls_score.in_features)
+    for layer in (default.cls_score, default.bbox_pred):
+        assert layer.weight.abs().max() <= bound and layer.weight.std() > 0.8 * bound / math.sqrt(3)
+        assert layer.bias.abs().max() <= bound and layer.bias.any()
+    with pytest.raises(ValueError, match="expected 'normal' or 'linear_default'"):
+        FastRCNNOutputLayers(8, 2, init="xavier")
+
+
 def test_inference_postprocessing_hand_computed():
     layers = FastRCNNOutputLayers(4, 2, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100)
     proposals = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0],

@@ -147,7 +147,8 @@ def build_detector(model_cfg, num_classes: int) -> GeneralizedRCNN:
     def predictor(in_features: int) -> FastRCNNOutputLayers:
         return FastRCNNOutputLayers(in_features, num_classes, BoxCoder(_floats(h.bbox_reg_weights)),
                                     smooth_l1_beta=h.smooth_l1_beta, score_thresh=h.score_thresh,
-                                    nms_thresh=h.nms_thresh, detections_per_img=h.detections_per_img)
+                                    nms_thresh=h.nms_thresh, detections_per_img=h.detections_per_img,
+                                    init=str(h.predictor_init))
 
     if neck is not None:
         levels = neck.out_features[:4]  # P2..P5; P6 is for the RPN only

@@ -24,6 +24,11 @@ class PoolerType(Choice):
     ROIPool = "ROIPool"  # the paper's
 
 
+class PredictorInit(Choice):
+    normal = "normal"  # class scores N(0, 0.01), box deltas N(0, 0.001), zero biases: Fast R-CNN's and Detectron2's
+    linear_default = "linear_default"  # PyTorch's nn.Linear default (uniform, +-1/sqrt(fan_in)): torchvision's
+
+
 class Neck(Choice):
     none = "none"  # C4: RoI pooling on res4, res5 per region
     fpn = "fpn"
@@ -77,6 +82,7 @@ class ROIHeadsConfig:
     crowd_ioa_thresh: float = 0.7  # background proposals this much inside a crowd box are not sampled
     bbox_reg_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
     smooth_l1_beta: float = 0.0  # 0 = L1
+    predictor_init: PredictorInit = PredictorInit.normal  # the class-score and box-delta layers
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100

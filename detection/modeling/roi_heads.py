@@ -37,15 +37,18 @@ from .sampling import sample_balanced
 class FastRCNNOutputLayers(nn.Module):
     def __init__(self, in_features: int, num_classes: int, box_coder: BoxCoder | None = None,
                  smooth_l1_beta: float = 0.0, score_thresh: float = 0.05, nms_thresh: float = 0.5,
-                 detections_per_img: int = 100):
+                 detections_per_img: int = 100, init: str = "normal"):
         super().__init__()
         self.num_classes = num_classes
         self.cls_score = nn.Linear(in_features, num_classes + 1)  # index 0: background
         self.bbox_pred = nn.Linear(in_features, 4 * num_classes)  # class c (1..K) at columns 4(c-1)..4c-1
-        nn.init.normal_(self.cls_score.weight, std=0.01)
-        nn.init.normal_(self.bbox_pred.weight, std=0.001)
-        nn.init.zeros_(self.cls_score.bias)
-        nn.init.zeros_(self.bbox_pred.bias)
+        if init == "normal":  # small, so the first steps start from uniform scores and zero deltas
+            nn.init.normal_(self.cls_score.weight, std=0.01)
+            nn.init.normal_(self.bbox_pred.weight, std=0.001)
+            nn.init.zeros_(self.cls_score.bias)
+            nn.init.zeros_(self.bbox_pred.bias)
+        elif init != "linear_default":  # "linear_default": nn.Linear's own initialisation, as torchvision's
+            raise ValueError(f"predictor init {init!r}: expected 'normal' or 'linear_default'")
         self.box_coder = box_coder or BoxCoder((10.0, 10.0, 5.0, 5.0))
         self.smooth_l1_beta = smooth_l1_beta
         self.score_thresh = score_thresh
