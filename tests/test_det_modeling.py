@@ -30,7 +30,7 @@ from detection.modeling import (
     sample_balanced,
 )
 from backbones.options import Norm
-from detection.modeling.config import Neck, PoolerType
+from detection.modeling.config import Neck, PoolerType, PredictorInit
 
 
 def random_boxes(n, size=200.0, min_side=2.0, seed=0):
@@ -348,7 +348,7 @@ def test_predictor_init_choices():
     normal = build_detector(cfg, num_classes=3).roi_heads.box_predictor
     assert 0.005 < normal.cls_score.weight.std() < 0.02 and 0.0005 < normal.bbox_pred.weight.std() < 0.002
     assert not normal.cls_score.bias.any() and not normal.bbox_pred.bias.any()
-    cfg.roi_heads.predictor_init = "linear_default"
+    cfg.roi_heads.predictor_init = PredictorInit.linear_default
     default = build_detector(cfg, num_classes=3).roi_heads.box_predictor
     bound = 1 / math.sqrt(default.cls_score.in_features)
     for layer in (default.cls_score, default.bbox_pred):
