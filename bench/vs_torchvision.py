@@ -57,7 +57,7 @@ from backbones.imagedata import scan_image_folder, split_holdout  # noqa: E402
 from detection.config import DetConfig  # noqa: E402
 from detection.data.batching import build_batch_sampler, collate_detection  # noqa: E402
 from detection.data.voc import read_xml_annotation  # noqa: E402
-from detection.engine import build_datasets, prepare_data_paths  # noqa: E402
+from detection.data.build import build_datasets, prepare_data_paths  # noqa: E402
 from detection.evaluation.coco_eval import COCOEvaluator  # noqa: E402
 from detection.modeling.build import build_backbone, build_detector  # noqa: E402
 from detection.postprocessing import target_to_original  # noqa: E402

@@ -1,4 +1,6 @@
-"""Detection training and evaluation loops (iteration-based, like Detectron2's), DDP-ready."""
+"""Detection training (iteration-based, like Detectron2's, DDP-ready): builds the run from its config and hands
+the loop to :class:`backbones.engine.trainer.Trainer`. The data formats live behind
+:mod:`detection.data.build`, the evaluation loop in :mod:`detection.evaluation.loop`."""
 from __future__ import annotations
 
 import functools
@@ -10,211 +12,21 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from backbones.engine.config import ConfigError, to_yaml
-from backbones.engine.dist import all_gather_object, barrier, get_world_size, init_distributed, is_main_process, reduce_sum
+from backbones.engine.dist import all_gather_object, init_distributed, is_main_process
 from backbones.engine.precision import check_solver
-from backbones.engine.run import RunFolder, progress_bar
+from backbones.engine.run import RunFolder
 from backbones.engine.solver import describe_scaling, lr_multiplier, scaled_lr
 from backbones.engine.trainer import Trainer, distribute, sgd
 from backbones.engine.state import (should_resume, atomic_save, keyed_generator, restore_training_state, rng_state,
-                                   seed_everything, training_state, unwrap)
+                                   seed_everything, training_state)
 
 from .data.batching import build_batch_sampler, collate_detection
-from .data.coco import CocoDetection, DatasetError
+from .data.build import build_datasets, build_evaluators, data_source, prepare_data_paths, val_loader
 from .data.report import class_box_counts
-from .data.synthetic import make_synthetic_coco, make_synthetic_voc
-from .data.transforms import build_transform
-from .data.voc import LAYOUTS as XML_LAYOUTS, VocDetection, parse_set_spec
-from .evaluation.coco_eval import COCOEvaluator
+from .evaluation.loop import evaluate
 from .evaluation.tables import format_metrics_table
-from .evaluation.voc_eval import VOCEvaluator, ground_truth_from_coco
 from .modeling.build import build_detector
-from .postprocessing import target_to_original
 from .modeling.test_time import for_testing, options_from_config
-
-DEMO_HINT = "  to try resdet without any download: python tools/train_det.py configs/frcnn_demo.yaml"
-COCO_LAYOUT = ("  expected layout:\n"
-               "    datasets/coco/train2017/*.jpg\n"
-               "    datasets/coco/val2017/*.jpg\n"
-               "    datasets/coco/annotations/instances_{train,val}2017.json\n"
-               "  (or set data.train_images / data.train_annotations / data.val_images / data.val_annotations)\n"
-               + DEMO_HINT)
-
-
-class DataNotFoundError(FileNotFoundError):
-    """The configured dataset is not on disk."""
-
-
-def prepare_data_paths(cfg: DictConfig) -> None:
-    """Materialise the synthetic set if asked; otherwise fail at once when files are missing."""
-    d = cfg.data
-    if d.format != "coco":
-        _prepare_xml_sets(cfg)
-        return
-    if d.synthetic:
-        make = functools.partial(make_synthetic_coco, d.synthetic_root, num_train=d.synthetic_num_train,
-                                 num_val=d.synthetic_num_val, image_size=d.synthetic_image_size, seed=cfg.seed)
-        if is_main_process():
-            make()
-        barrier()
-        paths = make()  # complete on disk by now: only returns the paths
-        d.train_images, d.train_annotations = paths["train_images"], paths["train_annotations"]
-        d.val_images, d.val_annotations = paths["val_images"], paths["val_annotations"]
-        return
-    missing = [p for p in (d.train_images, d.train_annotations, d.val_images, d.val_annotations) if not os.path.exists(p)]
-    if missing:
-        raise DataNotFoundError("dataset not found; looked for:\n    " + "\n    ".join(os.path.abspath(p) for p in missing)
-                                + "\n" + COCO_LAYOUT)
-
-
-def _prepare_xml_sets(cfg: DictConfig) -> None:
-    """PASCAL VOC / ImageNet DET: check that every set's folders are there (their files are checked when
-    the sets are loaded; data.format and the other fixed choices when the config loads)."""
-    d = cfg.data
-    if d.synthetic:
-        make = functools.partial(make_synthetic_voc, f"{d.synthetic_root}_{d.format}", num_train=d.synthetic_num_train,
-                                 num_val=d.synthetic_num_val, image_size=d.synthetic_image_size, seed=cfg.seed,
-                                 layout=d.format)
-        if is_main_process():
-            make()
-        barrier()
-        paths = make()
-        d.train_sets, d.val_sets, d.synsets_file = paths["train_sets"], paths["val_sets"], paths["synsets_file"]
-        if d.format == "voc":
-            d.class_names = paths["class_names"]
-        return
-    layout = XML_LAYOUTS[d.format]
-    if not d.train_sets or not d.val_sets:
-        raise DataNotFoundError(f"data.format={d.format} needs data.train_sets and data.val_sets (ROOT:SPLIT lists); "
-                                f"got {list(d.train_sets)} and {list(d.val_sets)}\n{layout}\n{DEMO_HINT}")
-    missing = []
-    for spec in [*d.train_sets, *d.val_sets]:
-        image_set = parse_set_spec(spec, d.format)
-        for folder in (image_set.image_set_dir, image_set.annotation_dir, image_set.image_dir):
-            if not os.path.isdir(folder) and folder not in missing:
-                missing.append(folder)
-    if missing:
-        raise DataNotFoundError("dataset not found; looked for:\n    " + "\n    ".join(os.path.abspath(p) for p in missing)
-                                + f"\n{layout}\n  (or set data.train_sets / data.val_sets)\n{DEMO_HINT}")
-
-
-def data_source(cfg: DictConfig, split: str) -> str:
-    """What a split is read from, for messages and the summary."""
-    d = cfg.data
-    if d.format == "coco":
-        return os.path.abspath(d[f"{split}_annotations"])
-    return " + ".join(d[f"{split}_sets"])
-
-
-def _xml_dataset(cfg: DictConfig, sets, transform, train: bool, class_names=None) -> VocDetection:
-    d = cfg.data
-    dataset = VocDetection(sets, d.format, class_names=class_names or list(d.class_names) or None,
-                           synsets_file=d.synsets_file, difficult=d.train_difficult if train else "ignore",
-                           transform=transform, skip_corrupt=d.skip_corrupt, filter_empty=train and d.filter_empty_train,
-                           strict=d.strict_train if train else d.strict_val, verify=d.verify_images)
-    metric = cfg.eval.voc_metric
-    if metric == "auto":
-        roots = [os.path.basename(parse_set_spec(s, d.format).root) for s in sets]
-        metric = "voc07" if d.format == "voc" and all(r == "VOC2007" for r in roots) else "area"
-    # How this set is scored travels with it, so evaluate() (and tools/eval_det.py) need no new argument.
-    dataset.eval_options = {"protocol": "voc" if d.format == "voc" else "imagenet", "metric": metric,
-                            "coco": bool(cfg.eval.coco_metrics)}
-    return dataset
-
-
-def _build_xml_datasets(cfg: DictConfig, train: bool):
-    d = cfg.data
-    val_transform = build_transform((d.min_size_test,), d.max_size_test, 0.0, train=False)
-    if not train:
-        return None, _xml_dataset(cfg, d.val_sets, val_transform, train=False)
-    train_set = _xml_dataset(cfg, d.train_sets, build_transform(tuple(d.min_size_train), d.max_size_train,
-                                                                d.flip_prob, train=True), train=True)
-    # the training sets fix the class list (ImageNet DET without a synsets file: the wnids found there)
-    val_set = _xml_dataset(cfg, d.val_sets, val_transform, train=False, class_names=train_set.xml_class_names)
-    return train_set, val_set
-
-
-def build_datasets(cfg: DictConfig, train: bool = True):
-    """(train set or None, val set). Both are checked before either raises, so one run lists the problems
-    of both (``data.strict_train`` / ``data.strict_val`` false: dropped and counted instead)."""
-    d = cfg.data
-    if d.format != "coco":
-        return _build_xml_datasets(cfg, train)
-    errors: list[str] = []
-
-    def load(split: str, transform, strict: bool, filter_empty: bool = False):
-        try:
-            return CocoDetection(d[f"{split}_images"], d[f"{split}_annotations"], transform=transform,
-                                 skip_corrupt=d.skip_corrupt, filter_empty=filter_empty, strict=strict,
-                                 verify=d.verify_images)
-        except DatasetError as exc:
-            errors.append(f"{split} set: {exc}")
-            return None
-
-    val_set = load("val", build_transform((d.min_size_test,), d.max_size_test, 0.0, train=False), d.strict_val)
-    train_set = load("train", build_transform(tuple(d.min_size_train), d.max_size_train, d.flip_prob, train=True),
-                     d.strict_train, d.filter_empty_train) if train else None
-    if errors:
-        raise DatasetError("\n\n".join(errors))
-    if train_set is not None and train_set.class_names != val_set.class_names:
-        raise ValueError(f"{d.train_annotations} and {d.val_annotations} have different categories")
-    return train_set, val_set
-
-
-def val_loader(cfg: DictConfig, dataset) -> DataLoader:
-    sampler = build_batch_sampler(dataset.aspect_ratios(), max(1, cfg.eval.batch_size // get_world_size()),
-                                  shuffle=False, seed=0, distributed=get_world_size() > 1, drop_last=False)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
-                      collate_fn=functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility))
-
-
-@torch.no_grad()
-def evaluate(model, loader: DataLoader, dataset, device, output_dir: str | None, amp_dtype=None,
-             progress: bool = True, only_processed: bool = False) -> dict:
-    """COCO-evaluate ``model`` on ``loader`` (sharded over ranks; gathered and scored on rank 0).
-
-    A PASCAL VOC / ImageNet DET dataset (a :class:`VocDetection` from :func:`build_datasets`) is scored
-    with :class:`VOCEvaluator` instead: ``metrics["AP"]`` is then its mAP at IoU 0.5 (11-point or area,
-    per ``eval.voc_metric``), the key the training loop keeps best.pth by; pycocotools' metrics on the
-    same detections are under ``metrics["coco"]`` when ``eval.coco_metrics`` is set.
-
-    Every image of the set is scored; one that could not be read counts as an image without detections
-    (``metrics["num_unprocessed"]``), unless ``only_processed`` (``eval.only_processed_images``)."""
-    options = getattr(dataset, "eval_options", None)
-    if options is None:
-        evaluators = [COCOEvaluator(dataset.coco, dataset.contiguous_to_cat_id, dataset.class_names,
-                                    output_dir=output_dir, only_processed=only_processed)]
-    else:
-        evaluators = [VOCEvaluator(ground_truth_from_coco(dataset.coco, dataset.cat_id_to_contiguous),
-                                   dataset.class_names, protocol=options["protocol"], metric=options["metric"],
-                                   output_dir=output_dir, image_names=getattr(dataset, "image_names", None),
-                                   only_processed=only_processed)]
-        if options["coco"]:
-            evaluators.append(COCOEvaluator(dataset.coco, dataset.contiguous_to_cat_id, dataset.class_names,
-                                            only_processed=only_processed))
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
-    skipped = 0
-    for batch in progress_bar(iterable=loader, desc="eval", disable=not (progress and is_main_process())):
-        skipped += batch["num_skipped"]
-        if not batch["targets"]:
-            continue
-        batch["images"] = batch["images"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            detections = model(batch)
-        originals = [target_to_original(det, t) for det, t in zip(detections, batch["targets"])]
-        for evaluator in evaluators:
-            evaluator.process(batch["targets"], originals)
-    model.train(was_training)
-    metrics = evaluators[0].evaluate()
-    if len(evaluators) > 1:
-        coco_metrics = evaluators[1].evaluate()  # every rank takes part in the gather
-        if metrics:
-            metrics["coco"] = coco_metrics
-    skipped = int(reduce_sum({"s": skipped}, device)["s"])
-    if metrics is not None and is_main_process():
-        metrics["skipped_corrupt"] = skipped
-    return metrics or {}
 
 
 def apply_epoch_schedule(cfg: DictConfig, iters_per_epoch: int) -> str | None:
@@ -322,13 +134,12 @@ def train(cfg: DictConfig, run_name: str) -> dict:
             ), run.last_checkpoint)
 
     loader_val = val_loader(cfg, val_set)
+    evaluators = build_evaluators(cfg, val_set, run.dir if is_main_process() else None)
 
     def run_eval(iteration: int) -> dict:
         # the run's test-time additions (eval.box_refinement / test_scales / flip), if any, apply here too
         tester = for_testing([model], options_from_config(cfg.eval), cfg.data.min_size_test, cfg.data.size_divisibility)
-        metrics = evaluate(tester if tester is not model else ddp_model, loader_val, val_set, device,
-                           run.dir if is_main_process() else None, amp_dtype,
-                           only_processed=cfg.eval.only_processed_images)
+        metrics = evaluate(tester if tester is not model else ddp_model, loader_val, evaluators, device, amp_dtype)
         if is_main_process() and metrics:
             run.log_metrics(iteration, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, prefix="val/")
             log.info("iteration %d %s val:\n%s", iteration, cfg.data.format.upper(), format_metrics_table(metrics))

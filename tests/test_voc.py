@@ -17,7 +17,10 @@ from detection.config import DetConfig
 from detection.data.coco import CocoDetection, DatasetError
 from detection.data.synthetic import make_synthetic_coco, make_synthetic_voc
 from detection.data.voc import VOC_CLASSES, VocDetection, voc_to_coco_dict
-from detection.engine import DataNotFoundError, build_datasets, evaluate, prepare_data_paths, train, val_loader
+from detection.data.build import (DataNotFoundError, build_datasets, build_evaluators, prepare_data_paths,
+                                  val_loader)
+from detection.engine import train
+from detection.evaluation.loop import evaluate
 from detection.evaluation import format_metrics_table
 from detection.evaluation.voc_eval import (VOCEvaluator, imagenet_iou_thresholds, match_detections,
                                            precision_recall, voc07_ap, voc_ap)
@@ -368,9 +371,10 @@ def test_evaluate_scores_voc_data_with_the_voc_evaluator(tmp_path, synthetic_voc
     cfg = voc_cfg(tmp_path, synthetic_voc, "data.min_size_test=150", "data.max_size_test=200")
     prepare_data_paths(cfg)
     _, val_set = build_datasets(cfg, train=False)
-    assert val_set.eval_options == {"protocol": "voc", "metric": "voc07", "coco": True}  # auto: VOC2007 -> 11-point
-    m = evaluate(GroundTruthDetector(), val_loader(cfg, val_set), val_set, torch.device("cpu"), str(tmp_path / "ev"),
-                 progress=False)
+    evaluators = build_evaluators(cfg, val_set, str(tmp_path / "ev"))
+    voc, coco = evaluators  # eval.coco_metrics: pycocotools' numbers beside the devkit's
+    assert (voc.protocol, voc.metric, coco.name) == ("voc", "voc07", "coco")  # auto: VOC2007 -> 11-point
+    m = evaluate(GroundTruthDetector(), val_loader(cfg, val_set), evaluators, torch.device("cpu"), progress=False)
     assert m["AP"] == pytest.approx(1.0) and m["mAP"] == pytest.approx(1.0)
     assert all(c["AP"] == pytest.approx(1.0) for c in m["per_class"].values() if c["num_gt"])
     assert m["coco"]["AP50"] == pytest.approx(1.0) and m["skipped_corrupt"] == 0
@@ -405,6 +409,7 @@ def test_synthetic_imagenet_det_through_the_engine(tmp_path):
     assert cfg.data.val_sets == [f"{tmp_path / 'shapes_imagenet_det' / 'ILSVRC'}:val"]
     train_set, val_set = build_datasets(cfg)
     assert train_set.class_names == val_set.class_names == ["circle", "rectangle", "triangle", "cross"]
-    assert val_set.eval_options == {"protocol": "imagenet", "metric": "area", "coco": True}
+    voc, coco = build_evaluators(cfg, val_set)
+    assert (voc.protocol, voc.metric, coco.name) == ("imagenet", "area", "coco")
     with pytest.raises(ConfigError, match="eval.voc_metric"):
         prepare_data_paths(load_config(DetConfig, None, ["data.format=voc", "eval.voc_metric=07"]))

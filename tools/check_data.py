@@ -26,7 +26,7 @@ from backbones.engine.config import ConfigError, config_name, load_config
 from detection.config import DetConfig
 from detection.data.coco import DatasetError
 from detection.data.report import augmented_grid, dataset_report, format_report
-from detection.engine import DataNotFoundError, build_datasets, prepare_data_paths
+from detection.data.build import DataNotFoundError, build_datasets, prepare_data_paths
 from detection.modeling.build import build_anchor_generator
 
 

@@ -32,7 +32,8 @@ from backbones.engine.dist import cleanup, init_distributed, is_main_process
 from backbones.engine.precision import AMP_DTYPES
 from backbones.engine.run import write_json_atomic
 from detection.config import DetConfig
-from detection.engine import build_datasets, evaluate, prepare_data_paths, val_loader
+from detection.data.build import build_datasets, build_evaluators, data_source, prepare_data_paths, val_loader
+from detection.evaluation.loop import evaluate
 from detection.evaluation.tables import format_metrics_table
 from detection.evaluation.report import write_report
 from detection.modeling.test_time import for_testing, options_from_config, paper_test_scales
@@ -44,9 +45,8 @@ def load_member(run_dir: str, overrides: list[str], checkpoint: str, device, val
     cfg = load_config(DetConfig, os.path.join(run_dir, "config.yaml"), overrides)
     model, path, class_names = load_trained_detector(run_dir, cfg, checkpoint, device)
     if class_names != val_set.class_names:
-        val_data = cfg.data.val_annotations if cfg.data.format == "coco" else f"data.val_sets {list(cfg.data.val_sets)}"
         raise ValueError(f"{path} was trained on classes {class_names[:5]}..., but "
-                         f"{val_data} has {val_set.class_names[:5]}...")
+                         f"{data_source(cfg, 'val')} has {val_set.class_names[:5]}...")
     return model, path
 
 
@@ -114,8 +114,8 @@ def main(argv=None) -> int:
         def run_eval(members, options, output_dir):
             start = time.time()
             tester = for_testing(members, options, d.min_size_test, d.size_divisibility)
-            metrics = evaluate(tester, loader, val_set, device, output_dir if is_main_process() else None, amp,
-                               only_processed=cfg.eval.only_processed_images)
+            evaluators = build_evaluators(cfg, val_set, output_dir if is_main_process() else None)
+            metrics = evaluate(tester, loader, evaluators, device, amp)
             return metrics, (time.time() - start) / max(len(val_set), 1)
 
         if args.ladder:

@@ -14,7 +14,8 @@ import _bootstrap  # noqa: F401
 from backbones.engine.cli import run_training, training_arguments
 from detection.config import DetConfig
 from detection.data.coco import DatasetError
-from detection.engine import DataNotFoundError, train
+from detection.data.build import DataNotFoundError
+from detection.engine import train
 
 
 def main(argv=None) -> int:

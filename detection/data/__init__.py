@@ -1,4 +1,7 @@
-"""Detection data: validated COCO-format and VOC / ImageNet DET XML datasets, transforms, batching, synthetic shapes."""
+"""Detection data: validated COCO-format and VOC / ImageNet DET XML datasets, transforms, batching, synthetic
+shapes, and ``build.py``, the table of formats (``FORMATS``: how each one prepares its files, builds its sets,
+names its source and makes its evaluators). Imports ``backbones`` and, in ``build.py`` only,
+``detection.evaluation``; never the model or the training code."""
 from .batching import GroupedBatchSampler, InferenceBatchSampler, build_batch_sampler, collate_detection
 from .coco import CocoDetection, DatasetError
 from .synthetic import make_synthetic_coco, make_synthetic_voc

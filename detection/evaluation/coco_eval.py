@@ -39,6 +39,8 @@ class COCOEvaluator:
     images handed to :meth:`process`, for a deliberate subset.
     """
 
+    name = "coco"  # the key its metrics take when it runs beside another evaluator
+
     def __init__(self, coco_gt, contiguous_to_cat_id: dict[int, int], class_names: list[str],
                  output_dir: str | None = None, only_processed: bool = False):
         self.coco_gt = coco_gt if isinstance(coco_gt, COCO) else _quiet(COCO, os.fspath(coco_gt))

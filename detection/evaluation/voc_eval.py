@@ -183,6 +183,8 @@ class VOCEvaluator:
     processed images, for a deliberate subset.
     """
 
+    name = "voc"
+
     def __init__(self, ground_truth: dict[int, dict], class_names: list[str], protocol: str = "voc",
                  metric: str = "voc07", output_dir: str | None = None, image_names: dict[int, str] | None = None,
                  only_processed: bool = False):
