@@ -16,16 +16,13 @@ from collections import Counter
 
 from torch import nn
 
+from .engine.errors import CheckpointError  # noqa: F401  (raised here; importers take it from here too)
 from .resnet import ResNet
 
 logger = logging.getLogger(__name__)
 FORMAT = "resdet-backbone/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model it is loaded into."""
 
 
 def backbone_checkpoint(model: ResNet, mean, std, class_names, config_yaml: str = "") -> dict:

@@ -33,6 +33,8 @@ from collections import Counter
 import numpy as np
 import torch
 
+from .engine.errors import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 # MSRA / Detectron (Caffe2) pixel mean, BGR, 0-255 (Detectron's PIXEL_MEANS)
@@ -54,7 +56,7 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class WeightsFormatError(ValueError):
+class WeightsFormatError(CheckpointError):
     """A weights file whose layout or content cannot be loaded (named with the file and the keys)."""
 
 

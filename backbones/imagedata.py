@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from .engine.errors import DatasetError  # noqa: F401  (raised here; importers take it from here too)
 from .engine.imageio import is_image_file
 
 # Principal components of ImageNet's RGB pixels (on a 0-1 scale), as used for AlexNet's and the
@@ -23,10 +24,6 @@ IMAGENET_PCA_EIGVEC = np.array([
 
 EXPECTED_LAYOUT = "<root>/<class_name>/<image>.jpg (ImageFolder: one sub-folder per class)"
 
-
-
-class DatasetError(ValueError):
-    """The dataset on disk is missing or malformed."""
 
 
 class PCALighting(A.ImageOnlyTransform):

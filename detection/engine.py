@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from backbones.engine.errors import DatasetError
 from backbones.engine.config import ConfigError, to_yaml
 from backbones.engine.dist import all_gather_object, init_distributed, is_main_process
 from backbones.engine.precision import check_solver
@@ -89,7 +90,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                                         distributed=world_size > 1, drop_last=True)
     iters_per_epoch = len(batch_sampler)
     if iters_per_epoch == 0:
-        raise ValueError(f"{data_source(cfg, 'train')}: fewer training images than one batch of {per_rank_batch}")
+        raise DatasetError(f"{data_source(cfg, 'train')}: fewer training images than one batch of {per_rank_batch}")
     epoch_schedule = apply_epoch_schedule(cfg, iters_per_epoch)  # before config.yaml is written
     run = RunFolder(cfg.output_dir or os.path.join("runs", run_name), cfg)
     log = run.logger

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from backbones.engine.errors import CheckpointError
 from backbones.engine.config import load_config
 from backbones.engine.imageio import read_image_rgb
 from backbones.engine.state import load_checkpoint
@@ -23,7 +24,7 @@ from .postprocessing import to_original
 def resolve_checkpoint(run_dir: str, which: str) -> str:
     path = which if which not in ("last", "best") else os.path.join(run_dir, "checkpoints", f"{which}.pth")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {os.path.abspath(path)} (checkpoint=last|best|PATH)")
+        raise CheckpointError(f"checkpoint not found: {os.path.abspath(path)} (checkpoint=last|best|PATH)")
     return path
 
 

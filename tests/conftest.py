@@ -21,6 +21,15 @@ import torch  # noqa: E402
 torch.use_deterministic_algorithms(True)
 
 
+def assert_same_weights(run_a: Path, run_b: Path) -> None:
+    """The two runs' last checkpoints hold bit-identical weights (what an exact resumption promises)."""
+    a = torch.load(Path(run_a) / "checkpoints/last.pth", weights_only=True)["model"]
+    b = torch.load(Path(run_b) / "checkpoints/last.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT

@@ -1,10 +1,8 @@
-"""Detection data (detection/data): annotation validation with messages that name the file and the
-record, the category mapping, crowd and degenerate boxes, exact resize/flip geometry and its inverse,
-padded collation, grouped and sharded batch samplers, the synthetic shapes set, corrupt images, and
-the real coco128 sample when it is present."""
+"""Detection datasets (detection/data): annotation validation with messages that name the file and the
+record, the category mapping, crowd and degenerate boxes, corrupt and mis-sized images, the synthetic
+shapes set, and the real coco128 sample when it is present. Transforms and batching have their own files."""
 import json
 import os
-import random
 from pathlib import Path
 
 import cv2
@@ -13,38 +11,15 @@ import pytest
 import torch
 
 from backbones.engine.imageio import CorruptImageError
+from det_helpers import CATEGORIES, ann, write_dataset
 from detection.data import (
     CocoDetection,
     DatasetError,
-    build_batch_sampler,
-    boxes_to_original,
     build_transform,
-    collate_detection,
     make_synthetic_coco,
-    resized_shape,
 )
 
 COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
-CATEGORIES = [{"id": 7, "name": "dog"}, {"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
-
-
-def write_dataset(root: Path, images=None, annotations=None, categories=None, make_files=True, **extra) -> tuple:
-    """A small COCO dataset on disk: 100x60 (w x h) images, returns (image_dir, ann_file)."""
-    images = images if images is not None else [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 60}]
-    data = {"images": images, "annotations": annotations or [], "categories": categories or CATEGORIES, **extra}
-    image_dir = root / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    if make_files:
-        for img in images:
-            pixels = np.random.default_rng(img["id"]).integers(0, 255, (img["height"], img["width"], 3), np.uint8)
-            cv2.imwrite(str(image_dir / img["file_name"]), pixels)
-    ann_file = root / "instances.json"
-    ann_file.write_text(json.dumps(data))
-    return image_dir, ann_file
-
-
-def ann(ann_id, bbox, image_id=1, category_id=1, **extra):
-    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox, **extra}
 
 
 # ---- validation ---------------------------------------------------------------------------------------
@@ -227,170 +202,6 @@ def test_exif_rotated_photo_is_checked_at_its_displayed_size(tmp_path):
                                     "annotations": [], "categories": CATEGORIES}))
     with pytest.raises(DatasetError, match="decodes as 60x100"):
         CocoDetection(image_dir, ann_file)
-
-
-# ---- transforms ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("hw, short, max_size, expected", [
-    ((480, 640), 800, 1333, (800, 1067)),
-    ((640, 480), 800, 1333, (1067, 800)),
-    ((480, 1000), 800, 1333, (640, 1333)),  # the longer side is capped
-    ((100, 100), 64, 1000, (64, 64)),
-    ((427, 640), 600, 1000, (600, 899)),
-    ((2236, 702), 800, 1333, (1333, 419)),  # 702 * 1333 / 2236 = 418.5: rounded half up
-])
-def test_resized_shape(hw, short, max_size, expected):
-    assert resized_shape(*hw, short, max_size) == expected
-
-
-def test_resize_scales_image_and_boxes_exactly():
-    image = np.random.default_rng(0).integers(0, 255, (60, 100, 3), np.uint8)
-    t = build_transform((120,), 1000, flip_prob=0.5, train=False)  # test mode never flips
-    out = t(image=image, bboxes=np.array([[10, 5, 30, 25], [0, 0, 100, 60]], np.float32), labels=[2, 1],
-            crowd_boxes=np.array([[50, 10, 70, 20]], np.float32))
-    assert out["image"].shape == (120, 200, 3) and out["image"].dtype == np.uint8
-    assert out["scale"] == (2.0, 2.0) and out["flipped"] is False
-    np.testing.assert_allclose(out["bboxes"], [[20, 10, 60, 50], [0, 0, 200, 120]], atol=1e-3)
-    np.testing.assert_allclose(out["crowd_boxes"], [[100, 20, 140, 40]], atol=1e-3)
-    assert out["labels"].tolist() == [2, 1]
-
-    capped = build_transform((100,), 300, 0.0, train=True)(image=np.zeros((50, 200, 3), np.uint8),
-                                                          bboxes=[[20, 10, 40, 30]], labels=[1])
-    assert capped["image"].shape == (75, 300, 3) and capped["scale"] == (1.5, 1.5)
-    np.testing.assert_allclose(capped["bboxes"], [[30, 15, 60, 45]], atol=1e-3)
-
-
-def test_flip_maps_boxes_and_pixels():
-    image = np.random.default_rng(1).integers(0, 255, (60, 100, 3), np.uint8)
-    t = build_transform((60,), 1000, flip_prob=1.0, train=True)
-    out = t(image=image, bboxes=[[10, 5, 30, 25]], labels=[1], crowd_boxes=[[0, 0, 20, 60]])
-    assert out["flipped"] is True and out["scale"] == (1.0, 1.0)
-    np.testing.assert_array_equal(out["image"], image[:, ::-1])
-    np.testing.assert_allclose(out["bboxes"], [[70, 5, 90, 25]], atol=1e-3)  # x -> 100 - x
-    np.testing.assert_allclose(out["crowd_boxes"], [[80, 0, 100, 60]], atol=1e-3)
-
-
-def test_multiscale_sampling_and_predictor_style_call():
-    random.seed(0)
-    t = build_transform((64, 96), 1000, 0.5, train=True)
-    outs = [t(image=np.zeros((32, 48, 3), np.uint8), bboxes=np.zeros((0, 4), np.float32), labels=[])
-            for _ in range(40)]
-    assert {o["image"].shape[0] for o in outs} == {64, 96}
-    assert {o["flipped"] for o in outs} == {True, False}
-    assert all(o["bboxes"].shape == (0, 4) and o["crowd_boxes"].shape == (0, 4) for o in outs)
-
-
-@pytest.mark.parametrize("flip", [False, True])
-def test_boxes_to_original_inverts_the_transform(flip):
-    rng = np.random.default_rng(2)
-    xy = rng.uniform(0, [160, 55], (20, 2))
-    boxes = np.concatenate([xy, xy + rng.uniform(1, 35, (20, 2))], 1).astype(np.float32)  # inside 200x90
-    out = build_transform((123,), 400, float(flip), train=True)(
-        image=np.zeros((90, 200, 3), np.uint8), bboxes=boxes, labels=np.ones(20, np.int64))
-    assert out["flipped"] is flip
-    back = boxes_to_original(torch.from_numpy(out["bboxes"]), out["scale"], out["flipped"],
-                             transformed_width=out["image"].shape[1])
-    assert isinstance(back, torch.Tensor)
-    np.testing.assert_allclose(back.numpy(), boxes, atol=1e-3)
-    np.testing.assert_allclose(boxes_to_original(out["bboxes"], out["scale"], flip, out["image"].shape[1]),
-                               boxes, atol=1e-3)
-
-
-def test_dataset_with_transform_keeps_boxes_in_image(tmp_path):
-    image_dir, ann_file = write_dataset(tmp_path, annotations=[ann(1, [80, 40, 30, 30]), ann(2, [0, 0, 5, 5])])
-    ds = CocoDetection(image_dir, ann_file, transform=build_transform((90,), 1000, 1.0, train=True))
-    item = ds[0]
-    h, w = item["image"].shape[1:]
-    assert (h, w) == (90, 150) and item["scale"] == (1.5, 1.5) and item["flipped"] is True
-    torch.testing.assert_close(item["boxes"], torch.tensor([[0.0, 60, 30, 90], [142.5, 0, 150, 7.5]]),
-                               atol=1e-3, rtol=0)
-
-
-# ---- batching -----------------------------------------------------------------------------------------
-
-
-def fake_item(h, w, image_id):
-    return {"image": torch.full((3, h, w), 7, dtype=torch.uint8), "boxes": torch.zeros(0, 4),
-            "labels": torch.zeros(0, dtype=torch.int64), "crowd_boxes": torch.zeros(0, 4), "image_id": image_id,
-            "orig_size": (h, w), "scale": (1.0, 1.0), "flipped": False}
-
-
-def test_collate_pads_to_multiple_and_drops_none():
-    batch = collate_detection([fake_item(50, 70, 1), None, fake_item(64, 33, 2)], size_divisibility=32)
-    assert batch["images"].shape == (2, 3, 64, 96) and batch["images"].dtype == torch.uint8
-    assert batch["image_sizes"] == [(50, 70), (64, 33)] and batch["num_skipped"] == 1
-    assert [t["image_id"] for t in batch["targets"]] == [1, 2] and "image" not in batch["targets"][0]
-    assert (batch["images"][0, :, :50, :70] == 7).all() and batch["images"][0, :, 50:].sum() == 0
-    assert batch["images"][0, :, :, 70:].sum() == 0 and batch["images"][1, :, :, 33:].sum() == 0
-    empty = collate_detection([None, None])
-    assert empty["images"].shape[0] == 0 and empty["targets"] == [] and empty["num_skipped"] == 2
-
-
-ASPECTS = [1.5] * 23 + [0.7] * 14  # 23 landscape, 14 portrait
-random.Random(0).shuffle(ASPECTS)
-
-
-def orientation(i):
-    return ASPECTS[i] >= 1
-
-
-def test_grouped_sampler_single_group_batches_each_index_once():
-    sampler = build_batch_sampler(ASPECTS, 4, shuffle=True, seed=3, distributed=False, drop_last=False)
-    sampler.set_epoch(0)
-    batches = list(sampler)
-    assert len(batches) == len(sampler) == 6 + 4  # ceil(23/4) + ceil(14/4)
-    assert all(len({orientation(i) for i in b}) == 1 for b in batches)
-    assert sorted(i for b in batches for i in b) == list(range(len(ASPECTS)))
-    assert list(sampler) == batches  # deterministic for an epoch
-    sampler.set_epoch(1)
-    assert list(sampler) != batches and len(list(sampler)) == len(sampler)
-
-
-def test_grouped_sampler_drop_last_has_full_batches():
-    sampler = build_batch_sampler(ASPECTS, 4, shuffle=True, seed=0, distributed=False, drop_last=True)
-    batches = list(sampler)
-    assert len(batches) == len(sampler) == 5 + 3 and all(len(b) == 4 for b in batches)
-    assert len({i for b in batches for i in b}) == 32
-
-
-@pytest.mark.parametrize("drop_last", [False, True])
-def test_grouped_sampler_shards_are_disjoint_and_cover(drop_last):
-    shards = []
-    for rank in range(2):
-        s = build_batch_sampler(ASPECTS, 4, shuffle=True, seed=5, distributed=True, drop_last=drop_last,
-                                rank=rank, world_size=2)
-        s.set_epoch(2)
-        shards.append([i for b in s for i in b])
-        assert len(list(s)) == len(s) == (4 if drop_last else 5)  # equal on every rank, as DDP needs
-    assert not set(shards[0]) & set(shards[1])
-    covered = set(shards[0]) | set(shards[1])
-    assert covered == set(range(len(ASPECTS))) if not drop_last else len(covered) == 32
-
-
-def test_grouped_sampler_uneven_ranks_get_equal_lengths():
-    lengths = []
-    seen = set()
-    for rank in range(3):  # 10 batches over 3 ranks: the first two batches are repeated
-        s = build_batch_sampler(ASPECTS, 4, shuffle=True, seed=5, distributed=True, drop_last=False,
-                                rank=rank, world_size=3)
-        batches = list(s)
-        lengths.append(len(batches))
-        seen.update(i for b in batches for i in b)
-    assert lengths == [4, 4, 4] and seen == set(range(len(ASPECTS)))
-
-
-def test_eval_sampler_sequential_and_sharded():
-    shards = [list(build_batch_sampler([1.0] * 37, 4, shuffle=False, seed=0, distributed=True, drop_last=False,
-                                       rank=r, world_size=2)) for r in range(2)]
-    flat = [i for shard in shards for b in shard for i in b]
-    assert flat == list(range(37))  # each image exactly once, in order
-    assert shards[0][0] == [0, 1, 2, 3] and len(shards[1]) == 5
-
-
-def test_distributed_sampler_needs_process_group():
-    with pytest.raises(RuntimeError, match="torch.distributed initialised"):
-        build_batch_sampler(ASPECTS, 4, shuffle=True, seed=0, distributed=True, drop_last=True)
 
 
 # ---- synthetic dataset ------------------------------------------------------------------------------

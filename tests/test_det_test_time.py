@@ -9,7 +9,7 @@ from detection.modeling.build import build_detector
 from detection.modeling.roi_heads import box_voting, postprocess_detections
 from detection.modeling.test_time import (TestTimeDetector, TestTimeOptions, flip_boxes, flip_images,
                                           paper_test_scales, resize_images, select_scale_pairs)
-from test_det_modeling import slim_cfg, two_image_batch
+from det_helpers import slim_cfg, two_image_batch
 
 
 def tiny_detector(neck="none", context=False, seed=0):

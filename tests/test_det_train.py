@@ -13,7 +13,8 @@ import torch
 
 from backbones.engine.config import load_config
 from backbones.engine.imageio import read_image_rgb
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, assert_same_weights
+from det_helpers import SLIM, data_overrides
 from detection.config import DetConfig
 from detection.data.coco import CocoDetection
 from detection.data.synthetic import make_synthetic_coco
@@ -28,23 +29,6 @@ COCO128 = SHARED_DATA / "coco128"
 def tiny_coco(tmp_path_factory):
     return make_synthetic_coco(tmp_path_factory.mktemp("synth") / "coco", num_train=12, num_val=6, image_size=96,
                                seed=3, min_obj=16, max_obj=48, objects_per_image=(1, 3))
-
-
-def data_overrides(paths, train_on_val=False):
-    split = "train" if train_on_val else "val"
-    return [f"data.train_images={paths['train_images']}", f"data.train_annotations={paths['train_annotations']}",
-            f"data.val_images={paths[split + '_images']}", f"data.val_annotations={paths[split + '_annotations']}"]
-
-
-# A slim detector that trains from scratch (no pretraining file): trainable BN, nothing frozen.
-SLIM = ["model.backbone.depth=18", "model.backbone.base_width=8", "model.backbone.weights=",
-        "model.backbone.norm=bn", "model.backbone.freeze_at=0", "model.rpn.anchor_sizes=[16,32,64]",
-        "model.rpn.pre_nms_topk_train=300", "model.rpn.post_nms_topk_train=100", "model.rpn.pre_nms_topk_test=300",
-        "model.rpn.post_nms_topk_test=50", "model.rpn.batch_size_per_image=64", "model.roi_heads.batch_size_per_image=32",
-        "model.roi_heads.pooler_resolution=10", "data.min_size_train=[96]", "data.max_size_train=96",
-        "data.min_size_test=96", "data.max_size_test=96", "data.workers=0", "solver.batch_size=4",
-        "solver.base_lr=0.02", "solver.reference_batch_size=4", "solver.steps=[1000]", "eval.batch_size=4",
-        "log_period=2"]
 
 
 def run(tool, args, check=True, env=None):
@@ -223,10 +207,7 @@ def test_killed_and_resumed_detector_matches_uninterrupted(tiny_coco, tmp_path):
     assert killed.returncode == 3
     log = run("train_det.py", [*common, f"output_dir={tmp_path}/resumed", "resume=true"]).stdout
     assert f"at iteration {resume_at}" in log
-    a = torch.load(tmp_path / "straight/checkpoints/last.pth", weights_only=True)["model"]
-    b = torch.load(tmp_path / "resumed/checkpoints/last.pth", weights_only=True)["model"]
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_sigterm_writes_a_checkpoint_exits_75_and_resume_auto_matches_uninterrupted(tiny_coco, tmp_path):

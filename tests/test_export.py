@@ -7,7 +7,7 @@ import torch
 
 from detection.export import DeployableDetector, export_program
 from detection.modeling import build_detector
-from test_det_modeling import slim_cfg
+from det_helpers import slim_cfg
 
 
 def deployable(neck: str, **roi_heads) -> DeployableDetector:

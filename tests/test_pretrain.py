@@ -16,7 +16,7 @@ from backbones.pretraining.synthetic import make_synthetic_shapes
 from backbones.engine.config import load_config
 from backbones.pretraining.config import PretrainConfig
 from backbones.pretraining.trainer import lr_factor
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, assert_same_weights
 
 TOOL = str(ROOT / "tools" / "pretrain_backbone.py")
 
@@ -155,10 +155,7 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tiny_shapes, tmp_pat
     assert killed.returncode == 3  # died mid-epoch, after the checkpoint at iteration 8 (6 per epoch)
     log = run_tool(tiny_overrides(tiny_shapes, tmp_path / "resumed", *common, "resume=true")).stdout
     assert "resumed from" in log and "at iteration 8 " in log
-    a = torch.load(tmp_path / "straight/checkpoints/last.pth", weights_only=True)["model"]
-    b = torch.load(tmp_path / "resumed/checkpoints/last.pth", weights_only=True)["model"]
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from test_det_train import SLIM as DET_SLIM
+from det_helpers import SLIM as DET_SLIM
 from backbones.engine.config import ConfigError, load_config
 from detection.config import DetConfig
 from detection.data.coco import CocoDetection, DatasetError

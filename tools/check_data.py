@@ -22,11 +22,11 @@ import _bootstrap  # noqa: F401
 
 import cv2
 
-from backbones.engine.config import ConfigError, config_name, load_config
+from backbones.engine.config import config_name, load_config
+from backbones.engine.errors import ResdetError
 from detection.config import DetConfig
-from detection.data.coco import DatasetError
 from detection.data.report import augmented_grid, dataset_report, format_report
-from detection.data.build import DataNotFoundError, build_datasets, prepare_data_paths
+from detection.data.build import build_datasets, prepare_data_paths
 from detection.modeling.build import build_anchor_generator
 
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         cfg.data.strict_train = cfg.data.strict_val = False
         prepare_data_paths(cfg)
         train_set, val_set = build_datasets(cfg)
-    except (ConfigError, DatasetError, DataNotFoundError) as exc:
+    except ResdetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = args.out or os.path.join(cfg.output_dir or os.path.join("runs", config_name(args.config, "det")), "check_data")

@@ -26,8 +26,9 @@ import time
 import _bootstrap  # noqa: F401
 import torch
 
-from backbones.engine.cli import split_checkpoint
-from backbones.engine.config import ConfigError, load_config
+from backbones.engine.cli import exit_tool, split_checkpoint
+from backbones.engine.config import load_config
+from backbones.engine.errors import CheckpointError, ResdetError
 from backbones.engine.dist import cleanup, init_distributed, is_main_process
 from backbones.engine.precision import AMP_DTYPES
 from backbones.engine.run import write_json_atomic
@@ -45,7 +46,7 @@ def load_member(run_dir: str, overrides: list[str], checkpoint: str, device, val
     cfg = load_config(DetConfig, os.path.join(run_dir, "config.yaml"), overrides)
     model, path, class_names = load_trained_detector(run_dir, cfg, checkpoint, device)
     if class_names != val_set.class_names:
-        raise ValueError(f"{path} was trained on classes {class_names[:5]}..., but "
+        raise CheckpointError(f"{path} was trained on classes {class_names[:5]}..., but "
                          f"{data_source(cfg, 'val')} has {val_set.class_names[:5]}...")
     return model, path
 
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
                                 "members": len(members), "metrics": metrics, "sec_per_image": sec})
         else:
             metrics, _ = run_eval([model, *ensemble], options_from_config(cfg.eval), out_dir)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except ResdetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -157,4 +158,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_tool(main())

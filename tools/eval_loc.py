@@ -18,13 +18,12 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from backbones.checkpoint import CheckpointError
-from backbones.engine.config import ConfigError, load_config
+from backbones.engine.cli import exit_tool
+from backbones.engine.config import load_config
+from backbones.engine.errors import ResdetError
 from backbones.engine.dist import cleanup, is_main_process
 from backbones.engine.run import write_json_atomic
-from backbones.imagedata import DatasetError
 from detection.localization.config import LocConfig
-from detection.localization.data import LocDataError
 from detection.localization.evaluate import format_errors
 from detection.localization.trainer import evaluate_run
 
@@ -43,7 +42,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(LocConfig, os.path.join(args.run, "config.yaml"), overrides)
         result = evaluate_run(cfg, args.run, checkpoint)
-    except (ConfigError, DatasetError, LocDataError, CheckpointError, ValueError) as exc:
+    except ResdetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -60,4 +59,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_tool(main())

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from backbones.engine.cli import split_checkpoint
-from backbones.engine.config import ConfigError, load_config
+from backbones.engine.config import load_config
+from backbones.engine.errors import ResdetError
 from backbones.engine.imageio import CorruptImageError, is_image_file, read_image_rgb
 from detection.config import DetConfig
 from detection.export import (EXPORT_FORMATS, SUFFIXES, DeployableDetector, export_program, load_exported,
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(DetConfig, os.path.join(args.run, "config.yaml"), overrides)
         model, path, class_names = load_trained_detector(args.run, cfg, checkpoint, "cpu")
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except ResdetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = args.out or os.path.join(args.run, "export", "model" + SUFFIXES[args.format])

@@ -18,7 +18,7 @@ import _bootstrap  # noqa: F401
 import cv2
 
 from backbones.engine.cli import split_checkpoint
-from backbones.engine.config import ConfigError
+from backbones.engine.errors import DataNotFoundError, ResdetError
 from backbones.engine.imageio import CorruptImageError, is_image_file, read_image_rgb
 from detection.predictor import Predictor
 from detection.visualize import draw_detections
@@ -32,7 +32,7 @@ def list_images(inputs: list[str]) -> list[str]:
         elif os.path.isfile(item):
             files.append(item)
         else:
-            raise FileNotFoundError(f"no such image or folder: {item}")
+            raise DataNotFoundError(f"no such image or folder: {item}")
     return files
 
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         if args.limit:
             files = files[: args.limit]
         predictor = Predictor.from_run(args.run, checkpoint, args.device, args.score_thresh, [*overrides, *args.set])
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except ResdetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out_dir = args.out or os.path.join(args.run, "infer")

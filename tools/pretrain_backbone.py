@@ -7,19 +7,17 @@
     python tools/pretrain_backbone.py CONFIG resume=true               # continue a killed run
     python tools/pretrain_backbone.py CONFIG resume=auto               # continue if there is a checkpoint, else start
 """
-import sys
 
 import _bootstrap  # noqa: F401
 
-from backbones.engine.cli import run_training, training_arguments
+from backbones.engine.cli import exit_tool, run_training, training_arguments
 from backbones.pretraining.config import PretrainConfig
-from backbones.pretraining.data import DatasetError
 from backbones.pretraining.trainer import train
 
 
 def main(argv=None) -> int:
     args = training_arguments(__doc__, config_required=False, argv=argv)
-    code, cfg, summary = run_training(PretrainConfig, train, args, "pretrain_demo", (DatasetError,))
+    code, cfg, summary = run_training(PretrainConfig, train, args, "pretrain_demo")
     if code:
         return code
     if summary:
@@ -33,4 +31,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_tool(main())

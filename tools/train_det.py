@@ -7,20 +7,17 @@
     python tools/train_det.py CONFIG resume=true               # continue a killed run
     python tools/train_det.py CONFIG resume=auto               # continue if there is a checkpoint, else start (job scripts)
 """
-import sys
 
 import _bootstrap  # noqa: F401
 
-from backbones.engine.cli import run_training, training_arguments
+from backbones.engine.cli import exit_tool, run_training, training_arguments
 from detection.config import DetConfig
-from detection.data.coco import DatasetError
-from detection.data.build import DataNotFoundError
 from detection.engine import train
 
 
 def main(argv=None) -> int:
     args = training_arguments(__doc__, config_required=True, argv=argv)
-    code, cfg, summary = run_training(DetConfig, train, args, "det", (DatasetError, DataNotFoundError))
+    code, cfg, summary = run_training(DetConfig, train, args, "det")
     if code:
         return code
     if summary.get("val"):
@@ -35,4 +32,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_tool(main())

@@ -9,20 +9,17 @@ classifier, then report top-1/top-5/ground-truth-class localization error and cl
     python tools/train_loc.py CONFIG resume=auto                     # continue if there is a checkpoint, else start
 """
 import os
-import sys
 
 import _bootstrap  # noqa: F401
 
-from backbones.engine.cli import run_training, training_arguments
-from backbones.imagedata import DatasetError
+from backbones.engine.cli import exit_tool, run_training, training_arguments
 from detection.localization.config import LocConfig
-from detection.localization.data import LocDataError
 from detection.localization.trainer import train
 
 
 def main(argv=None) -> int:
     args = training_arguments(__doc__, config_required=False, argv=argv)
-    code, cfg, summary = run_training(LocConfig, train, args, "loc_demo", (DatasetError, LocDataError))
+    code, cfg, summary = run_training(LocConfig, train, args, "loc_demo")
     if code:
         return code
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
@@ -39,4 +36,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_tool(main())

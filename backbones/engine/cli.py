@@ -5,14 +5,15 @@ checkpoint written (run again with ``resume=auto``)."""
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
-from ..checkpoint import CheckpointError
-from .config import ConfigError, config_name, load_config
+from .config import config_name, load_config
+from .errors import ResdetError
 from .dist import barrier, cleanup
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, catch_stop_signals
-from .state import CheckpointWriteError
 
 
 def split_checkpoint(args: list[str], default: str = "last") -> tuple[str, list[str]]:
@@ -39,10 +40,10 @@ def training_arguments(description: str, config_required: bool, argv=None) -> ar
     return args
 
 
-def run_training(schema: type, train: Callable, args: argparse.Namespace, default_name: str,
-                 user_errors: tuple[type[Exception], ...] = ()) -> tuple[int, object, dict]:
+def run_training(schema: type, train: Callable, args: argparse.Namespace, default_name: str) -> tuple[int, object, dict]:
     """Load the config, train under SIGTERM/SIGUSR1 handling, clean up. Returns (exit code, cfg, summary);
-    ``user_errors`` are the tool's own "bad input" exceptions, reported as ``error: ...`` with exit 2."""
+    A :class:`~backbones.engine.errors.ResdetError` (bad config, data, checkpoint, a full disk) is reported as
+    ``error: ...`` with exit 2; anything else is a bug and keeps its traceback."""
     cfg, summary = None, {}
     try:
         cfg = load_config(schema, args.config, args.overrides)
@@ -54,9 +55,23 @@ def run_training(schema: type, train: Callable, args: argparse.Namespace, defaul
     except Preempted as exc:
         print(exc, file=sys.stderr)
         return PREEMPTED_EXIT_CODE, cfg, {}
-    except (ConfigError, CheckpointError, CheckpointWriteError, *user_errors) as exc:
+    except ResdetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2, cfg, {}
     finally:
         cleanup()
     return 0, cfg, summary
+
+
+def exit_tool(code: int) -> NoReturn:
+    """End a tool's process with ``code``. Under torchrun (``WORLD_SIZE`` > 1) the process ends without the
+    interpreter's teardown, once its output is flushed and its process group destroyed (the tools call
+    :func:`~backbones.engine.dist.cleanup` before they return): gloo's threads torn down at interpreter exit
+    were seen to abort a worker now and then ('terminate called without an active exception', SIGABRT) after
+    the run had finished and written everything, and torchrun then reports the whole run as failed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

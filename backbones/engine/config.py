@@ -16,6 +16,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import ConfigError  # noqa: F401  (raised here; importers take it from here too)
+
 BASE_KEY = "_base_"
 
 
@@ -43,10 +45,6 @@ class Choice(str, Enum):
         return self.value
 
     __format__ = str.__format__
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
 
 
 def _read_yaml_chain(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]:

@@ -1,6 +1,7 @@
 """torch.distributed helpers: the trainers run unchanged in one process or under torchrun."""
 from __future__ import annotations
 
+import gc
 import os
 from datetime import timedelta
 
@@ -84,4 +85,5 @@ def all_gather_object(obj):
 
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # DDP wrappers caught in reference cycles let go of the process group first
         dist.destroy_process_group()

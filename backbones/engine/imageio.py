@@ -12,14 +12,16 @@ import os
 import cv2
 import numpy as np
 
+from .errors import ResdetError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 # Decoding already runs in several DataLoader workers; OpenCV's own threads would oversubscribe.
 cv2.setNumThreads(0)
 
 
-class CorruptImageError(RuntimeError):
-    """Raised when an image file exists but cannot be decoded."""
+class CorruptImageError(ResdetError, RuntimeError):
+    """An image file exists but cannot be decoded (training and inference skip it and count it)."""
 
 
 def read_image_rgb(path: str | os.PathLike) -> np.ndarray:

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from .errors import ConfigError
 from .config import Choice
 
 
@@ -61,7 +62,7 @@ def lr_multiplier(progress: float, steps: Sequence[float], gamma: float, warmup:
         return factor * gamma ** sum(progress >= step for step in steps)
     if schedule == "cosine":
         return factor * 0.5 * (1 + math.cos(math.pi * min(progress / total, 1.0)))
-    raise ValueError(f"solver.schedule must be step or cosine, got {schedule!r}")
+    raise ConfigError(f"solver.schedule must be step or cosine, got {schedule!r}")
 
 
 def scaled_lr(solver) -> float:

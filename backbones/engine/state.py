@@ -13,6 +13,8 @@ import random
 import numpy as np
 import torch
 
+from .errors import ResdetError
+
 
 def atomic_save(obj, path: str) -> None:
     """Write ``obj`` to a temporary file beside ``path``, then rename it over ``path``: a kill or a full
@@ -37,7 +39,7 @@ RESUME_MODES = ("false", "true", "auto")
 logger = logging.getLogger(__name__)
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(ResdetError, OSError):
     """A checkpoint could not be written (disk full, quota, permissions); the previous one is intact."""
 
 

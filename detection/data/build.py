@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from backbones.engine.dist import barrier, get_world_size, is_main_process
+from backbones.engine.errors import DataNotFoundError
 
 from ..evaluation.coco_eval import COCOEvaluator
 from ..evaluation.voc_eval import VOCEvaluator, ground_truth_from_coco
@@ -32,10 +33,6 @@ COCO_LAYOUT = ("  expected layout:\n"
                "    datasets/coco/annotations/instances_{train,val}2017.json\n"
                "  (or set data.train_images / data.train_annotations / data.val_images / data.val_annotations)\n"
                + DEMO_HINT)
-
-
-class DataNotFoundError(FileNotFoundError):
-    """The configured dataset is not on disk."""
 
 
 def _not_found(missing: list[str], how_to_fix: str) -> DataNotFoundError:
@@ -180,8 +177,8 @@ class XmlFormat(DatasetFormat):
         return " + ".join(cfg.data[f"{split}_sets"])
 
     def metric(self, cfg: DictConfig) -> str:
-        """``eval.voc_metric``; ``auto``: the 11-point AP for VOC2007 sets (as the VOC2007 devkit and the
-        paper's Table 7 score them), the area under the curve otherwise."""
+        """``eval.voc_metric``; ``auto``: the 11-point AP for VOC2007 sets (as the VOC2007 devkit scores them;
+        the paper does not say which it used for its Table 7), the area under the curve otherwise."""
         if cfg.eval.voc_metric != "auto":
             return str(cfg.eval.voc_metric)
         roots = [os.path.basename(parse_set_spec(s, self.layout).root) for s in cfg.data.val_sets]

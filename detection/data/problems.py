@@ -17,6 +17,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from backbones.engine.errors import DatasetError  # noqa: F401  (raised here; importers take it from here too)
+
 logger = logging.getLogger(__name__)
 
 EXAMPLES_SHOWN = 5
@@ -24,10 +26,6 @@ VERIFY_MODES = ("header", "decode", "none")
 # EXIF orientations 5-8 rotate by 90 degrees: the decoded image is the stored one transposed.
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 _EXIF_ORIENTATION = 0x0112
-
-
-class DatasetError(ValueError):
-    """The annotation file or the image folder does not form a usable dataset."""
 
 
 @dataclass
@@ -67,14 +65,16 @@ class DataProblems:
             lines.append(f"    fix: {entry.fix}")
         return "\n".join(lines)
 
-    def finish(self, strict: bool, strict_key: str = "data.strict_train / data.strict_val") -> None:
-        """Raise with the whole report (``strict``), or log it: the caller drops the offending records."""
+    def finish(self, strict: bool, strict_key: str | None = "data.strict_train / data.strict_val",
+               error: type[DatasetError] = DatasetError) -> None:
+        """Raise ``error`` with the whole report (``strict``), or log it: the caller drops the offending records.
+        ``strict_key``: the option that would drop them instead (None: there is none)."""
         if not self:
             return
         if strict:
-            raise DatasetError(f"{self.report()}\nNothing was trained. Fix the records above, or set {strict_key}="
-                               "false to drop them (and their images where the image itself is bad) and go on; "
-                               "the counts then go to summary.json.")
+            drop = (f", or set {strict_key}=false to drop them (and their images where the image itself is bad) "
+                    "and go on; the counts then go to summary.json" if strict_key else "")
+            raise error(f"{self.report()}\nNothing was trained. Fix the records above{drop}.")
         logger.warning("%s\ndropped (strict=false); the counts are in the dataset's stats and summary.json",
                        self.report())
 

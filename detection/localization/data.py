@@ -16,9 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from backbones.engine.errors import DatasetError
 from backbones.engine.imageio import CorruptImageError, is_image_file, read_image_rgb
 from backbones.engine.run import get_logger
 from backbones.imagedata import PCALighting, scan_image_folder, split_holdout
+from detection.data.problems import DataProblems
 from detection.data.voc import read_xml_annotation
 
 LAYOUTS = ("imagefolder", "ilsvrc", "synthetic")
@@ -31,8 +33,17 @@ ILSVRC_LAYOUT = ("  expected ILSVRC CLS-LOC layout under data.ilsvrc_root:\n"
 BORDER_TOLERANCE = 2.0
 
 
-class LocDataError(ValueError):
+class LocDataError(DatasetError):
     """A localization dataset or annotation that cannot be used; the message names file, field and fix."""
+
+
+class AnnotationProblem(LocDataError):
+    """One record's problem: ``kind`` groups it in the report, ``where`` names the file and field, ``fix`` says
+    what to do. The loaders collect these for every record and report them together."""
+
+    def __init__(self, kind: str, where: str, fix: str):
+        super().__init__(f"{where}: {kind}; {fix}")
+        self.kind, self.where, self.fix = kind, where, fix
 
 
 @dataclass
@@ -61,12 +72,12 @@ def check_boxes(xml_path: str, width: int, height: int, objects, clip: bool) -> 
     for i, (x1, y1, x2, y2) in enumerate(boxes):
         where = f"{xml_path}: object {i} <bndbox> ({x1:g}, {y1:g}, {x2:g}, {y2:g})"
         if x2 <= x1 or y2 <= y1:
-            raise LocDataError(f"{where}: xmax must exceed xmin and ymax exceed ymin; fix or delete that object")
+            raise AnnotationProblem("empty box (xmax <= xmin or ymax <= ymin)", where, "fix or delete that object")
         outside = x1 < -BORDER_TOLERANCE or y1 < -BORDER_TOLERANCE or x2 > width + BORDER_TOLERANCE \
             or y2 > height + BORDER_TOLERANCE
         if outside and not clip:
-            raise LocDataError(f"{where} lies outside the {width}x{height} image of <size>; fix the annotation, "
-                               "or set data.clip_boxes=true to clip boxes to the image")
+            raise AnnotationProblem("box outside its image", f"{where} lies outside the {width}x{height} image of "
+                                    "<size>", "fix the annotation, or set data.clip_boxes=true to clip boxes to the image")
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
     return boxes
@@ -77,22 +88,25 @@ def make_record(image_path: str, xml_path: str, folder_class: str | None, class_
     """Read and check one annotation; the image's class is its folder (train) or its objects' name (val)."""
     width, height, objects = parse_annotation(xml_path)
     if not objects:
-        raise LocDataError(f"{xml_path}: no <object>; a localization image needs at least one box "
-                           "(delete the XML to make it an unannotated image)")
+        raise AnnotationProblem("annotation without <object>", xml_path, "a localization image needs at least one box; "
+                                "delete the XML to make it an unannotated image")
     for name, _ in objects:
         if name not in class_to_index:
-            raise LocDataError(f"{xml_path}: <object><name> {name!r} is not one of the classifier's "
-                               f"{len(class_to_index)} classes (e.g. {sorted(class_to_index)[:3]}); localize with a "
-                               "classifier trained on these classes (model.classifier=...)")
+            raise AnnotationProblem("object of a class the classifier does not know",
+                                    f"{xml_path}: <object><name> {name!r} is not one of the classifier's "
+                                    f"{len(class_to_index)} classes (e.g. {sorted(class_to_index)[:3]})",
+                                    "localize with a classifier trained on these classes (model.classifier=...)")
     image_class = folder_class if folder_class is not None else objects[0][0]
     if image_class not in class_to_index:
-        raise LocDataError(f"{image_path}: class folder {image_class!r} is not one of the classifier's classes; "
-                           "use a classifier trained on these classes (model.classifier=...)")
+        raise AnnotationProblem("image of a class the classifier does not know",
+                                f"{image_path}: class folder {image_class!r} is not one of the classifier's classes",
+                                "use a classifier trained on these classes (model.classifier=...)")
     boxes = check_boxes(xml_path, width, height, objects, clip)
     box_labels = np.array([class_to_index[n] for n, _ in objects], dtype=np.int64)
     if not (box_labels == class_to_index[image_class]).any():
-        raise LocDataError(f"{xml_path}: no object of the image's class {image_class!r} (objects: "
-                           f"{sorted({n for n, _ in objects})}); the <name> fields must hold the image's wnid")
+        raise AnnotationProblem("no object of the image's class", f"{xml_path}: no object of class {image_class!r} "
+                                f"(objects: {sorted({n for n, _ in objects})})",
+                                "the <name> fields must hold the image's wnid")
     return LocRecord(image_path, class_to_index[image_class], boxes, box_labels, width, height)
 
 
@@ -104,8 +118,22 @@ def find_annotation(ann_dir: str, image_path: str, wnid: str | None) -> str | No
     return next((c for c in candidates if os.path.isfile(c)), None)
 
 
-def records_from_samples(samples, folder_classes, ann_dir, class_to_index, clip, skip_missing, split):
-    """ImageFolder samples (path, folder index) -> records; returns (records, number skipped unannotated)."""
+def read_record(problems: DataProblems, image_path: str, xml_path: str, folder_class: str | None,
+                class_to_index: dict[str, int], clip: bool) -> LocRecord | None:
+    """:func:`make_record`, with a problem recorded in ``problems`` (and None returned) instead of raised."""
+    try:
+        return make_record(image_path, xml_path, folder_class, class_to_index, clip)
+    except AnnotationProblem as problem:
+        problems.add(problem.kind, problem.where, problem.fix)
+    except LocDataError as exc:  # the XML itself: unreadable, not XML, a field missing
+        problems.add("unreadable or incomplete XML", str(exc), "repair or re-export the annotation file")
+    return None
+
+
+def records_from_samples(samples, folder_classes, ann_dir, class_to_index, clip, skip_missing, split,
+                         problems: DataProblems):
+    """ImageFolder samples (path, folder index) -> records, every record's problem added to ``problems``;
+    returns (records, number skipped unannotated)."""
     if not os.path.isdir(ann_dir):
         raise LocDataError(f"annotation folder not found: {os.path.abspath(ann_dir)} (the {split} split's XML "
                            f"files, <annotations>/<image stem>.xml); set data.{split}_annotations")
@@ -118,10 +146,26 @@ def records_from_samples(samples, folder_classes, ann_dir, class_to_index, clip,
                 missing += 1
                 continue
             stem = os.path.splitext(os.path.basename(path))[0]
-            raise LocDataError(f"{path}: no annotation {os.path.join(ann_dir, stem + '.xml')}; add it, or remove the "
-                               f"image{' or set data.skip_unannotated_train=true' if split == 'train' else ''}")
-        records.append(make_record(path, xml, wnid, class_to_index, clip))
+            problems.add("image without annotation", f"{path}: no annotation {os.path.join(ann_dir, stem + '.xml')}",
+                         "add it, or remove the image" + (" or set data.skip_unannotated_train=true"
+                                                          if split == "train" else ""))
+            continue
+        record = read_record(problems, path, xml, wnid, class_to_index, clip)
+        if record is not None:
+            records.append(record)
     return records, missing
+
+
+def finish_problems(train: DataProblems, val: DataProblems) -> None:
+    """Both splits' problems in one error (nothing is dropped: a localization set is fixed, not filtered)."""
+    errors = []
+    for problems in (train, val):
+        try:
+            problems.finish(strict=True, strict_key=None, error=LocDataError)
+        except LocDataError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise LocDataError("\n\n".join(errors))
 
 
 def load_imagefolder(d, class_names: list[str]) -> tuple[list[LocRecord], list[LocRecord], dict]:
@@ -137,17 +181,20 @@ def load_imagefolder(d, class_names: list[str]) -> tuple[list[LocRecord], list[L
     if d.val_images:
         train_samples = samples
         val_folder_classes, val_samples = scan_image_folder(d.val_images)
-        val_records, _ = records_from_samples(val_samples, val_folder_classes, d.val_annotations or d.train_annotations,
-                                              class_to_index, d.clip_boxes, False, "val")
+        val_source = d.val_annotations or d.train_annotations
     else:
         if not d.val_fraction > 0:
             raise LocDataError("data.val_images is empty and data.val_fraction is 0: set one of them")
         # The pretraining's own split function on the same list, with its seed: the same images are held out.
         train_samples, val_samples = split_holdout(samples, d.val_fraction, d.holdout_seed)
-        val_records, _ = records_from_samples(val_samples, folder_classes, d.train_annotations, class_to_index,
-                                              d.clip_boxes, False, "val")
+        val_folder_classes, val_source = folder_classes, d.train_annotations
+    train_problems = DataProblems(f"{d.train_annotations} (train)")
+    val_problems = DataProblems(f"{val_source} (val)")
+    val_records, _ = records_from_samples(val_samples, val_folder_classes, val_source, class_to_index, d.clip_boxes,
+                                          False, "val", val_problems)
     train_records, missing = records_from_samples(train_samples, folder_classes, d.train_annotations, class_to_index,
-                                                  d.clip_boxes, d.skip_unannotated_train, "train")
+                                                  d.clip_boxes, d.skip_unannotated_train, "train", train_problems)
+    finish_problems(train_problems, val_problems)
     stats["train_unannotated_skipped"] = missing
     return train_records, val_records, stats
 
@@ -180,21 +227,27 @@ def load_ilsvrc(d, class_names: list[str]) -> tuple[list[LocRecord], list[LocRec
         extra = sorted(set(folder_classes) ^ set(wnids))[:5]
         raise LocDataError(f"{train_dir}: class folders differ from LOC_synset_mapping.txt (e.g. {extra}); "
                            "re-extract the training set")
-    train_records, missing = records_from_samples(samples, folder_classes, os.path.join(root, "Annotations/CLS-LOC/train"),
-                                                  class_to_index, d.clip_boxes, d.skip_unannotated_train, "train")
-    val_records = []
-    val_ann = os.path.join(root, "Annotations/CLS-LOC/val")
+    train_ann, val_ann = os.path.join(root, "Annotations/CLS-LOC/train"), os.path.join(root, "Annotations/CLS-LOC/val")
+    train_problems, val_problems = DataProblems(f"{train_ann} (train)"), DataProblems(f"{val_ann} (val)")
+    train_records, missing = records_from_samples(samples, folder_classes, train_ann, class_to_index, d.clip_boxes,
+                                                  d.skip_unannotated_train, "train", train_problems)
+    val_records, val_images = [], 0
     for name in sorted(os.listdir(val_dir)):
         if not is_image_file(name):
             continue
+        val_images += 1
         path = os.path.join(val_dir, name)
         xml = find_annotation(val_ann, path, None)
         if xml is None:
-            raise LocDataError(f"{path}: no annotation in {val_ann}; every val image needs its XML (re-extract "
-                               "ILSVRC's Annotations/CLS-LOC/val)")
-        val_records.append(make_record(path, xml, None, class_to_index, d.clip_boxes))
-    if not val_records:
+            val_problems.add("val image without annotation", f"{path}: no annotation in {val_ann}",
+                             "every val image needs its XML: re-extract ILSVRC's Annotations/CLS-LOC/val")
+            continue
+        record = read_record(val_problems, path, xml, None, class_to_index, d.clip_boxes)
+        if record is not None:
+            val_records.append(record)
+    if not val_images:
         raise LocDataError(f"{val_dir}: no images\n{ILSVRC_LAYOUT}")
+    finish_problems(train_problems, val_problems)
     return train_records, val_records, {"train_unannotated_skipped": missing}
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from backbones.engine.errors import ConfigError
 from backbones.engine.dist import get_rank, get_world_size, is_main_process, reduce_sum
 from backbones.engine.imageio import CorruptImageError, read_image_rgb
 from backbones.engine.run import progress_bar
@@ -87,7 +88,7 @@ def localize_image(loc_net, classifier, image: np.ndarray, mode: str, eval_cfg, 
         if eval_cfg.merge == "vote":
             boxes, scores = vote(boxes, scores, len(views), eval_cfg.iou_thresh)
         elif eval_cfg.merge != "max":
-            raise ValueError(f"eval.merge must be max or vote, got {eval_cfg.merge!r}")
+            raise ConfigError(f"eval.merge must be max or vote, got {eval_cfg.merge!r}")
         result[c] = filter_proposals(boxes, scores, torch.zeros(len(scores), dtype=torch.long, device=scores.device),
                                      (h0, w0), eval_cfg.nms_thresh, keep)
     return probs, top, result

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from backbones.engine.errors import ConfigError
 from backbones import (CheckpointError, convert_bn_to_frozen, load_backbone_weights, read_backbone_checkpoint,
                        resnet_from_arch)
 from detection.modeling.anchor_generator import AnchorGenerator
@@ -103,7 +104,7 @@ class LocalizationNet(nn.Module):
                  iou_thresholds: Sequence[float] = (0.3, 0.7), smooth_l1_beta: float = 1.0 / 9, nms_thresh: float = 0.7):
         super().__init__()
         if feature_stage not in resnet.stage_names[1:]:
-            raise ValueError(f"model.feature_stage must be one of {resnet.stage_names[1:]}, got {feature_stage!r}")
+            raise ConfigError(f"model.feature_stage must be one of {resnet.stage_names[1:]}, got {feature_stage!r}")
         self.trunk = ResNetTrunk(resnet, [feature_stage])
         self.feature_stage = feature_stage
         generator = AnchorGenerator([[float(s) for s in anchor_sizes]], [[float(r) for r in aspect_ratios]],
@@ -167,7 +168,7 @@ def build_localization_net(model_cfg, classifier_ckpt: dict, num_classes: int, n
     if model_cfg.norm == "frozen_bn":
         convert_bn_to_frozen(resnet)
     elif model_cfg.norm != "bn":
-        raise ValueError(f"model.norm must be bn or frozen_bn, got {model_cfg.norm!r}")
+        raise ConfigError(f"model.norm must be bn or frozen_bn, got {model_cfg.norm!r}")
     resnet.freeze(model_cfg.freeze_at)
     return LocalizationNet(resnet, num_classes, model_cfg.feature_stage, list(model_cfg.anchor_sizes),
                            list(model_cfg.aspect_ratios), model_cfg.head_channels, model_cfg.anchors_per_image,

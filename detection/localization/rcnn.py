@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from backbones.engine.errors import CheckpointError, ConfigError
 from backbones import load_backbone_weights, read_backbone_checkpoint, resnet_from_arch
 from backbones.engine.config import to_yaml
 from backbones.engine.dist import all_gather_object, get_rank, get_world_size, is_main_process
@@ -99,7 +100,7 @@ def train_rcnn(cfg, run, loc_model, train_records, class_names, mean, std, devic
     r, log = cfg.rcnn, run.logger
     world_size, rank = get_world_size(), get_rank()
     if r.batch_size % world_size:
-        raise ValueError(f"rcnn.batch_size={r.batch_size} must be divisible by the {world_size} processes")
+        raise ConfigError(f"rcnn.batch_size={r.batch_size} must be divisible by the {world_size} processes")
     table = build_roi_table(loc_model, train_records, cfg, mean, std, device, amp_dtype, run.checkpoint_dir)
     box_coder = BoxCoder(list(r.bbox_reg_weights))
     clf_ckpt = read_backbone_checkpoint(cfg.model.classifier)
@@ -162,7 +163,7 @@ def train_rcnn(cfg, run, loc_model, train_records, class_names, mean, std, devic
 def load_rescorer(cfg, run_dir, classifier_ckpt, num_classes, mean, std, device, amp_dtype) -> Rescorer:
     path = os.path.join(run_dir, "checkpoints", CHECKPOINT)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: the run has rcnn.enabled but no R-CNN checkpoint; finish training with "
+        raise CheckpointError(f"{path}: the run has rcnn.enabled but no R-CNN checkpoint; finish training with "
                                 "tools/train_loc.py <config> resume=true, or evaluate without it: rcnn.enabled=false")
     net = build_rcnn_net(classifier_ckpt, num_classes)
     net.load_state_dict(load_checkpoint(path)["model"])

@@ -13,6 +13,7 @@ import yaml
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from backbones.engine.errors import ConfigError
 from backbones.engine.config import to_yaml
 from backbones.engine.dist import all_gather_object, barrier, init_distributed, is_main_process
 from backbones.engine.precision import check_solver
@@ -114,7 +115,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     amp_dtype = check_solver(s, world_size)
     for mode in cfg.eval.modes:
         if mode not in MODES:
-            raise ValueError(f"eval.modes: {mode!r} is not one of {MODES}")
+            raise ConfigError(f"eval.modes: {mode!r} is not one of {MODES}")
     classifier, clf_ckpt, class_names, train_records, val_records, stats = prepare(cfg)
     run = RunFolder(cfg.output_dir or os.path.join("runs", run_name), cfg)
     log = run.logger

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+from backbones.engine.errors import ConfigError
 from backbones import (CheckpointError, build_resnet, convert_bn_to_frozen, load_backbone_weights,
                        read_backbone_checkpoint)
 from backbones.checkpoint import IMAGENET_MEAN, IMAGENET_STD
@@ -58,9 +59,9 @@ def build_backbone(cfg) -> tuple[ResNet, list[float], list[float]]:
     """The ResNet of ``cfg`` (a ``BackboneConfig``), weights loaded, norm and freezing applied, plus the
     pixel mean/std (RGB, 0-255) its weights expect."""
     if cfg.depth not in IMAGENET_DEPTHS:
-        raise ValueError(f"model.backbone.depth must be one of {sorted(IMAGENET_DEPTHS)}, got {cfg.depth}")
+        raise ConfigError(f"model.backbone.depth must be one of {sorted(IMAGENET_DEPTHS)}, got {cfg.depth}")
     if cfg.norm not in ("bn", "frozen_bn", "sync_bn"):
-        raise ValueError(f"model.backbone.norm must be bn, frozen_bn or sync_bn, got {cfg.norm!r}")
+        raise ConfigError(f"model.backbone.norm must be bn, frozen_bn or sync_bn, got {cfg.norm!r}")
     norm = "bn" if cfg.norm == "frozen_bn" else cfg.norm
     resnet = build_resnet(cfg.depth, num_classes=0, shortcut=cfg.shortcut, base_width=cfg.base_width,
                           stride_in_1x1=cfg.stride_in_1x1, norm=norm, freeze_at=0)
@@ -88,11 +89,11 @@ FPN_STRIDES = (4, 8, 16, 32, 64)  # P2..P6
 def build_anchor_generator(model_cfg) -> AnchorGenerator:
     """The RPN's anchors: C4 puts every size on res4 (stride 16); FPN one size per level, P2..P6."""
     if model_cfg.neck not in NECKS:
-        raise ValueError(f"model.neck must be one of {NECKS}, got {model_cfg.neck!r}")
+        raise ConfigError(f"model.neck must be one of {NECKS}, got {model_cfg.neck!r}")
     sizes, ratios = _floats(model_cfg.rpn.anchor_sizes), _floats(model_cfg.rpn.aspect_ratios)
     if model_cfg.neck == "fpn":
         if len(sizes) != len(FPN_STRIDES):
-            raise ValueError(f"model.rpn.anchor_sizes: FPN takes one size per level ['p2', 'p3', 'p4', 'p5', 'p6'], "
+            raise ConfigError(f"model.rpn.anchor_sizes: FPN takes one size per level ['p2', 'p3', 'p4', 'p5', 'p6'], "
                              f"got {len(sizes)} sizes {sizes}")
         return AnchorGenerator([[s] for s in sizes], [ratios], list(FPN_STRIDES))
     return AnchorGenerator([sizes], [ratios], [C4_STRIDE])
@@ -101,7 +102,7 @@ def build_anchor_generator(model_cfg) -> AnchorGenerator:
 def build_detector(model_cfg, num_classes: int) -> GeneralizedRCNN:
     """A Faster R-CNN for ``num_classes`` object classes (labels 1..K; 0 is background)."""
     if model_cfg.neck not in NECKS:
-        raise ValueError(f"model.neck must be one of {NECKS}, got {model_cfg.neck!r}")
+        raise ConfigError(f"model.neck must be one of {NECKS}, got {model_cfg.neck!r}")
     resnet, mean, std = build_backbone(model_cfg.backbone)
     if len(model_cfg.pixel_mean):
         mean = _floats(model_cfg.pixel_mean)

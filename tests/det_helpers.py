@@ -1,0 +1,92 @@
+"""Small shared pieces of the detection tests: random boxes, a slim detector config (as a schema and as tool
+overrides), a two-image batch, the data overrides of a synthetic COCO set."""
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from detection.modeling import DetectorConfig
+from detection.modeling.config import Neck
+
+
+def random_boxes(n, size=200.0, min_side=2.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * size
+    wh = torch.rand(n, 2, generator=g) * size / 2 + min_side
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def slim_cfg(neck="none", **backbone):
+    cfg = OmegaConf.structured(DetectorConfig)
+    cfg.backbone.depth = 18
+    cfg.backbone.base_width = 8
+    for k, v in backbone.items():
+        OmegaConf.update(cfg, f"backbone.{k}", v)  # a string for a fixed choice is converted
+    cfg.neck = Neck(neck)
+    cfg.fpn_channels = 16
+    if neck == "fpn":
+        cfg.rpn.anchor_sizes = [16.0, 32.0, 64.0, 128.0, 256.0]
+        cfg.roi_heads.pooler_resolution = 7
+        cfg.roi_heads.fc_dim = 32
+    else:
+        cfg.rpn.anchor_sizes = [16.0, 32.0, 64.0]
+    cfg.rpn.pre_nms_topk_train, cfg.rpn.post_nms_topk_train = 200, 50
+    cfg.rpn.pre_nms_topk_test, cfg.rpn.post_nms_topk_test = 200, 50
+    cfg.roi_heads.batch_size_per_image = 32
+    return cfg
+
+
+def two_image_batch():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (2, 3, 96, 128), dtype=torch.uint8, generator=g)
+    images[1, :, 80:, :] = 0
+    images[1, :, :, 100:] = 0
+    targets = [
+        {"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0], [60.0, 20.0, 120.0, 90.0]]), "labels": torch.tensor([1, 3]),
+         "crowd_boxes": torch.zeros(0, 4)},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+         "crowd_boxes": torch.tensor([[0.0, 0.0, 40.0, 40.0]])},
+    ]
+    return {"images": images, "image_sizes": [(96, 128), (80, 100)], "targets": targets}
+
+
+def data_overrides(paths, train_on_val=False):
+    split = "train" if train_on_val else "val"
+    return [f"data.train_images={paths['train_images']}", f"data.train_annotations={paths['train_annotations']}",
+            f"data.val_images={paths[split + '_images']}", f"data.val_annotations={paths[split + '_annotations']}"]
+
+
+# A slim detector that trains from scratch (no pretraining file): trainable BN, nothing frozen.
+SLIM = ["model.backbone.depth=18", "model.backbone.base_width=8", "model.backbone.weights=",
+        "model.backbone.norm=bn", "model.backbone.freeze_at=0", "model.rpn.anchor_sizes=[16,32,64]",
+        "model.rpn.pre_nms_topk_train=300", "model.rpn.post_nms_topk_train=100", "model.rpn.pre_nms_topk_test=300",
+        "model.rpn.post_nms_topk_test=50", "model.rpn.batch_size_per_image=64", "model.roi_heads.batch_size_per_image=32",
+        "model.roi_heads.pooler_resolution=10", "data.min_size_train=[96]", "data.max_size_train=96",
+        "data.min_size_test=96", "data.max_size_test=96", "data.workers=0", "solver.batch_size=4",
+        "solver.base_lr=0.02", "solver.reference_batch_size=4", "solver.steps=[1000]", "eval.batch_size=4",
+        "log_period=2"]
+
+
+CATEGORIES = [{"id": 7, "name": "dog"}, {"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
+
+
+def write_dataset(root: Path, images=None, annotations=None, categories=None, make_files=True, **extra) -> tuple:
+    """A small COCO dataset on disk: 100x60 (w x h) images, returns (image_dir, ann_file)."""
+    images = images if images is not None else [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 60}]
+    data = {"images": images, "annotations": annotations or [], "categories": categories or CATEGORIES, **extra}
+    image_dir = root / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    if make_files:
+        for img in images:
+            pixels = np.random.default_rng(img["id"]).integers(0, 255, (img["height"], img["width"], 3), np.uint8)
+            cv2.imwrite(str(image_dir / img["file_name"]), pixels)
+    ann_file = root / "instances.json"
+    ann_file.write_text(json.dumps(data))
+    return image_dir, ann_file
+
+
+def ann(ann_id, bbox, image_id=1, category_id=1, **extra):
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox, **extra}

@@ -1,0 +1,154 @@
+"""Faster R-CNN's parts (detection/modeling): anchors, box coding, matching, sampling, NMS and the RoI
+pooler, each against torchvision's reference piece or a hand-computed case."""
+
+import pytest
+import torch
+from torchvision.models.detection import _utils as tv_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import batched_nms, roi_align
+
+from detection.modeling import (
+    AnchorGenerator,
+    BoxCoder,
+    Matcher,
+    ROIPooler,
+    assign_boxes_to_levels,
+    filter_proposals,
+    sample_balanced,
+)
+from det_helpers import random_boxes
+
+
+# -- anchors, box coding, matching ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sizes,strides", [
+    ([[16.0, 32.0, 64.0]], [16]),  # C4: one level, all sizes
+    ([[32.0], [64.0], [128.0], [256.0], [512.0]], [4, 8, 16, 32, 64]),  # FPN: one size per level
+])
+def test_anchors_match_torchvision(sizes, strides):
+    ratios = [[0.5, 1.0, 2.0]] * len(sizes)
+    height, width = 128, 192
+    fmaps = [torch.zeros(1, 4, height // s, width // s) for s in strides]
+    ours = AnchorGenerator(sizes, ratios, strides)(fmaps)
+    tv = TVAnchorGenerator(tuple(tuple(s) for s in sizes), tuple(tuple(r) for r in ratios))
+    reference = tv(ImageList(torch.zeros(1, 3, height, width), [(height, width)]), fmaps)[0]
+    assert torch.equal(torch.cat(ours), reference)
+    assert [len(a) for a in ours] == [(height // s) * (width // s) * 3 * len(sz) for s, sz in zip(strides, sizes)]
+    generator = AnchorGenerator(sizes, ratios, strides)
+    assert generator(fmaps)[0] is generator(fmaps)[0]  # cached per feature size and device
+
+
+def test_box_coder_matches_torchvision():
+    proposals = random_boxes(300, seed=1)
+    gt = random_boxes(300, seed=2)
+    ours = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    tv = tv_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
+    deltas = ours.encode(gt, proposals)
+    torch.testing.assert_close(deltas, tv.encode_single(gt, proposals))
+    # class-specific deltas (several boxes per row), including huge ones that must be clamped
+    wild = torch.randn(300, 12) * 3
+    torch.testing.assert_close(ours.decode(wild, proposals), tv.decode_single(wild, proposals))
+    torch.testing.assert_close(ours.decode(deltas, proposals), gt, atol=1e-3, rtol=1e-4)
+    rpn_coder = BoxCoder()
+    torch.testing.assert_close(rpn_coder.decode(rpn_coder.encode(gt, proposals), proposals), gt, atol=1e-3, rtol=1e-4)
+
+
+def _random_quality(num_gt, num_pred, seed):
+    g = torch.Generator().manual_seed(seed)
+    # quantised values: plenty of ties, between and across ground truths
+    return (torch.rand(num_gt, num_pred, generator=g) * 10).floor() / 10
+
+
+@pytest.mark.parametrize("low_quality", [True, False])
+def test_matcher_matches_torchvision(low_quality):
+    ours = Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=low_quality)
+    tv = tv_utils.Matcher(0.7, 0.3, allow_low_quality_matches=low_quality)
+    for seed in range(20):
+        quality = _random_quality(1 + seed % 5, 50, seed) * (0.8 if seed % 2 else 1.0)
+        idx, labels = ours(quality)
+        ref = tv(quality)
+        expected_labels = torch.where(ref >= 0, 1, torch.where(ref == -1, 0, -1)).to(torch.int8)
+        assert torch.equal(labels, expected_labels), seed
+        assert torch.equal(idx[ref >= 0], ref[ref >= 0])
+        if low_quality:  # every ground truth owns at least one positive
+            assert set(idx[labels == 1].tolist()) == set(range(quality.shape[0]))
+
+
+def test_roi_matcher_matches_torchvision():
+    ours = Matcher([0.5], [0, 1], allow_low_quality_matches=False)
+    tv = tv_utils.Matcher(0.5, 0.5, allow_low_quality_matches=False)
+    for seed in range(10):
+        quality = _random_quality(3, 40, seed)
+        idx, labels = ours(quality)
+        ref = tv(quality)
+        assert torch.equal(labels, (ref >= 0).to(torch.int8))
+        assert torch.equal(idx[ref >= 0], ref[ref >= 0])
+    idx, labels = ours(torch.zeros(0, 7))  # no ground truth: all background
+    assert labels.tolist() == [0] * 7
+
+
+def test_matcher_ignores_low_quality_match_at_zero_iou():
+    # a degenerate ground truth (IoU 0 with everything) must not make every prediction positive
+    quality = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.2, 0.6, 0.1, 0.0]])
+    idx, labels = Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True)(quality)
+    assert labels.tolist() == [0, 1, 0, 0] and idx[1] == 1
+
+
+def test_sample_balanced():
+    labels = torch.tensor([1] * 10 + [0] * 100 + [-1] * 50)
+    g = torch.Generator().manual_seed(0)
+    pos, neg = sample_balanced(labels, 64, 0.25, g)
+    assert len(pos) == 10 and len(neg) == 54  # 16 positives wanted, only 10 exist: negatives fill up
+    assert (labels[pos] == 1).all() and (labels[neg] == 0).all() and len(set(neg.tolist())) == 54
+    pos, neg = sample_balanced(labels, 8, 0.25, g)
+    assert len(pos) == 2 and len(neg) == 6
+
+
+# -- proposals and pooling -----------------------------------------------------------------------
+
+
+def test_filter_proposals_matches_batched_nms():
+    boxes = torch.tensor([
+        [10, 10, 50, 50], [12, 12, 52, 52], [11, 9, 49, 51],  # overlapping cluster, level 0
+        [12, 12, 52, 52],  # the same box on level 1: kept, levels are independent
+        [100, 100, 140, 150], [105, 102, 140, 150], [0, 0, 20, 20], [60, 60, 70, 90],
+    ], dtype=torch.float32)
+    scores = torch.tensor([0.9, 0.8, 0.95, 0.7, 0.6, 0.65, 0.1, 0.3])
+    levels = torch.tensor([0, 0, 0, 1, 0, 0, 1, 1])
+    kept, kept_scores = filter_proposals(boxes, scores, levels, (200, 200), nms_thresh=0.7, post_nms_topk=5)
+    ref = batched_nms(boxes, scores, levels, 0.7)[:5]
+    assert torch.equal(kept, boxes[ref]) and torch.equal(kept_scores, scores[ref])
+    assert kept_scores.tolist() == sorted(kept_scores.tolist(), reverse=True)
+    # clipping to the image and dropping empty boxes come first
+    odd = torch.tensor([[-20.0, -5.0, 30.0, 40.0], [50.0, 50.0, 50.0, 80.0], [150.0, 10.0, 260.0, 40.0]])
+    one_level = torch.zeros(3, dtype=torch.int64)
+    kept, _ = filter_proposals(odd, torch.tensor([0.5, 0.9, 0.2]), one_level, (100, 200), 0.7, 10)
+    assert kept.tolist() == [[0.0, 0.0, 30.0, 40.0], [150.0, 10.0, 200.0, 40.0]]
+
+
+def test_pooler_level_assignment_and_scatter():
+    def square(side, x=0.0):
+        return [x, 0.0, x + side, side]
+
+    boxes = torch.tensor([square(224), square(112), square(32), square(448), square(1000), square(223.9), square(10)])
+    # floor(4 + log2(side / 224)), clamped to P2..P5, minus 2
+    expected = [2, 1, 0, 3, 3, 1, 0]
+    assert assign_boxes_to_levels(boxes, 2, 5).tolist() == expected
+
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(2, 3, 256 // s, 256 // s, generator=g) for s in (4, 8, 16, 32)]
+    per_image = [torch.tensor([square(60, 10), square(200, 5)]), torch.tensor([square(120, 3), square(20, 40)])]
+    pooler = ROIPooler(7, [1 / 4, 1 / 8, 1 / 16, 1 / 32], pooler_type="ROIAlignV2")
+    out = pooler(features, per_image)
+    assert out.shape == (4, 3, 7, 7)
+    rois = torch.cat([torch.cat([torch.full((2, 1), float(i)), b], 1) for i, b in enumerate(per_image)])
+    levels = assign_boxes_to_levels(rois[:, 1:], 2, 5)
+    assert levels.tolist() == [0, 1, 1, 0]
+    for r in range(4):
+        lv = int(levels[r])
+        ref = roi_align(features[lv], rois[r:r + 1], 7, 1 / 2 ** (lv + 2), 0, aligned=True)
+        torch.testing.assert_close(out[r:r + 1], ref)
+    for kind in ("ROIAlign", "ROIPool"):
+        assert ROIPooler(14, [1 / 16], pooler_type=kind)(features[2:3], per_image).shape == (4, 3, 14, 14)
