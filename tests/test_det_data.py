@@ -267,3 +267,13 @@ def test_coco128_loads():
     for boxes in (item["boxes"], item["crowd_boxes"]):
         assert len(boxes) and (boxes[:, 2:] > boxes[:, :2]).all()
         assert (boxes >= 0).all() and (boxes[:, 0::2] <= w).all() and (boxes[:, 1::2] <= h).all()
+
+
+def test_every_configurable_format_has_an_entry_in_the_format_table():
+    """data.format's fixed choices and the table behind them name the same formats, each with all four jobs."""
+    from detection.config import DataFormat
+    from detection.data.build import FORMATS, DatasetFormat
+    assert set(FORMATS) == {f.value for f in DataFormat}
+    for name, fmt in FORMATS.items():
+        for job in ("prepare", "build", "source", "evaluators"):
+            assert getattr(type(fmt), job) is not getattr(DatasetFormat, job), (name, job)
