@@ -11,9 +11,9 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from backbones.engine.errors import DatasetError
 from backbones.engine.config import ConfigError, to_yaml
 from backbones.engine.dist import all_gather_object, init_distributed, is_main_process
+from backbones.engine.errors import DatasetError
 from backbones.engine.precision import check_solver
 from backbones.engine.run import RunFolder
 from backbones.engine.solver import describe_scaling, lr_multiplier, scaled_lr

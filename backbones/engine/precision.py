@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+
 from .errors import ConfigError
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .errors import ConfigError
 from .config import Choice
+from .errors import ConfigError
 
 
 class Amp(Choice):
