@@ -41,6 +41,7 @@ def synthetic_loc(tmp_path_factory):
         f"data.train_dir={paths['images']}", "data.val_dir=", "data.val_fraction=0.2", "data.synthetic=false",
         "data.scale_range=[64,80]", "data.crop_size=56", "data.test_resize=64", "data.workers=0",
         "model.base_width=8", "solver.batch_size=32", "solver.epochs=30", "solver.steps=[25]", "eval.period=30",
+        "solver.warmup_epochs=0",
         "eval.ten_crop=false", "eval.multiscale_sizes=[]", f"output_dir={root}/pretrain", "log_period=50"])
     torch.set_num_threads(1)
     summary = pretrain(cfg, "pretrain")

@@ -31,7 +31,7 @@ def tiny_shapes(tmp_path_factory):
 def tiny_overrides(root, out, *extra):
     return [f"data.train_dir={root}/train", f"data.val_dir={root}/val", "data.synthetic=false",
             "data.scale_range=[32,40]", "data.crop_size=32", "data.test_resize=32", "data.workers=0",
-            "model.base_width=8", "solver.batch_size=8", "solver.epochs=2", "solver.steps=[1]",
+            "model.base_width=8", "solver.batch_size=8", "solver.epochs=2", "solver.steps=[1]", "solver.warmup_epochs=0",
             "eval.period=1", "eval.multiscale_sizes=[32,48]", "eval.batch_size=16", "log_period=2",
             f"output_dir={out}", *extra]
 
@@ -126,9 +126,11 @@ def test_holdout_split_is_disjoint_and_per_class():
 
 
 def test_step_schedule_divides_by_ten():
-    cfg = load_config(PretrainConfig, None, ["solver.steps=[2,4]", "solver.epochs=6"])
+    cfg = load_config(PretrainConfig, None, ["solver.steps=[2,4]", "solver.epochs=6", "solver.warmup_epochs=0"])
     assert [lr_factor(cfg, it, 10) for it in (0, 19, 20, 40, 59)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
-    cfg = load_config(PretrainConfig, None, ["solver.schedule=cosine", "solver.epochs=2"])
+    cfg = load_config(PretrainConfig, None, ["solver.steps=[2,4]", "solver.epochs=6"])  # the demo's 3-epoch warm-up
+    assert [lr_factor(cfg, it, 10) for it in (0, 15, 30, 59)] == pytest.approx([0.1, 0.55, 0.1, 0.01])
+    cfg = load_config(PretrainConfig, None, ["solver.schedule=cosine", "solver.epochs=2", "solver.warmup_epochs=0"])
     assert lr_factor(cfg, 10, 10) == pytest.approx(0.5)
 
 
