@@ -65,16 +65,14 @@ class DataProblems:
             lines.append(f"    fix: {entry.fix}")
         return "\n".join(lines)
 
-    def finish(self, strict: bool, strict_key: str | None = "data.strict_train / data.strict_val",
-               error: type[DatasetError] = DatasetError) -> None:
-        """Raise ``error`` with the whole report (``strict``), or log it: the caller drops the offending records.
-        ``strict_key``: the option that would drop them instead (None: there is none)."""
+    def finish(self, strict: bool, strict_key: str = "data.strict_train / data.strict_val") -> None:
+        """Raise with the whole report (``strict``), or log it: the caller drops the offending records."""
         if not self:
             return
         if strict:
-            drop = (f", or set {strict_key}=false to drop them (and their images where the image itself is bad) "
-                    "and go on; the counts then go to summary.json" if strict_key else "")
-            raise error(f"{self.report()}\nNothing was trained. Fix the records above{drop}.")
+            raise DatasetError(f"{self.report()}\nNothing was trained. Fix the records above, or set {strict_key}="
+                               "false to drop them (and their images where the image itself is bad) and go on; "
+                               "the counts then go to summary.json.")
         logger.warning("%s\ndropped (strict=false); the counts are in the dataset's stats and summary.json",
                        self.report())
 

@@ -158,14 +158,9 @@ def records_from_samples(samples, folder_classes, ann_dir, class_to_index, clip,
 
 def finish_problems(train: DataProblems, val: DataProblems) -> None:
     """Both splits' problems in one error (nothing is dropped: a localization set is fixed, not filtered)."""
-    errors = []
-    for problems in (train, val):
-        try:
-            problems.finish(strict=True, strict_key=None, error=LocDataError)
-        except LocDataError as exc:
-            errors.append(str(exc))
-    if errors:
-        raise LocDataError("\n\n".join(errors))
+    reports = [problems.report() for problems in (train, val) if problems]
+    if reports:
+        raise LocDataError("\n\n".join(reports) + "\nNothing was trained. Fix the records above.")
 
 
 def load_imagefolder(d, class_names: list[str]) -> tuple[list[LocRecord], list[LocRecord], dict]:
