@@ -112,6 +112,9 @@ class DetEvalConfig:
     box_voting_iou: float = 0.5  # box voting after refinement; 0 = off
     test_scales: list[int] = field(default_factory=list)  # multi-scale testing (paper: 200..1000); [] = off
     flip: bool = False  # horizontal-flip testing
+    # torch.compile the trunk, neck and box head for evaluation, eval_det.py and Predictor (a training run
+    # with solver.compile evaluates its compiled model either way)
+    compile: bool = False
 
 
 @dataclass

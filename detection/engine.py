@@ -97,7 +97,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     seed_everything(cfg.seed + rank)
 
     model = build_detector(cfg.model, num_classes=len(train_set.class_names)).to(device)
-    ddp_model = distribute(model, device, world_size, s.channels_last)
+    ddp_model = distribute(model, device, world_size, s.channels_last, compile=s.compile)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = scaled_lr(s)
     optimizer, scheduler, scaler = sgd(params, lr, s.momentum, s.weight_decay, lambda it: lr_multiplier(

@@ -28,8 +28,9 @@ def resolve_checkpoint(run_dir: str, which: str) -> str:
     return path
 
 
-def load_trained_detector(run_dir: str, cfg: DictConfig, which: str, device):
-    """Rebuild the run's detector and load its weights (the backbone file is not needed any more).
+def load_trained_detector(run_dir: str, cfg: DictConfig, which: str, device, compile: bool = False):
+    """Rebuild the run's detector and load its weights (the backbone file is not needed any more);
+    ``compile``: torch.compile its dense parts (``GeneralizedRCNN.compile_parts``).
 
     Returns ``(model, checkpoint path, class names)``; the class names travel in the checkpoint.
     """
@@ -39,6 +40,8 @@ def load_trained_detector(run_dir: str, cfg: DictConfig, which: str, device):
     cfg.model.backbone.weights = ""  # every weight, the normalisation buffers too, comes from the checkpoint
     model = build_detector(cfg.model, num_classes=len(class_names))
     model.load_state_dict(state["model"])
+    if compile:
+        model.compile_parts()
     return model.to(device).eval(), path, class_names
 
 
@@ -66,7 +69,7 @@ class Predictor:
         """The detector a ``tools/train_det.py`` run folder holds (its config.yaml and a checkpoint:
         last | best | PATH), with config ``overrides`` (``key=value``, e.g. ``eval.flip=true``)."""
         cfg = load_config(DetConfig, os.path.join(run_dir, "config.yaml"), list(overrides))
-        model, _, class_names = load_trained_detector(run_dir, cfg, checkpoint, device)
+        model, _, class_names = load_trained_detector(run_dir, cfg, checkpoint, device, cfg.eval.compile)
         model = for_testing([model], options_from_config(cfg.eval), cfg.data.min_size_test, cfg.data.size_divisibility)
         return cls(model, cfg, class_names, device, score_thresh)
 

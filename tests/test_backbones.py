@@ -161,17 +161,22 @@ def test_folded_frozen_bn_gives_the_same_outputs_gradients_and_checkpoints(depth
     assert fold_frozen_bn(folded) == n_convs  # every conv here is followed by its (frozen) BN
     assert list(folded.state_dict()) == list(plain.state_dict())
     x = torch.randn(2, 3, 64, 64)
-    outs = []
-    for net in (plain, folded):
-        y = net.forward_features(x, ["res4", "res5"])
-        (y["res4"].square().mean() + y["res5"].mean()).backward()
-        outs.append((y, {n: p.grad for n, p in net.named_parameters() if p.requires_grad}))
-    (ya, ga), (yb, gb) = outs
+    with torch.no_grad():
+        ya, yb = (net.forward_features(x, ["res4", "res5"]) for net in (plain, folded))
     for k in ya:
-        torch.testing.assert_close(yb[k], ya[k], rtol=1e-4, atol=1e-5 * float(ya[k].detach().abs().max()))
+        torch.testing.assert_close(yb[k], ya[k], rtol=1e-4, atol=1e-5 * float(ya[k].abs().max()))
+    # Gradients in float64: in float32 a pre-activation within rounding of 0 (one was at 1.8e-6) can take
+    # the other side of a ReLU in the two nets; with res5 at 2x2 that single element moved 3% of a
+    # weight gradient (seen under ATEN_CPU_CAPABILITY=default, one thread). The algebra is what is tested.
+    grads = []
+    for net in (copy.deepcopy(plain).double(), copy.deepcopy(folded).double()):
+        y = net.forward_features(x.double(), ["res4", "res5"])
+        (y["res4"].square().mean() + y["res5"].mean()).backward()
+        grads.append({n: p.grad for n, p in net.named_parameters() if p.requires_grad})
+    ga, gb = grads
     assert set(ga) == set(gb) and not any(n.startswith("stem.") for n in ga)
     for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], rtol=1e-3, atol=1e-4 * float(ga[n].abs().max()), msg=n)
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-9, atol=1e-12 * float(ga[n].abs().max()), msg=n)
     # a state_dict written by the plain net loads into the folded one and changes its output
     other = copy.deepcopy(plain)
     with torch.no_grad():

@@ -55,6 +55,42 @@ def test_build_detector_train_and_eval(neck):
     torch.testing.assert_close(again[0]["scores"], detections[0]["scores"], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("neck", ["none", "fpn"])
+def test_fast_path_matches_the_plain_path_and_shares_its_checkpoints(neck):
+    """Folded frozen BN + channels-last + compiled dense parts (issue 9's fast path) against the plain layers,
+    same weights, float32: the same losses and detections. The checkpoint of one loads into the other.
+    The compile backend here is aot_eager (graph capture and autograd without a C++ compiler); a GPU
+    uses inductor (bench/det_speed.py)."""
+    torch.manual_seed(0)
+    plain = build_detector(slim_cfg(neck, fold_frozen_bn=False), num_classes=3)
+    with torch.no_grad():  # statistics far from identity, so folding has something to get wrong
+        for m in plain.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2.0)
+    fast = build_detector(slim_cfg(neck, fold_frozen_bn=True), num_classes=3)
+    fast.load_state_dict(plain.state_dict())
+    fast.to(memory_format=torch.channels_last)
+    assert fast.compile_parts(backend="aot_eager") == ["trunk", "neck", "box head"][:: 1 if neck == "fpn" else 2]
+    batch = two_image_batch()
+    losses = []
+    for model in (plain, fast):
+        model.train()
+        model.set_sampling_generator(torch.Generator().manual_seed(5))
+        losses.append(model(batch))
+    for k in losses[0]:
+        torch.testing.assert_close(losses[1][k], losses[0][k], rtol=1e-4, atol=1e-5, msg=k)
+    with torch.no_grad():
+        detections = [model.eval()(batch) for model in (plain, fast)]
+    assert sum(len(d["boxes"]) for d in detections[0]) > 0
+    for a, b in zip(*detections):
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(b["boxes"], a["boxes"], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(b["scores"], a["scores"], rtol=1e-4, atol=1e-5)
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(fast.state_dict())
+
+
 def torchvision_twin(model, cfg, num_classes):
     """torchvision's ``FasterRCNN`` holding ``model``'s very modules and weights (trunk, RPN head, res5,
     predictor): the independent reference for everything around them (anchors, matching, losses,

@@ -44,7 +44,7 @@ from detection.predictor import load_trained_detector
 def load_member(run_dir: str, overrides: list[str], checkpoint: str, device, val_set):
     """A run's detector, checked against the validation set's classes."""
     cfg = load_config(DetConfig, os.path.join(run_dir, "config.yaml"), overrides)
-    model, path, class_names = load_trained_detector(run_dir, cfg, checkpoint, device)
+    model, path, class_names = load_trained_detector(run_dir, cfg, checkpoint, device, cfg.eval.compile)
     if class_names != val_set.class_names:
         raise CheckpointError(f"{path} was trained on classes {class_names[:5]}..., but "
                          f"{data_source(cfg, 'val')} has {val_set.class_names[:5]}...")

@@ -38,6 +38,9 @@ class SolverConfig:
     gamma: float = 0.1  # the step schedule's factor at each step
     amp: Amp = Amp.none
     channels_last: bool = False
+    # torch.compile: a detector its dense parts (trunk, neck, box head), any other model the whole network.
+    # The first steps compile (seconds on a CPU, about a minute on a GPU: the log says how long).
+    compile: bool = False
     clip_grad_norm: float = 0.0  # 0 = off
 
 

@@ -19,6 +19,7 @@ the progress bar, the loss window written to ``metrics.jsonl`` / TensorBoard, an
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Iterable
 
 import torch
@@ -27,14 +28,20 @@ from torch.nn.parallel import DistributedDataParallel
 from .dist import every_rank_has_batch
 from .precision import STEP_HINT, advance_schedule, optimizer_step
 from .preemption import after_step
-from .run import LossWindow, RunFolder, progress_bar
+from .run import LossWindow, RunFolder, get_logger, progress_bar
 
 
 def distribute(model: torch.nn.Module, device: torch.device, world_size: int, channels_last: bool = False,
-               find_unused_parameters: bool = False) -> torch.nn.Module:
-    """The module a step calls: ``model`` in channels-last layout if asked, wrapped in DDP under torchrun."""
+               find_unused_parameters: bool = False, compile: bool = False) -> torch.nn.Module:
+    """The module a step calls: ``model`` in channels-last layout if asked, compiled if asked (in place, so
+    parameter names and checkpoints are unchanged: a model with ``compile_parts`` compiles the parts it
+    names, any other all of itself), wrapped in DDP under torchrun."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if compile:
+        parts = model.compile_parts() if hasattr(model, "compile_parts") else (model.compile() or ["the whole model"])
+        get_logger().info("torch.compile: %s (compiled at the first steps; the first step's time is logged)",
+                          ", ".join(parts))
     if world_size == 1:
         return model
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -88,7 +95,10 @@ class Trainer:
             self.model.train()
             stepped = False
             for batch in self.loader(epoch, offset):
+                started = time.perf_counter()
                 self.step(batch, window)
+                if self.iteration == start_iter + 1:  # start-up costs land here: compilation, cuDNN autotuning
+                    self.run.logger.info("first step: %.1f s", time.perf_counter() - started)
                 progress.update(1)
                 stepped = True
                 if self.iteration >= self.max_iter or self.iteration % self.iters_per_epoch == 0:

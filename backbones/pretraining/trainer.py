@@ -77,7 +77,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     if cfg.model.norm == "sync_bn" and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    ddp_model = distribute(model, device, world_size, s.channels_last)
+    ddp_model = distribute(model, device, world_size, s.channels_last, compile=s.compile)
 
     per_rank_batch = s.batch_size // world_size
     train_set = ImageFolderDataset(train_samples, classes, train_transform(d.scale_range, d.crop_size, d.flip,

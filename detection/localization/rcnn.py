@@ -105,7 +105,7 @@ def train_rcnn(cfg, run, loc_model, train_records, class_names, mean, std, devic
     box_coder = BoxCoder(list(r.bbox_reg_weights))
     clf_ckpt = read_backbone_checkpoint(cfg.model.classifier)
     net = build_rcnn_net(clf_ckpt, len(class_names)).to(device)
-    ddp_net = distribute(net, device, world_size)
+    ddp_net = distribute(net, device, world_size, compile=cfg.solver.compile)
     lr = scaled_lr(r)
     optimizer, scheduler, scaler = sgd(net.parameters(), lr, cfg.solver.momentum, cfg.solver.weight_decay,
                                        lambda it: lr_multiplier(it, r.steps, 0.1, r.warmup_iters), device, cfg.solver.amp)

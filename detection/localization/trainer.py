@@ -125,7 +125,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
 
     model = build_localization_net(cfg.model, clf_ckpt, len(class_names), cfg.eval.nms_thresh).to(device)
     classifier.to(device)
-    ddp_model = distribute(model, device, world_size, s.channels_last)
+    ddp_model = distribute(model, device, world_size, s.channels_last, compile=s.compile)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = scaled_lr(s)
     optimizer, scheduler, scaler = sgd(params, lr, s.momentum, s.weight_decay, lambda it: lr_multiplier(

@@ -40,6 +40,18 @@ class GeneralizedRCNN(nn.Module):
         The trainer sets one per iteration, so a resumed run samples exactly as an uninterrupted one."""
         self.rpn.generator = self.roi_heads.generator = generator
 
+    def compile_parts(self, **options) -> list[str]:
+        """``torch.compile`` the dense parts in place: the trunk, the neck and the box head's layers (res5 per
+        RoI in C4). ``nn.Module.compile`` keeps parameter names, so checkpoints stay interchangeable. The RPN's
+        and RoI heads' bookkeeping stays eager: its sizes depend on the data. Shapes are left to PyTorch's
+        automatic dynamism: a second image size (or RoI count) recompiles once with symbolic sizes instead
+        of once per size. ``options`` go to ``torch.compile``. Returns the names of the parts compiled."""
+        parts = {"trunk": self.trunk, "neck": self.neck, "box head": self.roi_heads.dense_layers()}
+        for part in parts.values():
+            if part is not None:
+                part.compile(**options)
+        return [name for name, part in parts.items() if part is not None]
+
     def _channels_last(self) -> bool:
         for p in self.parameters():
             if p.dim() == 4:

@@ -173,6 +173,10 @@ class ROIHeads(nn.Module):
         """(sum K_i, C): one feature vector per box (RoI pooling + the post-RoI layers)."""
         raise NotImplementedError
 
+    def dense_layers(self) -> nn.Module:
+        """The post-RoI layers, which see a fixed-size tensor per RoI (what ``compile_parts`` compiles)."""
+        raise NotImplementedError
+
     def context_features(self, features: dict[str, torch.Tensor], image_sizes: Sequence[tuple[int, int]]
                          ) -> torch.Tensor:
         """(B, C): each whole image pooled as one RoI through the same post-RoI layers (the ResNet paper's
@@ -228,6 +232,9 @@ class Res5ROIHeads(ROIHeads):
         x = self.pooler([features[self.in_feature]], proposals)
         return self.res5(x).mean(dim=(2, 3))
 
+    def dense_layers(self) -> nn.Module:
+        return self.res5
+
 
 class StandardROIHeads(ROIHeads):
     """FPN: pool 7x7 from the level each box belongs to, then two fully connected layers + ReLU."""
@@ -255,3 +262,6 @@ class StandardROIHeads(ROIHeads):
     def box_features(self, features, proposals):
         x = self.pooler([features[f] for f in self.in_features], proposals)
         return self.box_head(x)
+
+    def dense_layers(self) -> nn.Module:
+        return self.box_head
