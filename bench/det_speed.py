@@ -5,15 +5,21 @@
   (``FasterRCNN`` with a res4 trunk, 14x14 RoIAlign and res5 as the box head);
 * our R50-FPN against torchvision's ``fasterrcnn_resnet50_fpn``.
 
-Training img/s, inference ms/img and peak GPU memory (CUDA only).
+resdet appears twice or three times: the plain path (frozen BN as separate layers, NCHW), the fast path
+(the defaults: frozen BN folded into the convolutions, and channels-last) and, with ``--compile``, the fast
+path with its trunk, neck and box head compiled (inductor). Training img/s, inference ms/img, peak GPU
+memory and, on CUDA, the host synchronisations one training step and one inference make
+(``torch.cuda.set_sync_debug_mode``).
 
     python bench/det_speed.py                                     # CPU: small images, few steps
-    python bench/det_speed.py --device cuda --batch 8 --height 800 --width 1216 --amp bf16 --iters 20
+    python bench/det_speed.py --device cuda --batch 8 --height 800 --width 1216 --amp bf16 --iters 20 --variants plain,fast,compile,torchvision
 """
 import argparse
+import functools
 import os
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -47,18 +53,24 @@ def make_inputs(batch, height, width, device, seed=0):
     return images.to(device), targets
 
 
-def ours(depth, neck, fold=False):
-    """resdet's detector; ``fold=True`` folds the frozen BN into the convolutions."""
+def ours(depth, neck, fast=True, compile=False):
+    """resdet's detector: ``fast`` the defaults (frozen BN folded) in channels-last, else the plain layers in
+    NCHW; ``compile``: its dense parts compiled."""
     cfg = OmegaConf.structured(DetConfig)
     cfg.model.backbone.depth = depth
-    cfg.model.backbone.fold_frozen_bn = fold
+    cfg.model.backbone.fold_frozen_bn = fast
     cfg.model.backbone.stride_in_1x1 = False  # torchvision's layout, so both sides do the same work
     cfg.model.neck = Neck(neck)
     if neck == "fpn":
         cfg.model.roi_heads.pooler_resolution = 7
         cfg.model.rpn.pre_nms_topk_train, cfg.model.rpn.post_nms_topk_train = 2000, 1000
         cfg.model.rpn.pre_nms_topk_test, cfg.model.rpn.post_nms_topk_test = 1000, 1000
-    return build_detector(cfg.model, num_classes=NUM_CLASSES)
+    model = build_detector(cfg.model, num_classes=NUM_CLASSES)
+    if fast:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile_parts()
+    return model
 
 
 def torchvision_c4(depth, height, width):
@@ -113,6 +125,21 @@ def run_tv(model, images, targets, train):
     return model(floats)
 
 
+def count_syncs(device, fn) -> int | str:
+    """Host synchronisations while ``fn`` runs (CUDA's sync debug mode warns at each)."""
+    if device.type != "cuda":
+        return "n/a"
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def measure(model, runner, images, targets, device, amp, iters, warmup):
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -141,12 +168,14 @@ def measure(model, runner, images, targets, device, amp, iters, warmup):
         train_step()
     sync()
     train_ips = len(images) * iters / (time.perf_counter() - t0)
+    train_syncs = count_syncs(device, train_step)
     model.eval()
     one = images[:1]
     with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         for _ in range(warmup):
             runner(model, one, None, False)
         sync()
+        infer_syncs = count_syncs(device, lambda: runner(model, one, None, False))
         t0 = time.perf_counter()
         for _ in range(iters):
             runner(model, one, None, False)
@@ -154,7 +183,7 @@ def measure(model, runner, images, targets, device, amp, iters, warmup):
     infer_ms = 1000 * (time.perf_counter() - t0) / iters
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     model.to("cpu")
-    return train_ips, infer_ms, peak
+    return train_ips, infer_ms, peak, train_syncs, infer_syncs
 
 
 def main():
@@ -167,34 +196,42 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     parser.add_argument("--models", default="r50c4,r101c4,r50fpn")
+    parser.add_argument("--variants", default="plain,fast,torchvision",
+                        help="of plain, fast, compile (fast + compiled parts, inductor), torchvision")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     images, targets = make_inputs(args.batch, args.height, args.width, device)
-    pairs = {
-        "r50c4": [("resdet R50-C4", lambda: ours(50, "none"), run_ours),
-                  ("resdet R50-C4, frozen BN folded", lambda: ours(50, "none", fold=True), run_ours),
-                  ("torchvision parts R50-C4", lambda: torchvision_c4(50, args.height, args.width), run_tv)],
-        "r101c4": [("resdet R101-C4", lambda: ours(101, "none"), run_ours),
-                   ("resdet R101-C4, frozen BN folded", lambda: ours(101, "none", fold=True), run_ours),
-                   ("torchvision parts R101-C4", lambda: torchvision_c4(101, args.height, args.width), run_tv)],
-        "r50fpn": [("resdet R50-FPN", lambda: ours(50, "fpn"), run_ours),
-                   ("torchvision fasterrcnn_resnet50_fpn", lambda: torchvision_fpn(args.height, args.width), run_tv)],
-    }
+    pairs = {}
+    for key, (depth, neck, label) in {"r50c4": (50, "none", "R50-C4"), "r101c4": (101, "none", "R101-C4"),
+                                      "r50fpn": (50, "fpn", "R50-FPN")}.items():
+        variants = {
+            "plain": (f"resdet {label}, plain", functools.partial(ours, depth, neck, False), run_ours),
+            "fast": (f"resdet {label}, fast (default)", functools.partial(ours, depth, neck, True), run_ours),
+            "compile": (f"resdet {label}, fast + compile", functools.partial(ours, depth, neck, True, True), run_ours),
+            "torchvision": ("torchvision fasterrcnn_resnet50_fpn", functools.partial(torchvision_fpn, args.height,
+                                                                                   args.width), run_tv)
+            if neck == "fpn" else
+            (f"torchvision parts {label}", functools.partial(torchvision_c4, depth, args.height, args.width), run_tv)}
+        pairs[key] = [variants[v] for v in args.variants.split(",")]
     rows = []
     for key in args.models.split(","):
         for name, make, runner in pairs[key]:
             torch.manual_seed(0)
-            ips, ms, peak = measure(calm_residual_branches(make()), runner, images, targets, device, amp, args.iters, args.warmup)
-            rows.append((name, ips, ms, peak))
-            print(f"{name}: {ips:.2f} img/s train, {ms:.1f} ms/img inference, peak {peak:.1f} GiB", flush=True)
+            row = (name, *measure(calm_residual_branches(make()), runner, images, targets, device, amp, args.iters,
+                                  args.warmup))
+            rows.append(row)
+            print("{}: {:.2f} img/s train, {:.1f} ms/img inference, peak {:.1f} GiB, syncs {}/{}".format(*row), flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     print(f"\ndevice {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), batch {args.batch}, "
           f"{args.height}x{args.width}, amp {args.amp}, torch {torch.__version__}, 80 classes, 8 boxes/image")
-    print("| model | train img/s | inference ms/img | peak GPU mem (GiB) |\n|---|---|---|---|")
-    for name, ips, ms, peak in rows:
-        print(f"| {name} | {ips:.2f} | {ms:.1f} | {peak:.1f} |")
+    print("| model | train img/s | inference ms/img | peak GPU mem (GiB) | host syncs: train step / inference |\n"
+          "|---|---|---|---|---|")
+    for name, ips, ms, peak, train_syncs, infer_syncs in rows:
+        print(f"| {name} | {ips:.2f} | {ms:.1f} | {peak:.1f} | {train_syncs} / {infer_syncs} |")
 
 
 if __name__ == "__main__":

@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
-# The GPU figures of the README and the closing notes, in one go (about 8 minutes on one H100/H200):
-# pretraining speed, detection speed (ours vs torchvision, same inputs) and the coco128 overfit.
-#   OUT=bench_out bash bench/run_gpu_checks.sh
+# The GPU figures of the README and the closing notes, in one go (about 8 minutes on one H100), each step
+# under its own time limit so that one stuck step still leaves the others' tables:
+#   1. bench/det_speed.py: R101-C4 and R50-FPN, resdet's plain and fast paths against torchvision (same inputs)
+#   2. bench/trainer_speed.py det: tools/train_det.py on coco128 against the same detector alone
+#   3. bench/trainer_speed.py pretrain: tools/pretrain_backbone.py (ResNet-50) on 500x375 JPEGs against the model alone
+#   4. bench/det_speed.py with the fast path compiled (torch.compile's compile time is in its first steps)
+#   5. bench/pretrain_speed.py: ResNet-50 model-only rates and the one-worker data pipeline
+#   OUT=bench_out COCO128=../shared/data/coco128 bash bench/run_gpu_checks.sh
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 COCO128=${COCO128:-../shared/data/coco128}
+WORKERS=${WORKERS:-14}
+DET="--device cuda --batch 8 --height 800 --width 1216 --amp bf16 --iters 10 --warmup 3 --models r101c4,r50fpn"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 120 $PY bench/pretrain_speed.py --device cuda --batch 256 --amp bf16 --channels-last --iters 15 --warmup 5 \
-    --pipeline-images 200 2>&1 | tee "$OUT/pretrain_speed.txt"
-timeout 180 $PY bench/det_speed.py --device cuda --batch 8 --height 800 --width 1216 --amp bf16 --iters 10 --warmup 3 \
-    2>&1 | tee "$OUT/det_speed.txt"
-timeout ${COCO128_TIMEOUT:-200} $PY tools/train_det.py configs/frcnn_r50_c4_coco128.yaml \
-    data.train_images=$COCO128/train2017 data.val_images=$COCO128/train2017 \
-    data.train_annotations=$COCO128/annotations/instances_train2017.json \
-    data.val_annotations=$COCO128/annotations/instances_train2017.json \
-    output_dir="$OUT/coco128_run" 2>&1 | grep -v "it/s\]$" | tail -40 | tee "$OUT/coco128.txt"
-cp "$OUT/coco128_run/summary.json" "$OUT/coco128_summary.json" 2>/dev/null
-rm -rf "$OUT/coco128_run"
+nproc | tee -a "$OUT/gpu.txt"
+
+timeout ${DET_TIMEOUT:-200} $PY bench/det_speed.py $DET 2>&1 | tee "$OUT/det_speed.txt"
+# fine-tuning's set-up (frozen BN from res2 up) on real COCO images, the C4 config's own sizes and bf16
+timeout ${TRAINER_TIMEOUT:-150} $PY bench/trainer_speed.py det --device cuda --iters 80 --workers "$WORKERS" \
+    --coco128 "$COCO128" model.backbone.norm=frozen_bn model.backbone.freeze_at=2 2>&1 | tee "$OUT/trainer_det.txt"
+timeout ${PRETRAIN_TIMEOUT:-120} $PY bench/trainer_speed.py pretrain --device cuda --images 1900 --epochs 3 \
+    --workers "$WORKERS" 2>&1 | tee "$OUT/trainer_pretrain.txt"
+timeout ${COMPILE_TIMEOUT:-170} $PY bench/det_speed.py $DET --variants compile 2>&1 | tee "$OUT/det_speed_compile.txt"
+timeout ${PRETRAIN_SPEED_TIMEOUT:-100} $PY bench/pretrain_speed.py --device cuda --batch 256 --amp bf16 --channels-last \
+    --iters 15 --warmup 5 --pipeline-images 200 2>&1 | tee "$OUT/pretrain_speed.txt"
+echo "== tables"
+for f in det_speed det_speed_compile trainer_det trainer_pretrain pretrain_speed; do
+    echo "-- $f"; grep -E "^\||^device|^det:|^pretrain:" "$OUT/$f.txt"
+done

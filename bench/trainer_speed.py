@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""The real trainers against their model alone, side by side in one run: does the trainer keep the device fed?
+
+* ``det``: ``tools/train_det.py`` on real COCO images (coco128 by default), its steady-state img/s from
+  ``metrics.jsonl``, against training steps of the same detector on batches of the same images, built once
+  and held on the device (the model-only rate). GPU utilisation is sampled while the trainer is past its
+  first logged window.
+* ``pretrain``: ``tools/pretrain_backbone.py`` on ImageNet-sized JPEGs written here (500x375), against the
+  same network's training steps on one batch held on the device.
+
+    python bench/trainer_speed.py det --iters 30                        # CPU: tiny settings, a smoke test
+    python bench/trainer_speed.py det --device cuda --iters 120 model.backbone.norm=frozen_bn
+    python bench/trainer_speed.py pretrain --device cuda --images 1900 --epochs 3
+
+Extra ``key=value`` arguments go to the tool and to the model-only side alike.
+"""
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+
+class UtilisationSampler(threading.Thread):
+    """``torch.cuda.utilization()`` every 0.2 s while ``busy()`` holds (needs NVML; none on the CPU)."""
+
+    def __init__(self, busy):
+        super().__init__(daemon=True)
+        self.busy, self.samples, self.stop = busy, [], threading.Event()
+
+    def run(self):
+        while not self.stop.wait(0.2):
+            try:
+                if self.busy():
+                    self.samples.append(torch.cuda.utilization())
+            except Exception:  # no NVML: no figure
+                return
+
+    def mean(self) -> str:
+        return f"{statistics.mean(self.samples):.0f}%" if self.samples else "n/a"
+
+
+def train_lines(metrics: str) -> list[dict]:
+    if not os.path.exists(metrics):
+        return []
+    with open(metrics) as f:
+        return [r for r in map(json.loads, f) if "train/img_per_s" in r]
+
+
+def run_trainer(cmd: list[str], metrics: str, device: torch.device, timeout: float) -> tuple[float, str, float]:
+    """Run a training tool; its steady-state img/s (median over logged windows, the first left out: it holds
+    the start-up), the mean GPU utilisation past the first window, and the wall time."""
+    lines = lambda: len(train_lines(metrics))  # noqa: E731
+    sampler = UtilisationSampler(lambda: lines() >= 1 and proc.poll() is None)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if device.type == "cuda":
+        sampler.start()
+    out, _ = proc.communicate(timeout=timeout)
+    sampler.stop.set()
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
+    rates = [r["train/img_per_s"] for r in train_lines(metrics)]
+    steady = rates[1:] or rates
+    return statistics.median(steady), sampler.mean(), time.perf_counter() - start
+
+
+def timed(step, iters: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def detection(args, overrides: list[str], out: str) -> list[tuple[str, str]]:
+    from backbones.engine.config import load_config
+    from backbones.engine.trainer import distribute
+    from detection.config import DetConfig
+    from detection.data.batching import build_batch_sampler, collate_detection
+    from detection.data.build import build_datasets, prepare_data_paths
+    from detection.modeling.build import build_detector
+
+    coco = args.coco128
+    data = [f"data.train_images={coco}/train2017", f"data.val_images={coco}/train2017",
+            f"data.train_annotations={coco}/annotations/instances_train2017.json",
+            f"data.val_annotations={coco}/annotations/instances_train2017.json"]
+    settings = data + [f"device={args.device}", f"data.workers={args.workers}", "eval.period=0",
+                       f"solver.max_iter={args.iters}", f"solver.steps=[{args.iters * 10}]", "checkpoint_period=0",
+                       f"log_period={args.log_period}", f"output_dir={out}/det_run"] + overrides
+    metrics = os.path.join(out, "det_run", "metrics.jsonl")
+    trainer_ips, util, wall = run_trainer([sys.executable, "tools/train_det.py", args.config, *settings], metrics,
+                                          torch.device(args.device), args.timeout)
+
+    cfg = load_config(DetConfig, os.path.join(ROOT, args.config), settings)
+    device = torch.device(args.device)
+    prepare_data_paths(cfg)
+    train_set, _ = build_datasets(cfg)
+    sampler = build_batch_sampler(train_set.aspect_ratios(), cfg.solver.batch_size, shuffle=True, seed=0,
+                                  distributed=False, drop_last=True)
+    collate = functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility)
+    batches = []
+    for indices in sampler:  # a few real batches at the trainer's sizes, decoded and moved once
+        batch = collate([train_set[i] for i in indices])
+        batch["images"] = batch["images"].to(device)
+        for t in batch["targets"]:
+            for key in ("boxes", "labels", "crowd_boxes"):
+                t[key] = t[key].to(device)
+        batches.append(batch)
+        if len(batches) == 8:
+            break
+    model = build_detector(cfg.model, num_classes=len(train_set.class_names)).to(device).train()
+    model = distribute(model, device, 1, cfg.solver.channels_last, compile=cfg.solver.compile)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[str(cfg.solver.amp)]
+    turn = iter(range(10**9))
+
+    def step():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = sum(model(batches[next(turn) % len(batches)]).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    iters = max(len(batches), args.iters // 2)
+    model_ips = cfg.solver.batch_size * iters / timed(step, iters, args.warmup, device)
+    return [("trainer (tools/train_det.py, workers %d)" % args.workers, f"{trainer_ips:.1f}", util),
+            ("model only (same batches, on the device)", f"{model_ips:.1f}", ""),
+            ("trainer / model only", f"{trainer_ips / model_ips:.0%}", f"trainer wall {wall:.0f} s")]
+
+
+CLASSES = 10
+
+
+def write_jpegs(root: str, n: int, classes: int = CLASSES) -> None:
+    """``n`` 500x375 JPEGs of photo-like entropy (blurred noise), ImageFolder layout."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = os.path.join(root, f"class{i % classes}")
+        os.makedirs(folder, exist_ok=True)
+        img = cv2.GaussianBlur(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8), (0, 0), 3)
+        cv2.imwrite(os.path.join(folder, f"{i}.jpg"), img)
+
+
+def pretraining(args, overrides: list[str], out: str) -> list[tuple[str, str]]:
+    from backbones.engine.config import load_config
+    from backbones.engine.trainer import distribute
+    from backbones.pretraining.config import PretrainConfig
+    from backbones.pretraining.trainer import build_classifier
+
+    images = os.path.join(out, "jpegs")
+    write_jpegs(images, args.images)
+    settings = [f"data.train_dir={images}", "data.val_dir=", "data.val_fraction=0.05", "data.synthetic=false",
+                f"data.workers={args.workers}", f"device={args.device}", f"solver.epochs={args.epochs}",
+                "eval.period=0", "eval.ten_crop=false", "eval.multiscale_sizes=[]", "checkpoint_period=0",
+                f"log_period={args.log_period}", f"output_dir={out}/pretrain_run"] + overrides
+    metrics = os.path.join(out, "pretrain_run", "metrics.jsonl")
+    trainer_ips, util, wall = run_trainer([sys.executable, "tools/pretrain_backbone.py", args.pretrain_config, *settings],
+                                          metrics, torch.device(args.device), args.timeout)
+    cfg = load_config(PretrainConfig, os.path.join(ROOT, args.pretrain_config), settings)
+    device = torch.device(args.device)
+    s = cfg.solver
+    model = build_classifier(cfg.model, CLASSES).to(device).train()
+    model = distribute(model, device, 1, s.channels_last, compile=s.compile)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    memory = torch.channels_last if s.channels_last else torch.contiguous_format
+    x = torch.randn(s.batch_size, 3, cfg.data.crop_size, cfg.data.crop_size, device=device).contiguous(memory_format=memory)
+    y = torch.randint(0, CLASSES, (s.batch_size,), device=device)
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[str(s.amp)]
+
+    def step():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    iters = max(3, args.iters // 4)
+    model_ips = s.batch_size * iters / timed(step, iters, args.warmup, device)
+    return [(f"trainer (tools/pretrain_backbone.py, workers {args.workers})", f"{trainer_ips:.1f}", util),
+            ("model only (one batch, on the device)", f"{model_ips:.1f}", ""),
+            ("trainer / model only", f"{trainer_ips / model_ips:.0%}", f"trainer wall {wall:.0f} s")]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=["det", "pretrain"])
+    parser.add_argument("overrides", nargs="*", help="key=value, for the tool and the model-only side")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config", default="configs/frcnn_r50_c4_coco128.yaml")
+    parser.add_argument("--pretrain-config", default="configs/pretrain/resnet50_imagenet.yaml")
+    parser.add_argument("--coco128", default=os.path.join(ROOT, "..", "shared", "data", "coco128"))
+    parser.add_argument("--iters", type=int, default=60, help="detection: trainer iterations")
+    parser.add_argument("--epochs", type=int, default=3, help="pretraining: trainer epochs")
+    parser.add_argument("--images", type=int, default=1900, help="pretraining: JPEGs to write")
+    parser.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--log-period", type=int, default=10)
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_intermixed_args()
+    with tempfile.TemporaryDirectory() as out:
+        rows = (detection if args.task == "det" else pretraining)(args, args.overrides, out)
+    device = torch.device(args.device)
+    print(f"\n{args.task}: device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
+          f"{os.cpu_count()} CPU cores, torch {torch.__version__}, overrides: {' '.join(args.overrides) or 'none'}")
+    print("| what | img/s | GPU utilisation |\n|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
