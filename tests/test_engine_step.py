@@ -77,3 +77,30 @@ def test_scaling_line_counts_nodes_from_torchrun_and_scales_lr_linearly(monkeypa
     assert describe_scaling(solver, 16).startswith("effective batch 32 images = 2 nodes x 8 ranks x 2; lr 0.04 ")
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert describe_scaling(solver, 1).startswith("effective batch 32 images = 1 rank x 32; lr 0.04 = base_lr 0.02")
+
+
+def test_trainer_stops_at_a_non_finite_loss_before_any_checkpoint_holds_its_weights():
+    """The Trainer reads each step's loss one step late (LossProbe: the host does not wait for the device);
+    a NaN loss still stops the run naming its iteration, and no checkpoint is written after it."""
+    import logging
+    from types import SimpleNamespace
+
+    from backbones.engine.trainer import Trainer, sgd
+    layer, _, _ = make()
+    optimizer, scheduler, scaler = sgd(layer.parameters(), 0.1, 0.9, 0.0, lambda it: 1.0, torch.device("cpu"), "none")
+    saved, x = [], torch.ones(1, 3)
+
+    def forward(iteration):
+        loss = layer(x).sum().square()
+        return {"loss_cls": loss * float("nan") if iteration == 3 else loss}
+
+    run = SimpleNamespace(logger=logging.getLogger("test"), log_metrics=lambda *a, **k: None)
+    trainer = Trainer(model=layer, optimizer=optimizer, scheduler=scheduler, scaler=scaler, device=torch.device("cpu"),
+                      amp_dtype=None, run=run, max_iter=10, iters_per_epoch=10, loader=lambda epoch, offset: range(10),
+                      prepare=lambda batch, iteration: (iteration, 1, 0), forward=forward,
+                      save_state=lambda iteration: saved.append((iteration, layer.weight.detach().clone())),
+                      checkpoint="unused", log_period=100, checkpoint_period=1)
+    with pytest.raises(FloatingPointError, match=r"at iteration 3 \(\{'loss_cls': nan\}\)"):
+        trainer.train()
+    assert [it for it, _ in saved] == [1, 2, 3]  # the state after iteration 3's step (4) is never written
+    assert all(torch.isfinite(w).all() for _, w in saved)

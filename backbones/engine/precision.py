@@ -24,17 +24,25 @@ def check_solver(solver, world_size: int) -> torch.dtype | None:
 STEP_HINT = "lower solver.base_lr, add solver.warmup_iters or set solver.clip_grad_norm"
 
 
+def non_finite_loss(loss: float, iteration: int, terms: dict[str, float] | None = None,
+                    hint: str = STEP_HINT) -> FloatingPointError:
+    """The error that stops a run whose loss is not finite: the iteration, the loss terms, what to change."""
+    detail = f" ({terms})" if terms else ""
+    return FloatingPointError(f"loss became {loss} at iteration {iteration}{detail}; {hint}")
+
+
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params,
                    clip_grad_norm: float = 0.0, *, iteration: int, losses: dict | None = None,
-                   hint: str = STEP_HINT) -> None:
+                   hint: str = STEP_HINT, check_finite: bool = True) -> None:
     """One training step of every trainer: backward through the GradScaler (a no-op unless fp16),
     optional gradient-norm clipping (on unscaled gradients), the optimizer step.
 
-    A non-finite loss stops the run before it corrupts the weights, naming the iteration, the loss
-    terms and what to change."""
-    if not torch.isfinite(loss):
-        terms = f" ({ {k: float(v.detach()) for k, v in losses.items()} })" if losses else ""
-        raise FloatingPointError(f"loss became {loss.detach().item()} at iteration {iteration}{terms}; {hint}")
+    With ``check_finite``, a non-finite loss stops the run before it corrupts the weights, naming the
+    iteration, the loss terms and what to change. That check reads the loss on the host, so on a GPU the
+    host waits for the step; the :class:`~backbones.engine.trainer.Trainer` checks one step later instead."""
+    if check_finite and not torch.isfinite(loss):
+        raise non_finite_loss(loss.detach().item(), iteration,
+                              {k: float(v.detach()) for k, v in losses.items()} if losses else None, hint)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if clip_grad_norm > 0:

@@ -143,7 +143,7 @@ class LossWindow:
 
     def add(self, losses: dict, samples: int) -> None:
         for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
         self.steps += 1
         self.samples += samples
 

@@ -13,12 +13,15 @@ A task builds its model, optimizer, schedule and data, and gives the :class:`Tra
 
 The trainer owns what every task did the same way: the order of a step (a step where any rank has no
 batch is skipped by all ranks together, so their collectives stay paired and iterations still map to
-epochs), autocast, the loss check and optimizer step (:func:`~backbones.engine.precision.optimizer_step`),
+epochs), autocast, the optimizer step (:func:`~backbones.engine.precision.optimizer_step`) and the loss check
+one step behind it (:class:`LossProbe`, so the host never waits for the device between steps),
 the schedule advancing once per iteration, preemption (:func:`~backbones.engine.preemption.after_step`),
 the progress bar, the loss window written to ``metrics.jsonl`` / TensorBoard, and periodic checkpoints.
 """
 from __future__ import annotations
 
+import functools
+import math
 import time
 from typing import Any, Callable, Iterable
 
@@ -26,7 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .dist import every_rank_has_batch
-from .precision import STEP_HINT, advance_schedule, optimizer_step
+from .precision import STEP_HINT, advance_schedule, non_finite_loss, optimizer_step
 from .preemption import after_step
 from .run import LossWindow, RunFolder, get_logger, progress_bar
 
@@ -55,6 +58,43 @@ def sgd(params, lr: float, momentum: float, weight_decay: float, lr_lambda: Call
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
+class LossProbe:
+    """A step's loss terms, brought to the host without making the host wait for the device.
+
+    Reading a CUDA loss (to check it is finite, to average it for the log) waits until the step's last
+    kernel has run, so the host cannot queue the next step meanwhile and the GPU idles between steps.
+    Here the terms are copied into pinned memory behind the step and read one step later, when the copy
+    is long done. A step whose loss is not finite is therefore reported one step late; the trainer reads
+    every pending step before it logs, checkpoints or finishes, so no checkpoint holds the weights it
+    produced. On a CPU the copy is the read itself."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.pending = device, None
+
+    def put(self, losses: dict[str, torch.Tensor], samples: int, iteration: int):
+        """Queue this step's copy; returns the previous step's ``(terms, samples, iteration)`` or None."""
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        event = None
+        if self.device.type == "cuda":
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            values = host
+        previous, self.pending = self.take(), (list(losses), values, event, samples, iteration)
+        return previous
+
+    def take(self):
+        """The pending step's ``(terms, samples, iteration)`` (waiting for its copy), or None."""
+        if self.pending is None:
+            return None
+        names, values, event, samples, iteration = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        return dict(zip(names, values.tolist())), samples, iteration
 
 
 class Trainer:
@@ -89,7 +129,7 @@ class Trainer:
         """Train from ``start_iter`` to ``max_iter``; returns the last iteration."""
         self.iteration = start_iter
         self.progress = progress = progress_bar(total=self.max_iter, initial=start_iter, desc=self.desc)
-        window = LossWindow()
+        window, self.probe = LossWindow(), LossProbe(self.device)
         while self.iteration < self.max_iter:
             epoch, offset = divmod(self.iteration, self.iters_per_epoch)
             self.model.train()
@@ -108,8 +148,23 @@ class Trainer:
             if self.iteration % self.iters_per_epoch == 0:
                 for hook in self.after_epoch_hooks:
                     hook(epoch, self.iteration)
+        self.record(self.probe.take(), window)
         progress.close()
         return self.iteration
+
+    def record(self, step: tuple | None, window: LossWindow) -> None:
+        """A step's loss terms read back by the probe: stop if they are not finite, else into the window."""
+        if step is None:
+            return
+        terms, samples, iteration = step
+        if not all(map(math.isfinite, terms.values())):
+            raise non_finite_loss(sum(terms.values()), iteration, terms, self.hint)
+        window.add(terms, samples)
+
+    def save_checked(self, window: LossWindow, iteration: int) -> None:
+        """``save_state`` once the last step's loss is known to be finite."""
+        self.record(self.probe.take(), window)
+        self.save_state(iteration)
 
     def step(self, batch, window: LossWindow) -> None:
         iteration = self.iteration
@@ -119,17 +174,18 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 losses = self.forward(inputs)
             optimizer_step(sum(losses.values()), self.optimizer, self.scaler, self.params, self.clip_grad_norm,
-                           iteration=iteration, losses=losses, hint=self.hint)
-            window.add(losses, samples)
+                           iteration=iteration, hint=self.hint, check_finite=False)
+            self.record(self.probe.put(losses, samples, iteration), window)
         advance_schedule(self.scheduler)
         self.iteration = iteration = iteration + 1
-        after_step(iteration, self.device, self.save_state, self.checkpoint, self.debug_stop_at_iter,
-                   self.debug_iteration_offset + iteration)
+        after_step(iteration, self.device, functools.partial(self.save_checked, window), self.checkpoint,
+                   self.debug_stop_at_iter, self.debug_iteration_offset + iteration)
         epoch_end = self.log_every_epoch and iteration % self.iters_per_epoch == 0
         if iteration % self.log_period == 0 or iteration == self.max_iter or epoch_end:
+            self.record(self.probe.take(), window)
             self.log(window)
         if self.should_checkpoint(iteration):
-            self.save_state(iteration)
+            self.save_checked(window, iteration)
         for hook in self.after_step_hooks:
             hook(iteration)
 
