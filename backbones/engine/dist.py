@@ -9,6 +9,11 @@ import torch
 import torch.distributed as dist
 
 
+# Per-step flags (a rank without a batch, a stop signal) are agreed on over gloo on the CPU: under NCCL they
+# would be GPU tensors, and reading the result would make the host wait for the step in flight.
+_HOST_GROUP = None
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Initialise the process group when launched by torchrun; return (rank, world_size, device)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -21,6 +26,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+        if use_cuda:
+            global _HOST_GROUP
+            _HOST_GROUP = dist.new_group(backend="gloo", timeout=timedelta(minutes=30))
     return get_rank(), get_world_size(), device
 
 
@@ -61,18 +69,23 @@ def reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, flo
     return {k: v / n for k, v in summed.items()}
 
 
-def every_rank_has_batch(has_batch: bool, device: torch.device) -> bool:
+def agree(flag: bool, every: bool) -> bool:
+    """One flag over all ranks, on the host: whether ``every`` rank (else: any rank) holds it."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if every else dist.ReduceOp.MAX, group=_HOST_GROUP)
+    return bool(t.item())
+
+
+def every_rank_has_batch(has_batch: bool) -> bool:
     """Whether every rank holds a usable batch this step (one process: ``has_batch`` itself).
 
     A rank whose whole batch was unreadable must not skip the step alone: under DDP its peers would
     wait in backward's gradient all-reduce for a rank that has moved on, and every collective after
     that pairs with the wrong one. So the ranks agree, and all skip the step when any rank has nothing
     (the good images of that step are dropped too; corrupt ones are counted by the caller)."""
-    if not is_distributed():
-        return has_batch
-    flag = torch.tensor([1 if has_batch else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return agree(has_batch, every=True)
 
 
 def all_gather_object(obj):

@@ -17,8 +17,7 @@ import os
 import signal
 import threading
 
-import torch
-import torch.distributed as dist
+from .dist import agree
 
 logger = logging.getLogger(__name__)
 _ACTIVE: "catch_stop_signals | None" = None  # the one a tool entered, asked by after_step()
@@ -73,18 +72,13 @@ class catch_stop_signals:
     def signal_name(self) -> str:
         return signal.Signals(self.received).name if self.received is not None else "a peer rank's signal"
 
-    def requested(self, device: torch.device) -> bool:
-        """Whether to stop now. Under torchrun every rank takes part (one small all-reduce per step) and
-        all get the same answer, even when only some received the signal."""
-        local = self.received is not None
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return local
-        flag = torch.tensor([int(local)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def requested(self) -> bool:
+        """Whether to stop now. Under torchrun every rank takes part (one small all-reduce per step, on the
+        host) and all get the same answer, even when only some received the signal."""
+        return agree(self.received is not None, every=False)
 
 
-def after_step(iteration: int, device: torch.device, save, checkpoint: str, debug_stop_at_iter: int = 0,
+def after_step(iteration: int, save, checkpoint: str, debug_stop_at_iter: int = 0,
                debug_iteration: int | None = None) -> None:
     """What every training loop does after each step, in one place:
 
@@ -94,6 +88,6 @@ def after_step(iteration: int, device: torch.device, save, checkpoint: str, debu
       :class:`Preempted`."""
     if debug_stop_at_iter and (iteration if debug_iteration is None else debug_iteration) == debug_stop_at_iter:
         os._exit(3)
-    if _ACTIVE is not None and _ACTIVE.requested(device):
+    if _ACTIVE is not None and _ACTIVE.requested():
         save(iteration)
         raise Preempted(iteration, _ACTIVE.signal_name, checkpoint)

@@ -170,7 +170,7 @@ class Trainer:
         iteration = self.iteration
         inputs, samples, skipped = self.prepare(batch, iteration)
         self.skipped += skipped
-        if not self.sync_empty_batches or every_rank_has_batch(inputs is not None, self.device):
+        if not self.sync_empty_batches or every_rank_has_batch(inputs is not None):
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 losses = self.forward(inputs)
             optimizer_step(sum(losses.values()), self.optimizer, self.scaler, self.params, self.clip_grad_norm,
@@ -178,7 +178,7 @@ class Trainer:
             self.record(self.probe.put(losses, samples, iteration), window)
         advance_schedule(self.scheduler)
         self.iteration = iteration = iteration + 1
-        after_step(iteration, self.device, functools.partial(self.save_checked, window), self.checkpoint,
+        after_step(iteration, functools.partial(self.save_checked, window), self.checkpoint,
                    self.debug_stop_at_iter, self.debug_iteration_offset + iteration)
         epoch_end = self.log_every_epoch and iteration % self.iters_per_epoch == 0
         if iteration % self.log_period == 0 or iteration == self.max_iter or epoch_end:
