@@ -28,7 +28,7 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from .box_coder import BoxCoder
-from .box_ops import batched_nms, clip_boxes, crowd_mask, smooth_l1
+from .box_ops import batched_nms, clip_boxes, crowd_mask, nonempty, smooth_l1
 from .matcher import Matcher
 from .poolers import ROIPooler
 from .sampling import sample_balanced
@@ -62,11 +62,15 @@ class FastRCNNOutputLayers(nn.Module):
     def losses(self, class_logits: torch.Tensor, box_deltas: torch.Tensor, labels: torch.Tensor,
                regression_targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cross-entropy over the sampled RoIs; box loss on foreground RoIs for their class, divided by
-        the number of sampled RoIs."""
-        loss_cls = F.cross_entropy(class_logits.float(), labels)
-        fg = torch.nonzero(labels > 0, as_tuple=True)[0]
-        deltas = box_deltas.view(box_deltas.shape[0], self.num_classes, 4)[fg, labels[fg] - 1]
-        loss_box = smooth_l1(deltas, regression_targets[fg], self.smooth_l1_beta).sum() / max(labels.numel(), 1)
+        the number of sampled RoIs. RoIs labelled -1 (sampling's padding) count nowhere. The foreground
+        is weighted, not gathered with ``nonzero`` as in Detectron2, so the host never waits for the GPU."""
+        loss_cls = F.cross_entropy(class_logits.float(), labels, ignore_index=-1)
+        num_sampled = (labels >= 0).sum().clamp(min=1)
+        fg = labels > 0
+        rows = torch.arange(box_deltas.shape[0], device=box_deltas.device)
+        deltas = box_deltas.view(box_deltas.shape[0], self.num_classes, 4)[rows, (labels - 1).clamp(min=0)]
+        loss_box = smooth_l1(deltas, regression_targets, self.smooth_l1_beta)
+        loss_box = torch.where(fg[:, None], loss_box, 0.0).sum() / num_sampled
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box}
 
     @torch.no_grad()
@@ -140,33 +144,40 @@ class ROIHeads(nn.Module):
     @torch.no_grad()
     def label_and_sample_proposals(self, proposals: Sequence[torch.Tensor], targets: Sequence[dict]
                                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Per image: the sampled RoIs (foreground first), their class labels (0 = background) and
-        their box regression targets (meaningful for foreground only)."""
+        """Per image: the sampled RoIs (foreground first), their class labels (0 = background) and their box
+        regression targets (meaningful for foreground only).
+
+        Each image gets ``min(batch_size_per_image, proposals + ground truth)`` RoIs, a size known without
+        waiting for the GPU. Where fewer examples can be sampled (ignored proposals: crowd regions, RPN
+        padding), the remaining RoIs are padding with label -1: the losses leave them out, sums and
+        normalisers alike, but they do pass through the box head (a trainable BatchNorm there would see
+        them). Proposals without area are the RPN's padding (see ``rpn.select_proposals``) and are
+        ignored."""
         sampled_boxes, sampled_labels, sampled_targets = [], [], []
         box_coder = self.box_predictor.box_coder
         for boxes, target in zip(proposals, targets):
             gt_boxes = target["boxes"].to(device=boxes.device, dtype=torch.float32)
             gt_labels = target["labels"].to(boxes.device)
             boxes = boxes.float()
+            padding = ~nonempty(boxes)
             if self.proposal_append_gt:
                 boxes = torch.cat([boxes, gt_boxes])
+                padding = torch.cat([padding, padding.new_zeros(len(gt_boxes))])
             if gt_boxes.numel() == 0:
                 matched_idx = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
                 classes = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
             else:
                 matched_idx, match_labels = self.matcher(box_iou(gt_boxes, boxes))
-                classes = gt_labels[matched_idx].clone()
-                classes[match_labels == 0] = 0
-                classes[match_labels == -1] = -1
-            classes[(classes == 0) & crowd_mask(target.get("crowd_boxes"), boxes, self.crowd_ioa_thresh)] = -1
-            pos, neg = sample_balanced(classes, self.batch_size_per_image, self.positive_fraction, self.generator)
-            idx = torch.cat([pos, neg])
+                classes = gt_labels[matched_idx].masked_fill(match_labels == 0, 0).masked_fill(match_labels == -1, -1)
+            ignored = padding | ((classes == 0) & crowd_mask(target.get("crowd_boxes"), boxes, self.crowd_ioa_thresh))
+            classes = classes.masked_fill(ignored, -1)
+            idx, valid = sample_balanced(classes, self.batch_size_per_image, self.positive_fraction, self.generator)
+            labels = classes[idx].masked_fill(~valid, -1)
             sampled_boxes.append(boxes[idx])
-            sampled_labels.append(classes[idx])
-            targets_i = torch.zeros((len(idx), 4), device=boxes.device)
-            fg = classes[idx] > 0
-            targets_i[fg] = box_coder.encode(gt_boxes[matched_idx[idx[fg]]], boxes[idx[fg]])
-            sampled_targets.append(targets_i)
+            sampled_labels.append(labels)
+            matched = gt_boxes[matched_idx[idx]] if gt_boxes.numel() else boxes[idx]
+            targets_i = box_coder.encode(matched, boxes[idx])
+            sampled_targets.append(torch.where((labels > 0)[:, None], targets_i, 0.0))
         return sampled_boxes, sampled_labels, sampled_targets
 
     def box_features(self, features: dict[str, torch.Tensor], proposals: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -27,7 +27,7 @@ from .anchor_generator import AnchorGenerator
 from .box_coder import BoxCoder
 from .box_ops import batched_nms, clip_boxes, crowd_mask, nonempty, smooth_l1
 from .matcher import Matcher
-from .sampling import sample_balanced
+from .sampling import sample_balanced, sampled_labels
 
 
 class RPNHead(nn.Module):
@@ -162,7 +162,8 @@ class RPN(nn.Module):
     def label_and_sample_anchors(self, anchors: torch.Tensor, targets: Sequence[dict]
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image: labels (A,) with 1 sampled positive, 0 sampled negative, -1 unused, and each
-        anchor's matched ground-truth box (A, 4). Returned stacked over images."""
+        anchor's matched ground-truth box (A, 4). Returned stacked over images; sampled for all images at
+        once, without a host synchronisation (``sample_balanced``)."""
         all_labels, all_matched = [], []
         for target in targets:
             gt_boxes = target["boxes"].to(device=anchors.device, dtype=torch.float32)
@@ -172,24 +173,28 @@ class RPN(nn.Module):
             else:
                 matched_idx, labels = self.matcher(box_iou(gt_boxes, anchors))
                 matched = gt_boxes[matched_idx]
-            labels[(labels == 0) & crowd_mask(target.get("crowd_boxes"), anchors, self.crowd_ioa_thresh)] = -1
-            pos, neg = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction, self.generator)
-            sampled = torch.full_like(labels, -1)
-            sampled[pos] = 1
-            sampled[neg] = 0
-            all_labels.append(sampled)
+            labels = labels.masked_fill((labels == 0) & crowd_mask(target.get("crowd_boxes"), anchors,
+                                                                   self.crowd_ioa_thresh), -1)
+            all_labels.append(labels)
             all_matched.append(matched)
-        return torch.stack(all_labels), torch.stack(all_matched)
+        labels = torch.stack(all_labels)
+        indices, valid = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction, self.generator)
+        return sampled_labels(labels, indices, valid), torch.stack(all_matched)
 
     def losses(self, anchors: torch.Tensor, logits: torch.Tensor, deltas: torch.Tensor, labels: torch.Tensor,
                matched_boxes: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``logits`` (N, A), ``deltas`` (N, A, 4), ``labels`` (N, A), ``matched_boxes`` (N, A, 4)."""
+        """``logits`` (N, A), ``deltas`` (N, A, 4), ``labels`` (N, A), ``matched_boxes`` (N, A, 4).
+
+        Over all anchors with the unsampled ones weighted 0 (``torch.where``, so that a non-finite target
+        of an unused anchor cannot reach the sum or the gradient) instead of Detectron2's boolean
+        indexing, which makes the host wait for the GPU: the same sums, in another order."""
         sampled = labels >= 0
         positive = labels == 1
         num_sampled = sampled.sum().clamp(min=1)
-        loss_cls = F.binary_cross_entropy_with_logits(logits[sampled].float(), labels[sampled].float(),
-                                                      reduction="sum") / num_sampled
-        anchors_pos = anchors[None].expand_as(matched_boxes)[positive]
-        targets = self.box_coder.encode(matched_boxes[positive], anchors_pos)
-        loss_loc = smooth_l1(deltas[positive], targets, self.smooth_l1_beta).sum() / num_sampled
+        loss_cls = F.binary_cross_entropy_with_logits(logits.float(), positive.float(), reduction="none")
+        loss_cls = torch.where(sampled, loss_cls, 0.0).sum() / num_sampled
+        targets = self.box_coder.encode(matched_boxes.reshape(-1, 4), anchors.repeat(labels.shape[0], 1))
+        targets = torch.where(positive[..., None], targets.view_as(matched_boxes), 0.0)
+        loss_loc = smooth_l1(deltas, targets, self.smooth_l1_beta)
+        loss_loc = torch.where(positive[..., None], loss_loc, 0.0).sum() / num_sampled
         return {"loss_rpn_cls": loss_cls, "loss_rpn_loc": loss_loc}
