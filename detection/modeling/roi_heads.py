@@ -77,20 +77,50 @@ class FastRCNNOutputLayers(nn.Module):
     def inference(self, class_logits: torch.Tensor, box_deltas: torch.Tensor, proposals: Sequence[torch.Tensor],
                   image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
         """Per image: softmax scores, per-class decoded and clipped boxes, scores > ``score_thresh``,
-        NMS per class, the ``detections_per_img`` best. Labels are 1..K."""
+        NMS per class, the ``detections_per_img`` best. Labels are 1..K. All images at once
+        (``postprocess_batch``); proposals without area (the RPN's padding) give no detection."""
         counts = [p.shape[0] for p in proposals]  # not len(): a symbolic size under torch.export
-        scores_all = F.softmax(class_logits.float(), dim=1).split(counts)
-        deltas_all = box_deltas.float().split(counts)
-        results = []
-        for scores, deltas, boxes, size in zip(scores_all, deltas_all, proposals, image_sizes):
-            results.append(self.inference_single_image(scores, deltas, boxes, tuple(size)))
-        return results
+        scores = F.softmax(class_logits.float(), dim=1)
+        all_proposals = torch.cat(list(proposals))
+        boxes = self.box_coder.decode(box_deltas.float(), all_proposals).view(-1, self.num_classes, 4)
+        boxes = torch.cat([clip_boxes(b, tuple(size)) for b, size in zip(boxes.split(counts), image_sizes)])
+        return postprocess_batch(boxes, scores[:, 1:], counts, self.score_thresh, self.nms_thresh,
+                                 self.detections_per_img, valid=nonempty(all_proposals))
 
-    def inference_single_image(self, scores: torch.Tensor, deltas: torch.Tensor, proposals: torch.Tensor,
-                               image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        boxes = self.box_coder.decode(deltas, proposals).view(-1, self.num_classes, 4)
-        return postprocess_detections(clip_boxes(boxes, image_size), scores[:, 1:], self.score_thresh,
-                                      self.nms_thresh, self.detections_per_img)
+
+def postprocess_batch(boxes: torch.Tensor, scores: torch.Tensor, counts: Sequence[int], score_thresh: float,
+                      nms_thresh: float, detections_per_img: int, valid: torch.Tensor | None = None
+                      ) -> list[dict[str, torch.Tensor]]:
+    """The per-class boxes ``(R, K, 4)`` and foreground scores ``(R, K)`` of several images' RoIs (``counts``
+    per image, concatenated) -> each image's detections: finite rows (and ``valid`` ones) with scores >
+    ``score_thresh``, NMS per class, the ``detections_per_img`` best, sorted by decreasing score. Labels are
+    1..K.
+
+    Detectron2 and torchvision post-process one image at a time, each with a ``nonzero`` and an NMS the
+    host waits for. Here the host waits three times per batch whatever its size: the candidates above the
+    threshold (one ``nonzero``: the NMS's input size; feeding all R x K boxes instead would cost NMS the
+    square of that), one NMS grouped by (image, class), and the number of detections per image, read once
+    to split the result."""
+    num_rois, num_classes = scores.shape
+    device = scores.device
+    rows = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=1)
+    if valid is not None:
+        rows = rows & valid
+    roi_idx, cls_idx = torch.nonzero(rows[:, None] & (scores > score_thresh), as_tuple=True)
+    image_ids = torch.cat([torch.full((c,), i, dtype=torch.int64, device=device) for i, c in enumerate(counts)])
+    boxes, scores, images = boxes[roi_idx, cls_idx], scores[roi_idx, cls_idx], image_ids[roi_idx]
+    keep = batched_nms(boxes, scores, images * num_classes + cls_idx, nms_thresh)
+    if len(counts) == 1:  # (also what torch.export traces: one image, no split)
+        per_image = [keep[:detections_per_img]]
+    else:  # group the kept boxes by image, keeping NMS's order (decreasing score) within each
+        by_image, order = torch.sort(images[keep], stable=True)
+        keep = keep[order]
+        kept_per_image = (by_image[None, :] == torch.arange(len(counts), device=device)[:, None]).sum(dim=1)
+        per_image, start = [], 0
+        for n in kept_per_image.tolist():
+            per_image.append(keep[start:start + min(n, detections_per_img)])
+            start += n
+    return [{"boxes": boxes[k], "scores": scores[k], "labels": cls_idx[k] + 1} for k in per_image]
 
 
 def postprocess_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: float, nms_thresh: float,
@@ -98,16 +128,13 @@ def postprocess_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thre
     """One image's per-class boxes ``(N, K, 4)`` and foreground scores ``(N, K)`` -> its detections:
     scores > ``score_thresh``, NMS per class, optionally box voting, the ``detections_per_img`` best.
     Labels are 1..K."""
-    finite = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=1)
-    boxes, scores = boxes[finite], scores[finite]
-    roi_idx, cls_idx = torch.nonzero(scores > score_thresh, as_tuple=True)
-    boxes = boxes[roi_idx, cls_idx]
-    scores = scores[roi_idx, cls_idx]
-    keep = batched_nms(boxes, scores, cls_idx, nms_thresh)[:detections_per_img]
-    kept_boxes = boxes[keep]
-    if box_voting_iou > 0:
-        kept_boxes = box_voting(kept_boxes, cls_idx[keep], boxes, scores, cls_idx, box_voting_iou)
-    return {"boxes": kept_boxes, "scores": scores[keep], "labels": cls_idx[keep] + 1}
+    det = postprocess_batch(boxes, scores, [boxes.shape[0]], score_thresh, nms_thresh, detections_per_img)[0]
+    if box_voting_iou > 0:  # every candidate votes: the same selection as postprocess_batch's
+        finite = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=1)
+        roi_idx, cls_idx = torch.nonzero(finite[:, None] & (scores > score_thresh), as_tuple=True)
+        det["boxes"] = box_voting(det["boxes"], det["labels"] - 1, boxes[roi_idx, cls_idx], scores[roi_idx, cls_idx],
+                                  cls_idx, box_voting_iou)
+    return det
 
 
 def box_voting(kept_boxes: torch.Tensor, kept_labels: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
