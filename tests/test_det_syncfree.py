@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from detection.modeling import build_detector
+from detection.modeling import Matcher, build_detector
 from detection.modeling.box_ops import clip_boxes, nonempty
 from detection.modeling.roi_heads import postprocess_batch, postprocess_detections
 from detection.modeling.rpn import select_proposals
@@ -35,6 +35,34 @@ def reference_postprocess_detections(boxes, scores, score_thresh, nms_thresh, de
     scores = scores[roi_idx, cls_idx]
     keep = torchvision.ops.batched_nms(boxes, scores, cls_idx, nms_thresh)[:detections_per_img]
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": cls_idx[keep] + 1}
+
+
+def reference_matcher(matcher, match_quality_matrix):
+    num_gt, num_pred = match_quality_matrix.shape
+    if num_gt == 0:
+        return torch.zeros(num_pred, dtype=torch.int64), torch.full((num_pred,), matcher.labels[0], dtype=torch.int8)
+    best_iou, matched_idx = match_quality_matrix.max(dim=0)
+    match_labels = torch.empty(num_pred, dtype=torch.int8)
+    for label, low, high in zip(matcher.labels, matcher.thresholds[:-1], matcher.thresholds[1:]):
+        match_labels[(best_iou >= low) & (best_iou < high)] = label
+    if matcher.allow_low_quality_matches:
+        best_per_gt = match_quality_matrix.max(dim=1).values
+        best_per_gt = torch.where(best_per_gt > 0, best_per_gt, torch.full_like(best_per_gt, float("nan")))
+        _, pred_idx = torch.nonzero(match_quality_matrix == best_per_gt[:, None], as_tuple=True)
+        match_labels[pred_idx] = 1
+    return matched_idx, match_labels
+
+
+@pytest.mark.parametrize("low_quality", [False, True])
+def test_matcher_equals_the_nonzero_reference(low_quality):
+    g = torch.Generator().manual_seed(0)
+    matcher = Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=low_quality)
+    for num_gt, num_pred in ((5, 40), (1, 7), (0, 6), (12, 300)):
+        quality = (torch.rand(num_gt, num_pred, generator=g) * 10).floor() / 10  # many ties
+        if num_gt > 2:
+            quality[1] = 0.0  # a ground truth that overlaps nothing
+        for got, expected in zip(matcher(quality), reference_matcher(matcher, quality)):
+            assert torch.equal(got, expected)
 
 
 def overlapping_boxes(shape, size, g):
@@ -159,13 +187,15 @@ def count_head_syncs(model, batch):
     return counter.calls, detections
 
 
-@pytest.mark.parametrize("neck", ["none", "fpn"])
-def test_rpn_and_roi_heads_synchronise_a_fixed_few_times_per_batch(neck):
+@pytest.mark.parametrize("neck,context", [("none", False), ("fpn", False), ("none", True)])
+def test_rpn_and_roi_heads_synchronise_a_fixed_few_times_per_batch(neck, context):
     """Training: the RPN's one NMS for all images. Inference: that NMS, and post-processing's candidates
     above the score threshold, its one NMS and the read of the detections per image. The FPN pooler's
     grouping of RoIs by level (a nonzero per level, per batch) remains."""
     torch.manual_seed(0)
-    model = build_detector(slim_cfg(neck), num_classes=3)
+    cfg = slim_cfg(neck)
+    cfg.roi_heads.global_context = context
+    model = build_detector(cfg, num_classes=3)
     batch = two_image_batch()
     batch["targets"][1]["boxes"] = torch.tensor([[5.0, 50.0, 60.0, 75.0]])  # a foreground RoI in each image
     batch["targets"][1]["labels"] = torch.tensor([2])
@@ -173,11 +203,11 @@ def test_rpn_and_roi_heads_synchronise_a_fixed_few_times_per_batch(neck):
     model.train()
     model.set_sampling_generator(torch.Generator().manual_seed(0))
     calls, _ = count_head_syncs(model, batch)
-    print(f"training ({neck}): {dict(calls)}")
+    print(f"training ({neck}, context {context}): {dict(calls)}")
     assert calls == Counter({"torchvision::nms": 1}) + pooler
     model.eval()
     with torch.no_grad():
         calls, detections = count_head_syncs(model, batch)
-    print(f"inference ({neck}): {dict(calls)}")
+    print(f"inference ({neck}, context {context}): {dict(calls)}")
     assert calls == Counter({"torchvision::nms": 2, "aten::nonzero": 1, "Tensor.tolist": 1}) + pooler
     assert len(detections) == 2 and all(len(d["boxes"]) > 0 for d in detections)

@@ -217,12 +217,14 @@ class ROIHeads(nn.Module):
         global context, appendix B)."""
         whole = [torch.tensor([[0.0, 0.0, float(w), float(h)]]) for h, w in image_sizes]
         device = next(iter(features.values())).device
-        return self.box_features(features, [b.to(device) for b in whole])
+        return self.box_features(features, [b.to(device, non_blocking=True) for b in whole])
 
     @staticmethod
     def attach_context(region_features: torch.Tensor, context: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Concatenate each region's feature with its image's context feature: (N, C) -> (N, 2C)."""
-        per_roi = context.repeat_interleave(torch.as_tensor(list(counts), device=context.device), dim=0)
+        # expanded per image, not repeat_interleave with a tensor of counts (whose output size the host
+        # would wait for)
+        per_roi = torch.cat([context[i:i + 1].expand(n, -1) for i, n in enumerate(counts)])
         return torch.cat([region_features, per_roi.to(region_features.dtype)], dim=1)
 
     def predict(self, features: dict[str, torch.Tensor], boxes: Sequence[torch.Tensor],
