@@ -24,8 +24,7 @@ file (ONNX metadata ``resdet``, the ``.pt2``'s extra file ``resdet.json``).
 What differs from ``tools/eval_det.py``: the resize is ``F.interpolate`` on float pixels where the data
 pipeline uses OpenCV on uint8 (a fraction of a grey level apart); images narrower than about 1:5 are
 padded to two cells of the coarsest feature map; box refinement, voting and test-time augmentation
-(``eval.*``) are evaluation-time options and not in the graph; an image on which the RPN has no finite
-box at all (a broken model) fails a runtime check instead of returning nothing.
+(``eval.*``) are evaluation-time options and not in the graph.
 """
 from __future__ import annotations
 

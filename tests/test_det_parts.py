@@ -17,6 +17,7 @@ from detection.modeling import (
     filter_proposals,
     sample_balanced,
 )
+from detection.modeling.sampling import sampled_labels
 from det_helpers import random_boxes
 
 
@@ -99,11 +100,36 @@ def test_matcher_ignores_low_quality_match_at_zero_iou():
 def test_sample_balanced():
     labels = torch.tensor([1] * 10 + [0] * 100 + [-1] * 50)
     g = torch.Generator().manual_seed(0)
-    pos, neg = sample_balanced(labels, 64, 0.25, g)
-    assert len(pos) == 10 and len(neg) == 54  # 16 positives wanted, only 10 exist: negatives fill up
+    idx, valid = sample_balanced(labels, 64, 0.25, g)
+    assert idx.shape == valid.shape == (64,) and valid.all()
+    pos, neg = idx[:10], idx[10:]  # 16 positives wanted, only 10 exist: negatives fill up
     assert (labels[pos] == 1).all() and (labels[neg] == 0).all() and len(set(neg.tolist())) == 54
-    pos, neg = sample_balanced(labels, 8, 0.25, g)
-    assert len(pos) == 2 and len(neg) == 6
+    idx, valid = sample_balanced(labels, 8, 0.25, g)
+    assert valid.all() and (labels[idx] == 1).sum() == 2 and (labels[idx[2:]] == 0).all()
+    # fewer candidates than slots: the valid slots come first, the rest are left out
+    idx, valid = sample_balanced(torch.tensor([0, -1, 1, -1, 0]), 4, 0.5, g)
+    assert valid.tolist() == [True, True, True, False] and idx[0] == 2 and sorted(idx[1:3].tolist()) == [0, 4]
+    # exhaustive: everything is taken; batched over the leading dimension, one row at a time
+    rows = torch.tensor([[1, 0, 0, -1, 1], [-1, -1, 0, 0, 0]])
+    idx, valid = sample_balanced(rows, 10 ** 6, 1.0, g)
+    assert idx.shape == (2, 5) and valid.sum(1).tolist() == [4, 3]
+    assert sorted(idx[0, :4].tolist()) == [0, 1, 2, 4] and sorted(idx[1, :3].tolist()) == [2, 3, 4]
+    assert sampled_labels(rows, idx, valid).tolist() == rows.tolist()
+    assert sample_balanced(torch.zeros(0, dtype=torch.int64), 8, 0.5, g)[0].shape == (0,)
+
+
+def test_sample_balanced_is_uniform_up_to_the_cap():
+    """Each positive is chosen with probability cap / positives, each negative with (size - cap) / negatives."""
+    labels = torch.tensor([1] * 6 + [0] * 12 + [-1] * 4)
+    g = torch.Generator().manual_seed(1)
+    counts = torch.zeros(len(labels))
+    draws = 3000
+    for _ in range(draws):
+        idx, valid = sample_balanced(labels, 8, 0.25, g)
+        counts[idx[valid]] += 1
+    freq = counts / draws
+    assert (freq[:6] - 2 / 6).abs().max() < 0.04 and (freq[6:18] - 6 / 12).abs().max() < 0.04
+    assert (freq[18:] == 0).all()
 
 
 # -- proposals and pooling -----------------------------------------------------------------------

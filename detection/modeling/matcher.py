@@ -44,12 +44,12 @@ class Matcher:
         best_iou, matched_idx = match_quality_matrix.max(dim=0)
         match_labels = torch.empty(num_pred, dtype=torch.int8, device=device)
         for label, low, high in zip(self.labels, self.thresholds[:-1], self.thresholds[1:]):
-            match_labels[(best_iou >= low) & (best_iou < high)] = label
+            match_labels.masked_fill_((best_iou >= low) & (best_iou < high), label)  # not x[mask] =: no host sync
         if self.allow_low_quality_matches:
             # A ground truth that overlaps nothing (e.g. a degenerate box) would otherwise turn every
             # prediction it ties with at IoU 0 into a positive; torchvision does that, we do not.
             best_per_gt = match_quality_matrix.max(dim=1).values
             best_per_gt = torch.where(best_per_gt > 0, best_per_gt, torch.full_like(best_per_gt, math.nan))
-            _, pred_idx = torch.nonzero(match_quality_matrix == best_per_gt[:, None], as_tuple=True)
-            match_labels[pred_idx] = 1
+            # a mask over predictions, not torchvision's nonzero: the same positives without a host sync
+            match_labels.masked_fill_((match_quality_matrix == best_per_gt[:, None]).any(dim=0), 1)
         return matched_idx, match_labels

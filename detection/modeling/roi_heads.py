@@ -28,7 +28,7 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from .box_coder import BoxCoder
-from .box_ops import batched_nms, clip_boxes, crowd_mask, smooth_l1
+from .box_ops import batched_nms, clip_boxes, crowd_mask, nonempty, smooth_l1
 from .matcher import Matcher
 from .poolers import ROIPooler
 from .sampling import sample_balanced
@@ -62,31 +62,65 @@ class FastRCNNOutputLayers(nn.Module):
     def losses(self, class_logits: torch.Tensor, box_deltas: torch.Tensor, labels: torch.Tensor,
                regression_targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cross-entropy over the sampled RoIs; box loss on foreground RoIs for their class, divided by
-        the number of sampled RoIs."""
-        loss_cls = F.cross_entropy(class_logits.float(), labels)
-        fg = torch.nonzero(labels > 0, as_tuple=True)[0]
-        deltas = box_deltas.view(box_deltas.shape[0], self.num_classes, 4)[fg, labels[fg] - 1]
-        loss_box = smooth_l1(deltas, regression_targets[fg], self.smooth_l1_beta).sum() / max(labels.numel(), 1)
+        the number of sampled RoIs. RoIs labelled -1 (sampling's padding) count nowhere. The foreground
+        is weighted, not gathered with ``nonzero`` as in Detectron2, so the host never waits for the GPU."""
+        loss_cls = F.cross_entropy(class_logits.float(), labels, ignore_index=-1)
+        num_sampled = (labels >= 0).sum().clamp(min=1)
+        fg = labels > 0
+        rows = torch.arange(box_deltas.shape[0], device=box_deltas.device)
+        deltas = box_deltas.view(box_deltas.shape[0], self.num_classes, 4)[rows, (labels - 1).clamp(min=0)]
+        loss_box = smooth_l1(deltas, regression_targets, self.smooth_l1_beta)
+        loss_box = torch.where(fg[:, None], loss_box, 0.0).sum() / num_sampled
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box}
 
     @torch.no_grad()
     def inference(self, class_logits: torch.Tensor, box_deltas: torch.Tensor, proposals: Sequence[torch.Tensor],
                   image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
         """Per image: softmax scores, per-class decoded and clipped boxes, scores > ``score_thresh``,
-        NMS per class, the ``detections_per_img`` best. Labels are 1..K."""
+        NMS per class, the ``detections_per_img`` best. Labels are 1..K. All images at once
+        (``postprocess_batch``); proposals without area (the RPN's padding) give no detection."""
         counts = [p.shape[0] for p in proposals]  # not len(): a symbolic size under torch.export
-        scores_all = F.softmax(class_logits.float(), dim=1).split(counts)
-        deltas_all = box_deltas.float().split(counts)
-        results = []
-        for scores, deltas, boxes, size in zip(scores_all, deltas_all, proposals, image_sizes):
-            results.append(self.inference_single_image(scores, deltas, boxes, tuple(size)))
-        return results
+        scores = F.softmax(class_logits.float(), dim=1)
+        all_proposals = torch.cat(list(proposals))
+        boxes = self.box_coder.decode(box_deltas.float(), all_proposals).view(-1, self.num_classes, 4)
+        boxes = torch.cat([clip_boxes(b, tuple(size)) for b, size in zip(boxes.split(counts), image_sizes)])
+        return postprocess_batch(boxes, scores[:, 1:], counts, self.score_thresh, self.nms_thresh,
+                                 self.detections_per_img, valid=nonempty(all_proposals))
 
-    def inference_single_image(self, scores: torch.Tensor, deltas: torch.Tensor, proposals: torch.Tensor,
-                               image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        boxes = self.box_coder.decode(deltas, proposals).view(-1, self.num_classes, 4)
-        return postprocess_detections(clip_boxes(boxes, image_size), scores[:, 1:], self.score_thresh,
-                                      self.nms_thresh, self.detections_per_img)
+
+def postprocess_batch(boxes: torch.Tensor, scores: torch.Tensor, counts: Sequence[int], score_thresh: float,
+                      nms_thresh: float, detections_per_img: int, valid: torch.Tensor | None = None
+                      ) -> list[dict[str, torch.Tensor]]:
+    """The per-class boxes ``(R, K, 4)`` and foreground scores ``(R, K)`` of several images' RoIs (``counts``
+    per image, concatenated) -> each image's detections: finite rows (and ``valid`` ones) with scores >
+    ``score_thresh``, NMS per class, the ``detections_per_img`` best, sorted by decreasing score. Labels are
+    1..K.
+
+    Detectron2 and torchvision post-process one image at a time, each with a ``nonzero`` and an NMS the
+    host waits for. Here the host waits three times per batch whatever its size: the candidates above the
+    threshold (one ``nonzero``: the NMS's input size; feeding all R x K boxes instead would cost NMS the
+    square of that), one NMS grouped by (image, class), and the number of detections per image, read once
+    to split the result."""
+    num_rois, num_classes = scores.shape
+    device = scores.device
+    rows = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=1)
+    if valid is not None:
+        rows = rows & valid
+    roi_idx, cls_idx = torch.nonzero(rows[:, None] & (scores > score_thresh), as_tuple=True)
+    image_ids = torch.cat([torch.full((c,), i, dtype=torch.int64, device=device) for i, c in enumerate(counts)])
+    boxes, scores, images = boxes[roi_idx, cls_idx], scores[roi_idx, cls_idx], image_ids[roi_idx]
+    keep = batched_nms(boxes, scores, images * num_classes + cls_idx, nms_thresh)
+    if len(counts) == 1:  # (also what torch.export traces: one image, no split)
+        per_image = [keep[:detections_per_img]]
+    else:  # group the kept boxes by image, keeping NMS's order (decreasing score) within each
+        by_image, order = torch.sort(images[keep], stable=True)
+        keep = keep[order]
+        kept_per_image = (by_image[None, :] == torch.arange(len(counts), device=device)[:, None]).sum(dim=1)
+        per_image, start = [], 0
+        for n in kept_per_image.tolist():
+            per_image.append(keep[start:start + min(n, detections_per_img)])
+            start += n
+    return [{"boxes": boxes[k], "scores": scores[k], "labels": cls_idx[k] + 1} for k in per_image]
 
 
 def postprocess_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: float, nms_thresh: float,
@@ -94,16 +128,13 @@ def postprocess_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thre
     """One image's per-class boxes ``(N, K, 4)`` and foreground scores ``(N, K)`` -> its detections:
     scores > ``score_thresh``, NMS per class, optionally box voting, the ``detections_per_img`` best.
     Labels are 1..K."""
-    finite = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=1)
-    boxes, scores = boxes[finite], scores[finite]
-    roi_idx, cls_idx = torch.nonzero(scores > score_thresh, as_tuple=True)
-    boxes = boxes[roi_idx, cls_idx]
-    scores = scores[roi_idx, cls_idx]
-    keep = batched_nms(boxes, scores, cls_idx, nms_thresh)[:detections_per_img]
-    kept_boxes = boxes[keep]
-    if box_voting_iou > 0:
-        kept_boxes = box_voting(kept_boxes, cls_idx[keep], boxes, scores, cls_idx, box_voting_iou)
-    return {"boxes": kept_boxes, "scores": scores[keep], "labels": cls_idx[keep] + 1}
+    det = postprocess_batch(boxes, scores, [boxes.shape[0]], score_thresh, nms_thresh, detections_per_img)[0]
+    if box_voting_iou > 0:  # every candidate votes: the same selection as postprocess_batch's
+        finite = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=1)
+        roi_idx, cls_idx = torch.nonzero(finite[:, None] & (scores > score_thresh), as_tuple=True)
+        det["boxes"] = box_voting(det["boxes"], det["labels"] - 1, boxes[roi_idx, cls_idx], scores[roi_idx, cls_idx],
+                                  cls_idx, box_voting_iou)
+    return det
 
 
 def box_voting(kept_boxes: torch.Tensor, kept_labels: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
@@ -140,33 +171,40 @@ class ROIHeads(nn.Module):
     @torch.no_grad()
     def label_and_sample_proposals(self, proposals: Sequence[torch.Tensor], targets: Sequence[dict]
                                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Per image: the sampled RoIs (foreground first), their class labels (0 = background) and
-        their box regression targets (meaningful for foreground only)."""
+        """Per image: the sampled RoIs (foreground first), their class labels (0 = background) and their box
+        regression targets (meaningful for foreground only).
+
+        Each image gets ``min(batch_size_per_image, proposals + ground truth)`` RoIs, a size known without
+        waiting for the GPU. Where fewer examples can be sampled (ignored proposals: crowd regions, RPN
+        padding), the remaining RoIs are padding with label -1: the losses leave them out, sums and
+        normalisers alike, but they do pass through the box head (a trainable BatchNorm there would see
+        them). Proposals without area are the RPN's padding (see ``rpn.select_proposals``) and are
+        ignored."""
         sampled_boxes, sampled_labels, sampled_targets = [], [], []
         box_coder = self.box_predictor.box_coder
         for boxes, target in zip(proposals, targets):
             gt_boxes = target["boxes"].to(device=boxes.device, dtype=torch.float32)
             gt_labels = target["labels"].to(boxes.device)
             boxes = boxes.float()
+            padding = ~nonempty(boxes)
             if self.proposal_append_gt:
                 boxes = torch.cat([boxes, gt_boxes])
+                padding = torch.cat([padding, padding.new_zeros(len(gt_boxes))])
             if gt_boxes.numel() == 0:
                 matched_idx = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
                 classes = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
             else:
                 matched_idx, match_labels = self.matcher(box_iou(gt_boxes, boxes))
-                classes = gt_labels[matched_idx].clone()
-                classes[match_labels == 0] = 0
-                classes[match_labels == -1] = -1
-            classes[(classes == 0) & crowd_mask(target.get("crowd_boxes"), boxes, self.crowd_ioa_thresh)] = -1
-            pos, neg = sample_balanced(classes, self.batch_size_per_image, self.positive_fraction, self.generator)
-            idx = torch.cat([pos, neg])
+                classes = gt_labels[matched_idx].masked_fill(match_labels == 0, 0).masked_fill(match_labels == -1, -1)
+            ignored = padding | ((classes == 0) & crowd_mask(target.get("crowd_boxes"), boxes, self.crowd_ioa_thresh))
+            classes = classes.masked_fill(ignored, -1)
+            idx, valid = sample_balanced(classes, self.batch_size_per_image, self.positive_fraction, self.generator)
+            labels = classes[idx].masked_fill(~valid, -1)
             sampled_boxes.append(boxes[idx])
-            sampled_labels.append(classes[idx])
-            targets_i = torch.zeros((len(idx), 4), device=boxes.device)
-            fg = classes[idx] > 0
-            targets_i[fg] = box_coder.encode(gt_boxes[matched_idx[idx[fg]]], boxes[idx[fg]])
-            sampled_targets.append(targets_i)
+            sampled_labels.append(labels)
+            matched = gt_boxes[matched_idx[idx]] if gt_boxes.numel() else boxes[idx]
+            targets_i = box_coder.encode(matched, boxes[idx])
+            sampled_targets.append(torch.where((labels > 0)[:, None], targets_i, 0.0))
         return sampled_boxes, sampled_labels, sampled_targets
 
     def box_features(self, features: dict[str, torch.Tensor], proposals: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -183,12 +221,14 @@ class ROIHeads(nn.Module):
         global context, appendix B)."""
         whole = [torch.tensor([[0.0, 0.0, float(w), float(h)]]) for h, w in image_sizes]
         device = next(iter(features.values())).device
-        return self.box_features(features, [b.to(device) for b in whole])
+        return self.box_features(features, [b.to(device, non_blocking=True) for b in whole])
 
     @staticmethod
     def attach_context(region_features: torch.Tensor, context: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Concatenate each region's feature with its image's context feature: (N, C) -> (N, 2C)."""
-        per_roi = context.repeat_interleave(torch.as_tensor(list(counts), device=context.device), dim=0)
+        # expanded per image, not repeat_interleave with a tensor of counts (whose output size the host
+        # would wait for)
+        per_roi = torch.cat([context[i:i + 1].expand(n, -1) for i, n in enumerate(counts)])
         return torch.cat([region_features, per_roi.to(region_features.dtype)], dim=1)
 
     def predict(self, features: dict[str, torch.Tensor], boxes: Sequence[torch.Tensor],

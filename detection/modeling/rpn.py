@@ -12,7 +12,9 @@ negative. Anchors crossing the image border are kept (Detectron2's default, not 
 
 Proposals: per image and level, the ``pre_nms_topk`` highest-scoring anchors are decoded, clipped to
 the image, stripped of empty boxes, and NMS-ed (levels kept apart); the ``post_nms_topk`` best per
-image survive. They carry no gradient.
+image survive. They carry no gradient. Each image gets ``min(post_nms_topk, candidates)`` rows, a size
+the host knows without waiting for the GPU: when fewer proposals survive, the rest are padding boxes
+(0, 0, 0, 0), which no proposal can be (proposals are never empty) and the RoI heads leave out.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from .anchor_generator import AnchorGenerator
 from .box_coder import BoxCoder
 from .box_ops import batched_nms, clip_boxes, crowd_mask, nonempty, smooth_l1
 from .matcher import Matcher
-from .sampling import sample_balanced
+from .sampling import sample_balanced, sampled_labels
 
 
 class RPNHead(nn.Module):
@@ -62,22 +64,52 @@ def flatten_deltas(x: torch.Tensor) -> torch.Tensor:
     return x.view(n, -1, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
 
 
+def select_proposals(boxes: torch.Tensor, scores: torch.Tensor, level_ids: torch.Tensor,
+                     image_sizes: Sequence[tuple[int, int]], nms_thresh: float, post_nms_topk: int,
+                     min_size: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidate boxes ``(N, C, 4)``, scores ``(N, C)`` and the level of each candidate ``(C,)`` -> each
+    image's proposals: clip, leave out empty/non-finite boxes, NMS per (image, level), the
+    ``post_nms_topk`` best.
+
+    Returns ``(boxes, scores, valid)``, ``(N, P, 4)``, ``(N, P)``, ``(N, P)`` with
+    ``P = min(post_nms_topk, C)``: per image its proposals sorted by decreasing score, then padding (boxes
+    (0, 0, 0, 0), scores -inf, valid False) when fewer survive. The valid rows are exactly what NMS per
+    image and per level would keep (Detectron2's ``find_top_rpn_proposals``), but without a host
+    synchronisation besides the NMS's own: the left-out boxes are not removed (boolean indexing waits for
+    the GPU) but pushed behind every valid box by their score, all images go through one NMS, and each
+    image's best ``P`` come from a top-k over a fixed size, ranked by their position in the NMS's output.
+    Level ids must be below ``C``.
+    """
+    num_images, num_candidates = scores.shape
+    boxes = torch.stack([clip_boxes(boxes[i], tuple(image_sizes[i])) for i in range(num_images)])
+    valid = (nonempty(boxes.view(-1, 4), min_size).view(num_images, num_candidates)
+             & torch.isfinite(boxes).all(dim=2) & torch.isfinite(scores))
+    boxes = torch.where(valid[..., None], boxes, 0.0)  # finite, so NMS's coordinate shift stays finite
+    scores = scores.masked_fill(~valid, float("-inf"))
+    image_ids = torch.arange(num_images, device=scores.device)[:, None]
+    groups = (image_ids * num_candidates + level_ids.to(scores.device)[None, :]).reshape(-1)
+    keep = batched_nms(boxes.view(-1, 4), scores.view(-1), groups, nms_thresh)
+    # each candidate's position in NMS's output (sorted by decreasing score); dropped and invalid ones last
+    last = num_images * num_candidates
+    position = torch.full((last,), last, dtype=torch.int64, device=scores.device)
+    position.scatter_(0, keep, torch.arange(keep.shape[0], device=scores.device))
+    position = position.masked_fill(~valid.view(-1), last).view(num_images, num_candidates)
+    position, idx = position.topk(min(post_nms_topk, num_candidates), dim=1, largest=False)
+    kept = position < last
+    boxes = torch.where(kept[..., None], boxes.gather(1, idx[..., None].expand(-1, -1, 4)), 0.0)
+    return boxes, scores.gather(1, idx).masked_fill(~kept, float("-inf")), kept
+
+
 def filter_proposals(boxes: torch.Tensor, scores: torch.Tensor, level_ids: torch.Tensor, image_size: tuple[int, int],
                      nms_thresh: float, post_nms_topk: int, min_size: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image's candidate boxes -> its proposals: clip, drop empty/non-finite, NMS per level, top-k.
+    """One image's candidate boxes -> its proposals (``select_proposals`` without the padding, which costs
+    a host synchronisation: for tools outside the training and inference hot path).
 
     Returns ``(boxes, scores)`` sorted by decreasing score.
     """
-    boxes = clip_boxes(boxes, image_size)
-    keep = nonempty(boxes, min_size) & torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
-    boxes, scores, level_ids = boxes[keep], scores[keep], level_ids[keep]
-    keep = batched_nms(boxes, scores, level_ids, nms_thresh)
-    if torch.compiler.is_exporting():
-        # the RoI head's convolutions cannot be traced for a count that may be 0. NMS keeps at least the
-        # best box, and some box is valid unless the network's outputs are not finite (then this asserts)
-        torch._check(keep.shape[0] >= 1)
-    keep = keep[:post_nms_topk]
-    return boxes[keep], scores[keep]
+    boxes, scores, valid = select_proposals(boxes[None], scores[None], level_ids, [image_size], nms_thresh,
+                                            post_nms_topk, min_size)
+    return boxes[0][valid[0]], scores[0][valid[0]]
 
 
 class RPN(nn.Module):
@@ -152,9 +184,9 @@ class RPN(nn.Module):
         boxes = torch.cat(cand_boxes, dim=1)
         scores = torch.cat(cand_scores, dim=1)
         levels = torch.cat(cand_levels)
-        post_nms_topk = self.post_nms_topk[self.training]
-        return [filter_proposals(boxes[i], scores[i], levels, tuple(image_sizes[i]), self.nms_thresh, post_nms_topk,
-                                 self.min_size)[0] for i in range(num_images)]
+        boxes, _, _ = select_proposals(boxes, scores, levels, image_sizes, self.nms_thresh,
+                                       self.post_nms_topk[self.training], self.min_size)
+        return list(boxes.unbind(0))
 
     # -- training -------------------------------------------------------------------------------
 
@@ -162,7 +194,8 @@ class RPN(nn.Module):
     def label_and_sample_anchors(self, anchors: torch.Tensor, targets: Sequence[dict]
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image: labels (A,) with 1 sampled positive, 0 sampled negative, -1 unused, and each
-        anchor's matched ground-truth box (A, 4). Returned stacked over images."""
+        anchor's matched ground-truth box (A, 4). Returned stacked over images; sampled for all images at
+        once, without a host synchronisation (``sample_balanced``)."""
         all_labels, all_matched = [], []
         for target in targets:
             gt_boxes = target["boxes"].to(device=anchors.device, dtype=torch.float32)
@@ -172,24 +205,28 @@ class RPN(nn.Module):
             else:
                 matched_idx, labels = self.matcher(box_iou(gt_boxes, anchors))
                 matched = gt_boxes[matched_idx]
-            labels[(labels == 0) & crowd_mask(target.get("crowd_boxes"), anchors, self.crowd_ioa_thresh)] = -1
-            pos, neg = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction, self.generator)
-            sampled = torch.full_like(labels, -1)
-            sampled[pos] = 1
-            sampled[neg] = 0
-            all_labels.append(sampled)
+            labels = labels.masked_fill((labels == 0) & crowd_mask(target.get("crowd_boxes"), anchors,
+                                                                   self.crowd_ioa_thresh), -1)
+            all_labels.append(labels)
             all_matched.append(matched)
-        return torch.stack(all_labels), torch.stack(all_matched)
+        labels = torch.stack(all_labels)
+        indices, valid = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction, self.generator)
+        return sampled_labels(labels, indices, valid), torch.stack(all_matched)
 
     def losses(self, anchors: torch.Tensor, logits: torch.Tensor, deltas: torch.Tensor, labels: torch.Tensor,
                matched_boxes: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``logits`` (N, A), ``deltas`` (N, A, 4), ``labels`` (N, A), ``matched_boxes`` (N, A, 4)."""
+        """``logits`` (N, A), ``deltas`` (N, A, 4), ``labels`` (N, A), ``matched_boxes`` (N, A, 4).
+
+        Over all anchors with the unsampled ones weighted 0 (``torch.where``, so that a non-finite target
+        of an unused anchor cannot reach the sum or the gradient) instead of Detectron2's boolean
+        indexing, which makes the host wait for the GPU: the same sums, in another order."""
         sampled = labels >= 0
         positive = labels == 1
         num_sampled = sampled.sum().clamp(min=1)
-        loss_cls = F.binary_cross_entropy_with_logits(logits[sampled].float(), labels[sampled].float(),
-                                                      reduction="sum") / num_sampled
-        anchors_pos = anchors[None].expand_as(matched_boxes)[positive]
-        targets = self.box_coder.encode(matched_boxes[positive], anchors_pos)
-        loss_loc = smooth_l1(deltas[positive], targets, self.smooth_l1_beta).sum() / num_sampled
+        loss_cls = F.binary_cross_entropy_with_logits(logits.float(), positive.float(), reduction="none")
+        loss_cls = torch.where(sampled, loss_cls, 0.0).sum() / num_sampled
+        targets = self.box_coder.encode(matched_boxes.reshape(-1, 4), anchors.repeat(labels.shape[0], 1))
+        targets = torch.where(positive[..., None], targets.view_as(matched_boxes), 0.0)
+        loss_loc = smooth_l1(deltas, targets, self.smooth_l1_beta)
+        loss_loc = torch.where(positive[..., None], loss_loc, 0.0).sum() / num_sampled
         return {"loss_rpn_cls": loss_cls, "loss_rpn_loc": loss_loc}

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .box_ops import clip_boxes
+from .box_ops import clip_boxes, nonempty
 from .meta_arch import GeneralizedRCNN
 from .roi_heads import postprocess_detections
 
@@ -144,6 +144,7 @@ class TestTimeDetector(nn.Module):
                 view = _View(model, flipped, features)
                 view_proposals, _ = model.rpn(model.rpn_inputs(features[1.0]), image_sizes)
                 for i, p in enumerate(view_proposals):
+                    p = p[nonempty(p)]  # without the RPN's padding (a host synchronisation: evaluation only)
                     proposals[i].append(flip_boxes(p, image_sizes[i][1]) if flipped else p)
                 views.append(view)
         return views, [torch.cat(p) if len(p) > 1 else p[0] for p in proposals], image_sizes
