@@ -189,7 +189,7 @@ def count_head_syncs(model, batch):
 
 @pytest.mark.parametrize("neck,context", [("none", False), ("fpn", False), ("none", True)])
 def test_rpn_and_roi_heads_synchronise_a_fixed_few_times_per_batch(neck, context):
-    """Training: the RPN's one NMS for all images. Inference: that NMS, and post-processing's candidates
+    """Training: the RPN's NMS, one per image. Inference: those, and post-processing's candidates
     above the score threshold, its one NMS and the read of the detections per image. The FPN pooler's
     grouping of RoIs by level (a nonzero per level, per batch) remains."""
     torch.manual_seed(0)
@@ -204,10 +204,10 @@ def test_rpn_and_roi_heads_synchronise_a_fixed_few_times_per_batch(neck, context
     model.set_sampling_generator(torch.Generator().manual_seed(0))
     calls, _ = count_head_syncs(model, batch)
     print(f"training ({neck}, context {context}): {dict(calls)}")
-    assert calls == Counter({"torchvision::nms": 1}) + pooler
+    assert calls == Counter({"torchvision::nms": 2}) + pooler
     model.eval()
     with torch.no_grad():
         calls, detections = count_head_syncs(model, batch)
     print(f"inference ({neck}, context {context}): {dict(calls)}")
-    assert calls == Counter({"torchvision::nms": 2, "aten::nonzero": 1, "Tensor.tolist": 1}) + pooler
+    assert calls == Counter({"torchvision::nms": 3, "aten::nonzero": 1, "Tensor.tolist": 1}) + pooler
     assert len(detections) == 2 and all(len(d["boxes"]) > 0 for d in detections)
