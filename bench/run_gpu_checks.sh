@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of the README and the closing notes, in one go (about 8 minutes on one H100), each step
 # under its own time limit so that one stuck step still leaves the others' tables:
+#   0. bench/cuda_check.py: the detector on CUDA gives the CPU's losses and detections (float32, plain and fast)
 #   1. bench/det_speed.py: R101-C4 and R50-FPN, resdet's plain and fast paths against torchvision (same inputs)
 #   2. bench/trainer_speed.py det: tools/train_det.py on coco128 against the same detector alone
 #   3. bench/trainer_speed.py pretrain: tools/pretrain_backbone.py (ResNet-50) on 500x375 JPEGs against the model alone
@@ -19,6 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
 
+timeout ${CHECK_TIMEOUT:-60} $PY bench/cuda_check.py 2>&1 | tee "$OUT/cuda_check.txt"
 timeout ${DET_TIMEOUT:-200} $PY bench/det_speed.py $DET 2>&1 | tee "$OUT/det_speed.txt"
 # fine-tuning's set-up (frozen BN from res2 up) on real COCO images, the C4 config's own sizes and bf16
 timeout ${TRAINER_TIMEOUT:-150} $PY bench/trainer_speed.py det --device cuda --iters 80 --workers "$WORKERS" \
@@ -29,6 +31,7 @@ timeout ${COMPILE_TIMEOUT:-170} $PY bench/det_speed.py $DET --variants compile 2
 timeout ${PRETRAIN_SPEED_TIMEOUT:-100} $PY bench/pretrain_speed.py --device cuda --batch 256 --amp bf16 --channels-last \
     --iters 15 --warmup 5 --pipeline-images 200 2>&1 | tee "$OUT/pretrain_speed.txt"
 echo "== tables"
+grep -E "vs CPU|worst" "$OUT/cuda_check.txt"
 for f in det_speed det_speed_compile trainer_det trainer_pretrain pretrain_speed; do
     echo "-- $f"; grep -E "^\||^device|^det:|^pretrain:" "$OUT/$f.txt"
 done

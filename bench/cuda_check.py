@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""resdet's detector on CUDA against the same detector on the CPU, float32, same weights: the losses and
+the detections of the plain path (frozen BN as layers, NCHW) and the fast path (folded, channels-last) on
+both devices. Sampling is exhaustive (every anchor and RoI taken), so no random draw differs between the
+devices; TF32 is off so the GPU computes in true float32. The tests check the same on the CPU alone.
+
+    python bench/cuda_check.py          # python bench/cuda_check.py cpu: the script's own dry run
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from torchvision.ops import FrozenBatchNorm2d  # noqa: E402
+
+from detection.modeling import DetectorConfig  # noqa: E402
+from detection.modeling.build import build_detector  # noqa: E402
+from detection.modeling.config import Neck  # noqa: E402
+
+
+def slim(neck: str, fold: bool):
+    cfg = OmegaConf.structured(DetectorConfig)
+    cfg.backbone.depth, cfg.backbone.base_width, cfg.backbone.fold_frozen_bn = 50, 16, fold
+    cfg.neck, cfg.fpn_channels = Neck(neck), 32
+    cfg.rpn.anchor_sizes = [16.0, 32.0, 64.0, 128.0, 256.0] if neck == "fpn" else [16.0, 32.0, 64.0]
+    cfg.rpn.batch_size_per_image, cfg.roi_heads.batch_size_per_image = 10**6, 10**6  # exhaustive sampling
+    cfg.rpn.pre_nms_topk_train = cfg.rpn.pre_nms_topk_test = 300
+    cfg.rpn.post_nms_topk_train = cfg.rpn.post_nms_topk_test = 100
+    if neck == "fpn":
+        cfg.roi_heads.pooler_resolution, cfg.roi_heads.fc_dim = 7, 64
+    return cfg
+
+
+def batch(device):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (2, 3, 160, 224), dtype=torch.uint8, generator=g)
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 90.0, 100.0], [100.0, 30.0, 200.0, 150.0]]),
+                "labels": torch.tensor([1, 3]), "crowd_boxes": torch.zeros(0, 4)},
+               {"boxes": torch.tensor([[20.0, 40.0, 120.0, 140.0]]), "labels": torch.tensor([2]),
+                "crowd_boxes": torch.zeros(0, 4)}]
+    return {"images": images.to(device), "image_sizes": [(160, 224), (140, 200)],
+            "targets": [{k: v.to(device) for k, v in t.items()} for t in targets]}
+
+
+def run(model, device):
+    model.to(device).train()
+    losses = {k: float(v.detach()) for k, v in model(batch(device)).items()}
+    model.eval()
+    with torch.no_grad():
+        detections = [{k: v.cpu() for k, v in d.items()} for d in model(batch(device))]
+    return losses, detections
+
+
+def main():
+    device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    worst = 0.0
+    for neck in ("none", "fpn"):
+        torch.manual_seed(0)
+        reference = build_detector(slim(neck, False), num_classes=3)
+        with torch.no_grad():
+            for m in reference.modules():
+                if isinstance(m, FrozenBatchNorm2d):
+                    m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
+                    m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2.0)
+        cpu_losses, cpu_dets = run(reference, "cpu")
+        for fast in (False, True):
+            model = build_detector(slim(neck, fast), num_classes=3)
+            model.load_state_dict(reference.state_dict())
+            if fast:
+                model.to(memory_format=torch.channels_last)
+            losses, dets = run(model, device)
+            rel = max(abs(losses[k] - cpu_losses[k]) / max(abs(cpu_losses[k]), 1e-6) for k in losses)
+            same_counts = [len(a["boxes"]) for a in dets] == [len(b["boxes"]) for b in cpu_dets]
+            box_err = max(((a["boxes"] - b["boxes"]).abs().max().item() if len(a["boxes"]) else 0.0)
+                          for a, b in zip(dets, cpu_dets)) if same_counts else float("inf")
+            worst = max(worst, rel)
+            print(f"{'C4' if neck == 'none' else 'FPN'} {'fast' if fast else 'plain'} {device} vs CPU: losses rel. diff "
+                  f"{rel:.1e} ({', '.join(f'{k} {v:.4f}' for k, v in losses.items())}); detections per image "
+                  f"{[len(d['boxes']) for d in dets]} vs {[len(d['boxes']) for d in cpu_dets]}, max box diff {box_err:.2e} px")
+    print(f"worst loss difference {worst:.1e}: {'OK' if worst < 1e-3 else 'CHECK'}")
+
+
+if __name__ == "__main__":
+    main()
