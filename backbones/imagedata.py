@@ -80,7 +80,7 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, chann
 
 
 class ShardedSampler(Sampler[int]):
-    """Each rank's share of a (per-epoch shuffled) order; can start mid-epoch for exact resumption.
+    """Each rank's share of a (per-epoch shuffled) order.
 
     Training shards are padded to equal length so every rank runs the same number of steps
     (DDP needs that); evaluation shards are not padded so each image counts exactly once.
@@ -90,11 +90,9 @@ class ShardedSampler(Sampler[int]):
         self.size, self.shuffle, self.seed = size, shuffle, seed
         self.rank, self.world_size, self.pad = rank, world_size, pad
         self.epoch = 0
-        self.start = 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """``start``: number of this rank's samples already consumed in this epoch."""
-        self.epoch, self.start = epoch, start
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def _indices(self) -> list[int]:
         if self.shuffle:
@@ -108,7 +106,7 @@ class ShardedSampler(Sampler[int]):
         return order[self.rank::self.world_size]
 
     def __iter__(self):
-        return iter(self._indices()[self.start:])
+        return iter(self._indices())
 
     def __len__(self):
-        return len(self._indices()) - self.start
+        return len(self._indices())

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from backbones.engine.config import ConfigError, to_yaml
 from backbones.engine.dist import all_gather_object, init_distributed, is_main_process
 from backbones.engine.errors import DatasetError
+from backbones.engine.loader import SpanningBatchSampler, epoch_and_index, run_loader
 from backbones.engine.precision import check_solver
 from backbones.engine.run import RunFolder
 from backbones.engine.solver import describe_scaling, lr_multiplier, scaled_lr
@@ -48,33 +49,20 @@ def apply_epoch_schedule(cfg: DictConfig, iters_per_epoch: int) -> str | None:
 
 
 class EpochSeeded(torch.utils.data.Dataset):
-    """Seeds Python's ``random`` (which the detection transforms draw from) per (seed, epoch, index), so
-    augmentation does not depend on workers or ranks, and a resumed run sees the same images."""
+    """Items keyed by ``(epoch, index)``; seeds Python's ``random`` (which the detection transforms draw
+    from) per (seed, epoch, index), so augmentation does not depend on workers or ranks, and a resumed
+    run sees the same images."""
 
     def __init__(self, dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, index):
-        random.seed(hash((self.seed, self.epoch, index)))
+    def __getitem__(self, key):
+        epoch, index = epoch_and_index(key)
+        random.seed(hash((self.seed, epoch, index)))
         return self.dataset[index]
-
-
-class SkipBatches:
-    """A batch sampler that starts ``skip`` batches into its epoch (exact mid-epoch resumption)."""
-
-    def __init__(self, batch_sampler, skip: int):
-        self.batch_sampler, self.skip = batch_sampler, skip
-
-    def __iter__(self):
-        for i, batch in enumerate(self.batch_sampler):
-            if i >= self.skip:
-                yield batch
-
-    def __len__(self):
-        return max(0, len(self.batch_sampler) - self.skip)
 
 
 def train(cfg: DictConfig, run_name: str) -> dict:
@@ -156,11 +144,9 @@ def train(cfg: DictConfig, run_name: str) -> dict:
         return metrics["AP"]
 
     def loader(epoch: int, offset: int) -> DataLoader:
-        batch_sampler.set_epoch(epoch)
-        seeded_train_set.epoch = epoch
-        return DataLoader(seeded_train_set, batch_sampler=SkipBatches(batch_sampler, offset), collate_fn=collate,
-                          num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
-                          generator=keyed_generator(cfg.seed, epoch, rank))
+        batches = SpanningBatchSampler(batch_sampler, iters_per_epoch, epoch, offset, s.max_iter)
+        return run_loader(seeded_train_set, batches, collate, cfg.data.workers, device,
+                          keyed_generator(cfg.seed, epoch, rank))
 
     def prepare(batch: dict, iteration: int):
         # When every image of this rank's (or another rank's) batch was unreadable (counted), the step is

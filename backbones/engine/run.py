@@ -132,24 +132,36 @@ def progress_bar(**kwargs):
 class LossWindow:
     """The loss terms and samples of the steps since the last log line. ``flush`` returns the terms
     averaged over those steps and over ranks (plus their sum, ``loss``) and the samples per second of all
-    ranks together, then starts a new window. Every rank must call ``flush`` (it reduces)."""
+    ranks together, then starts a new window. Every rank must call ``flush`` (it reduces).
+
+    The rate leaves out the window's first step when it is the run's first: that step waits for the
+    loader's workers to start and fill their queues (and for the device's first-call set-up), so counted
+    it would measure start-up instead of the steady state the rate is there to show. A first window of
+    that one step alone has no rate (NaN)."""
 
     def __init__(self):
         self._reset()
+        self.warming_up = True  # until the run's first step has ended
 
     def _reset(self) -> None:
         self.sums: dict[str, float] = {}
         self.steps, self.samples, self.start = 0, 0, time.time()
+        self.only_untimed = False  # the window holds the run's first step alone
 
     def add(self, losses: dict, samples: int) -> None:
         for k, v in losses.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
         self.steps += 1
-        self.samples += samples
+        if self.warming_up:
+            self.warming_up, self.only_untimed, self.start = False, True, time.time()
+        else:
+            self.samples += samples
+            self.only_untimed = False
 
     def flush(self, device) -> tuple[dict[str, float], float]:
         avg = reduce_mean({k: v / max(self.steps, 1) for k, v in self.sums.items()}, device)
         avg["loss"] = sum(avg.values())
-        per_second = reduce_sum({"n": self.samples}, device)["n"] / max(time.time() - self.start, 1e-9)
+        samples = reduce_sum({"n": self.samples}, device)["n"]
+        per_second = math.nan if self.only_untimed else samples / max(time.time() - self.start, 1e-9)
         self._reset()
         return avg, per_second

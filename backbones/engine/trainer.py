@@ -2,9 +2,10 @@
 
 A task builds its model, optimizer, schedule and data, and gives the :class:`Trainer`:
 
-* ``loader(epoch, offset)``: the batches of one epoch, starting ``offset`` batches in (exact mid-epoch
-  resumption); a task whose sampler spans the whole run (the R-CNN stage) sets ``iters_per_epoch`` to the
-  run's length and gets one call;
+* ``loader(epoch, offset)``: every remaining batch of the run, starting ``offset`` batches into ``epoch``
+  (exact mid-epoch resumption) and ending at ``max_iter``; it is called once, so its workers live for the
+  whole run (:mod:`~backbones.engine.loader`). A task without epochs (the R-CNN stage) sets
+  ``iters_per_epoch`` to the run's length;
 * ``prepare(batch, iteration)``: ``(inputs, samples, skipped)``, with ``inputs`` None when every image of
   this rank's batch was unreadable (``skipped`` of them counted);
 * ``forward(inputs)``: the loss terms, computed under autocast;
@@ -129,28 +130,32 @@ class Trainer:
         """Train from ``start_iter`` to ``max_iter``; returns the last iteration."""
         self.iteration = start_iter
         self.progress = progress = progress_bar(total=self.max_iter, initial=start_iter, desc=self.desc)
-        window, self.probe = LossWindow(), LossProbe(self.device)
-        while self.iteration < self.max_iter:
-            epoch, offset = divmod(self.iteration, self.iters_per_epoch)
-            self.model.train()
-            stepped = False
-            for batch in self.loader(epoch, offset):
-                started = time.perf_counter()
-                self.step(batch, window)
-                if self.iteration == start_iter + 1:  # start-up costs land here: compilation, cuDNN autotuning
-                    self.run.logger.info("first step: %.1f s", time.perf_counter() - started)
-                progress.update(1)
-                stepped = True
-                if self.iteration >= self.max_iter or self.iteration % self.iters_per_epoch == 0:
-                    break
-            if not stepped:
-                raise RuntimeError(f"{self.desc}: the data loader of epoch {epoch} gave no batch {offset} batches in")
-            if self.iteration % self.iters_per_epoch == 0:
-                for hook in self.after_epoch_hooks:
-                    hook(epoch, self.iteration)
-        self.record(self.probe.take(), window)
+        if start_iter < self.max_iter:
+            self.run_batches(self.loader(*divmod(start_iter, self.iters_per_epoch)))
         progress.close()
         return self.iteration
+
+    def run_batches(self, batches: Iterable) -> None:
+        """Step through ``batches`` to ``max_iter``, with the epoch hooks at each epoch's end."""
+        window, self.probe = LossWindow(), LossProbe(self.device)
+        first = self.iteration + 1
+        self.model.train()
+        for batch in batches:
+            started = time.perf_counter()
+            self.step(batch, window)
+            if self.iteration == first:  # start-up costs land here: compilation, cuDNN autotuning
+                self.run.logger.info("first step: %.1f s", time.perf_counter() - started)
+            self.progress.update(1)
+            if self.iteration % self.iters_per_epoch == 0:
+                for hook in self.after_epoch_hooks:
+                    hook(self.iteration // self.iters_per_epoch - 1, self.iteration)
+                self.model.train()  # the hooks may have evaluated
+            if self.iteration >= self.max_iter:
+                self.record(self.probe.take(), window)
+                return
+        epoch, offset = divmod(self.iteration, self.iters_per_epoch)
+        raise RuntimeError(f"{self.desc}: the data loader ran dry at iteration {self.iteration} of {self.max_iter} "
+                           f"(epoch {epoch}, {offset} batches in)")
 
     def record(self, step: tuple | None, window: LossWindow) -> None:
         """A step's loss terms read back by the probe: stop if they are not finite, else into the window."""

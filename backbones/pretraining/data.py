@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..engine.loader import epoch_and_index
 from ..engine.imageio import CorruptImageError, read_image_rgb
 from ..engine.run import get_logger
 # shared with localization (backbones/imagedata.py); re-exported under their old names here
@@ -49,14 +50,15 @@ class ImageFolderDataset(Dataset):
         self.classes = classes
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
         self.skip_corrupt = skip_corrupt
         self.ten_crop = ten_crop
 
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        """``key``: ``(epoch, index)`` in training (augmentation seeded by both), or an index."""
+        epoch, index = epoch_and_index(key)
         path, label = self.samples[index]
         try:
             image = read_image_rgb(path)
@@ -65,7 +67,7 @@ class ImageFolderDataset(Dataset):
                 raise
             get_logger().warning("skipping corrupt image: %s", exc)
             return None
-        self.transform.set_random_seed(hash((self.seed, self.epoch, index)) % 2**32)
+        self.transform.set_random_seed(hash((self.seed, epoch, index)) % 2**32)
         image = self.transform(image=image)["image"]
         if self.ten_crop:
             crops = ten_crops(image, self.ten_crop)

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import backbone_checkpoint
 from ..engine.config import to_yaml
+from ..engine.loader import SpanningBatchSampler, run_loader
 from ..engine.dist import all_gather_object, barrier, init_distributed, is_main_process
 from ..engine.precision import check_solver
 from ..engine.run import RunFolder
@@ -123,11 +124,9 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                                    channels_last=s.channels_last)
 
     def loader(epoch: int, offset: int) -> DataLoader:
-        train_set.epoch = epoch
-        sampler.set_epoch(epoch, start=offset * per_rank_batch)
-        return DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=d.workers,
-                          collate_fn=collate_skip_none, drop_last=True, pin_memory=device.type == "cuda",
-                          persistent_workers=False, generator=keyed_generator(cfg.seed, epoch, rank))
+        batches = SpanningBatchSampler(sampler, iters_per_epoch, epoch, offset, total_iters, per_rank_batch)
+        return run_loader(train_set, batches, collate_skip_none, d.workers, device,
+                          keyed_generator(cfg.seed, epoch, rank))
 
     def prepare(batch, iteration: int):
         images, labels, n_skipped = batch

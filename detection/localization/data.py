@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from backbones.engine.errors import DatasetError
 from backbones.engine.imageio import CorruptImageError, is_image_file, read_image_rgb
+from backbones.engine.loader import epoch_and_index
 from backbones.engine.run import get_logger
 from backbones.imagedata import PCALighting, scan_image_folder, split_holdout
 from detection.data.problems import DataProblems
@@ -273,17 +274,18 @@ def image_boxes(record: LocRecord, image: np.ndarray) -> np.ndarray:
 
 
 class LocTrainDataset(Dataset):
-    """(image uint8 CxHxW, class, boxes of that class (n, 4)) per record; augmentation seeded per
-    (seed, epoch, index) as in pretraining, so a resumed run sees the same crops. Corrupt: ``None``."""
+    """(image uint8 CxHxW, class, boxes of that class (n, 4)) per ``(epoch, index)`` key (an index alone:
+    epoch 0); augmentation seeded per (seed, epoch, index) as in pretraining, so a resumed run sees the
+    same crops. Corrupt: ``None``."""
 
     def __init__(self, records: list[LocRecord], transform: A.Compose, seed: int = 0, skip_corrupt: bool = True):
         self.records, self.transform, self.seed, self.skip_corrupt = records, transform, seed, skip_corrupt
-        self.epoch = 0
 
     def __len__(self):
         return len(self.records)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        epoch, index = epoch_and_index(key)
         record = self.records[index]
         try:
             image = read_image_rgb(record.path)
@@ -294,7 +296,7 @@ class LocTrainDataset(Dataset):
             return None
         keep = record.box_labels == record.label
         boxes = image_boxes(record, image)[keep]
-        self.transform.set_random_seed(hash((self.seed, self.epoch, index)) % 2**32)
+        self.transform.set_random_seed(hash((self.seed, epoch, index)) % 2**32)
         out = self.transform(image=image, bboxes=boxes, box_labels=record.box_labels[keep])
         boxes = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
         image = torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1).contiguous()

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from backbones.engine.errors import CheckpointError, ConfigError
 from backbones import load_backbone_weights, read_backbone_checkpoint, resnet_from_arch
 from backbones.engine.config import to_yaml
+from backbones.engine.loader import run_loader
 from backbones.engine.dist import all_gather_object, get_rank, get_world_size, is_main_process
 from backbones.engine.solver import lr_multiplier, scaled_lr
 from backbones.engine.trainer import Trainer, distribute, sgd
@@ -128,9 +129,8 @@ def train_rcnn(cfg, run, loc_model, train_records, class_names, mean, std, devic
     def loader(epoch: int, offset: int) -> DataLoader:  # one sampler for the whole stage, from `offset` on
         sampler = RoIBatchSampler(table["pos"], table["neg"], r.batch_size // world_size, r.positive_fraction,
                                   cfg.seed, offset, r.max_iter)
-        return DataLoader(RoIDataset(train_records, table, r.crop_size, box_coder), batch_sampler=sampler,
-                          num_workers=cfg.data.workers, collate_fn=collate_rois, pin_memory=device.type == "cuda",
-                          generator=keyed_generator(cfg.seed, offset, rank))
+        return run_loader(RoIDataset(train_records, table, r.crop_size, box_coder), sampler, collate_rois,
+                          cfg.data.workers, device, keyed_generator(cfg.seed, offset, rank))
 
     def prepare(batch, iteration: int):
         crops, classes, fg, targets = batch

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from backbones.engine.errors import ConfigError
 from backbones.engine.config import to_yaml
+from backbones.engine.loader import SpanningBatchSampler, run_loader
 from backbones.engine.dist import all_gather_object, barrier, init_distributed, is_main_process
 from backbones.engine.precision import check_solver
 from backbones.engine.run import RunFolder
@@ -168,11 +169,8 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                                      amp_dtype=amp_dtype, limit=limit)
 
     def loader(epoch: int, offset: int) -> DataLoader:
-        train_set.epoch = epoch
-        sampler.set_epoch(epoch, start=offset * per_rank_batch)
-        return DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=d.workers,
-                          collate_fn=collate_loc, drop_last=True, pin_memory=device.type == "cuda",
-                          generator=keyed_generator(cfg.seed, epoch, rank))
+        batches = SpanningBatchSampler(sampler, iters_per_epoch, epoch, offset, s.max_iter, per_rank_batch)
+        return run_loader(train_set, batches, collate_loc, d.workers, device, keyed_generator(cfg.seed, epoch, rank))
 
     def to_device(batch, iteration: int):
         images, labels, boxes, n_skipped = batch
