@@ -74,7 +74,7 @@ def run_trainer(cmd: list[str], metrics: str, device: torch.device, timeout: flo
     sampler.stop.set()
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
-    rates = [r["train/img_per_s"] for r in train_lines(metrics)]
+    rates = [r["train/img_per_s"] for r in train_lines(metrics) if r["train/img_per_s"] is not None]
     steady = rates[1:] or rates
     return statistics.median(steady), sampler.mean(), time.perf_counter() - start
 
@@ -180,6 +180,7 @@ def pretraining(args, overrides: list[str], out: str) -> list[tuple[str, str]]:
     cfg = load_config(PretrainConfig, os.path.join(ROOT, args.pretrain_config), settings)
     device = torch.device(args.device)
     s = cfg.solver
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as the trainer
     model = build_classifier(cfg.model, CLASSES).to(device).train()
     model = distribute(model, device, 1, s.channels_last, compile=s.compile)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -74,6 +74,9 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     seed_everything(cfg.seed + rank)
     d, s = cfg.data, cfg.solver
 
+    # every training batch has one shape (crop_size), so cuDNN's autotuner pays once and picks the fastest
+    # kernels (detection, whose image sizes vary, leaves it off: it would re-tune at every new size)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     model = build_classifier(cfg.model, len(classes))
     if cfg.model.norm == "sync_bn" and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
