@@ -8,8 +8,8 @@
 resdet appears twice or three times: the plain path (frozen BN as separate layers, NCHW), the fast path
 (the defaults: frozen BN folded into the convolutions, and channels-last) and, with ``--compile``, the fast
 path with its trunk, neck and box head compiled (inductor). Training img/s, inference ms/img, peak GPU
-memory and, on CUDA, the host synchronisations one training step and one inference make
-(``torch.cuda.set_sync_debug_mode``).
+memory and, on CUDA, the host synchronisations one training step and one inference make (blocking CUDA
+runtime calls, counted by the profiler).
 
     python bench/det_speed.py                                     # CPU: small images, few steps
     python bench/det_speed.py --device cuda --batch 8 --height 800 --width 1216 --amp bf16 --iters 20 --variants plain,fast,compile,torchvision
@@ -19,7 +19,6 @@ import functools
 import os
 import sys
 import time
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -125,19 +124,21 @@ def run_tv(model, images, targets, train):
     return model(floats)
 
 
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
 def count_syncs(device, fn) -> int | str:
-    """Host synchronisations while ``fn`` runs (CUDA's sync debug mode warns at each)."""
+    """Host synchronisations while ``fn`` runs: the CUDA runtime calls that block the host, as the profiler
+    records them (a copy to the host through pageable memory is a memcpy plus a stream synchronisation)."""
     if device.type != "cuda":
         return "n/a"
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    # the last event is the synchronize above, which is the measurement's, not fn's
+    return max(0, sum(e.name in SYNC_CALLS for e in prof.events()) - 1)
 
 
 def measure(model, runner, images, targets, device, amp, iters, warmup):
