@@ -310,14 +310,34 @@ class FrozenBNConv2d(nn.Conv2d):
     (gradients flow through the scaling); the BN's statistics are read at every call, so loading a
     checkpoint afterwards still takes effect."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The convolution's weight and bias with the batch norm applied."""
         bn = self._folded_bn
         scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
         shift = bn.bias - bn.running_mean * scale
         weight = self.weight * scale.to(self.weight.dtype).view(-1, 1, 1, 1)
         if self.bias is not None:
             shift = shift + self.bias * scale
-        return F.conv2d(x, weight, shift.to(weight.dtype), self.stride, self.padding, self.dilation, self.groups)
+        return weight, shift.to(weight.dtype)
+
+    def folded_once(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``folded()``, kept while its inputs are unchanged: the fold is half a dozen small kernels per
+        convolution, which in inference (bound by kernel launches on a GPU) cost more than the
+        convolution. Keyed by each input's storage and version, so loading weights or moving the module
+        computes it anew."""
+        bn = self._folded_bn
+        inputs = (self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in inputs)
+        if getattr(self, "_fold_key", None) != key:
+            with torch.no_grad():
+                object.__setattr__(self, "_fold_cache", self.folded())
+            object.__setattr__(self, "_fold_key", key)
+        return self._fold_cache
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        trains = self.weight.requires_grad and torch.is_grad_enabled()
+        weight, bias = self.folded() if trains or torch.compiler.is_compiling() else self.folded_once()
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def fold_frozen_bn(module: nn.Module) -> int:

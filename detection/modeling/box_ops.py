@@ -1,6 +1,8 @@
 """Small box utilities the heads share (xyxy boxes in pixels); IoU itself is torchvision.ops.box_iou."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torchvision
 
@@ -21,6 +23,38 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     boxes = boxes.to(dtype)
     extent = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).abs().max() + 1
     return torchvision.ops.nms(boxes + (groups.to(dtype) * extent)[:, None], scores.to(dtype), iou_thresh)
+
+
+_STREAMS: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
+_THREADS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="nms")
+
+
+def batched_nms_per_image(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
+                          iou_thresh: float) -> list[torch.Tensor]:
+    """``batched_nms`` of each image's boxes ``(N, C, 4)``, scores ``(N, C)`` and groups ``(C,)``: N index
+    tensors.
+
+    On a GPU the images' NMS run at the same time, each on its own CUDA stream from its own host thread.
+    torchvision's NMS ends in a greedy pass that one thread block makes over the boxes (about 4.5 ms for
+    12000 boxes on an H100) and in a read of the count by the host, so one image after another left the
+    GPU nearly idle for N of those passes: 8 images were a sixth of an R101-C4 training step. The threads
+    wait for the GPU without the interpreter lock, so the passes overlap."""
+    if boxes.device.type != "cuda" or len(boxes) < 2 or torch.compiler.is_compiling():
+        return [batched_nms(b, s, groups, iou_thresh) for b, s in zip(boxes, scores)]
+    main = torch.cuda.current_stream(boxes.device)
+    streams = [_STREAMS.setdefault((boxes.device, i), torch.cuda.Stream(boxes.device)) for i in range(len(boxes))]
+
+    def one(i: int) -> torch.Tensor:
+        with torch.cuda.stream(streams[i]):
+            return batched_nms(boxes[i], scores[i], groups, iou_thresh)
+
+    for stream in streams:
+        stream.wait_stream(main)  # the boxes and scores are written on the main stream
+    keeps = list(_THREADS.map(one, range(len(boxes))))
+    for stream, keep in zip(streams, keeps):
+        main.wait_stream(stream)
+        keep.record_stream(main)  # made on a side stream, used on the main one: not to be reused before
+    return keeps
 
 
 def clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:

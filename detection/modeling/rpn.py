@@ -27,7 +27,7 @@ from torchvision.ops import box_iou
 
 from .anchor_generator import AnchorGenerator
 from .box_coder import BoxCoder
-from .box_ops import batched_nms, clip_boxes, crowd_mask, nonempty, smooth_l1
+from .box_ops import batched_nms_per_image, clip_boxes, crowd_mask, nonempty, smooth_l1
 from .matcher import Matcher
 from .sampling import sample_balanced, sampled_labels
 
@@ -79,8 +79,8 @@ def select_proposals(boxes: torch.Tensor, scores: torch.Tensor, level_ids: torch
     the GPU) but pushed behind every valid box by their score, and each image's best ``P`` come from a
     top-k over a fixed size, ranked by their position in its NMS's output. NMS runs once per image, not
     once for the batch: its cost grows with the square of its input, so 8 images of 12000 candidates in
-    one call would cost 8 times the IoUs and host work of 8 calls (what the host waits for in each call
-    is its own greedy pass over the NMS mask, work either way).
+    one call would cost 8 times the IoUs and the greedy pass of 8 calls; on a GPU the 8 calls overlap
+    (``batched_nms_per_image``).
     """
     num_images, num_candidates = scores.shape
     boxes = torch.stack([clip_boxes(boxes[i], tuple(image_sizes[i])) for i in range(num_images)])
@@ -91,9 +91,7 @@ def select_proposals(boxes: torch.Tensor, scores: torch.Tensor, level_ids: torch
     # each candidate's position in its image's NMS output (sorted by decreasing score); dropped, invalid: last
     last = num_candidates
     position = torch.full((num_images, num_candidates), last, dtype=torch.int64, device=scores.device)
-    level_ids = level_ids.to(scores.device)
-    for i in range(num_images):
-        keep = batched_nms(boxes[i], scores[i], level_ids, nms_thresh)
+    for i, keep in enumerate(batched_nms_per_image(boxes, scores, level_ids.to(scores.device), nms_thresh)):
         position[i].scatter_(0, keep, torch.arange(keep.shape[0], device=scores.device))
     position = position.masked_fill(~valid, last)
     position, idx = position.topk(min(post_nms_topk, num_candidates), dim=1, largest=False)
