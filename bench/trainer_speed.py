@@ -32,7 +32,6 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 
 class UtilisationSampler(threading.Thread):

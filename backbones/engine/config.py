@@ -32,7 +32,9 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     log_period: int = 20  # iterations between metrics.jsonl/TensorBoard records
-    checkpoint_period: int = 0  # iterations between checkpoints (pretraining: 0 = end of each epoch only)
+    # iterations between checkpoints. Pretraining: 0 = at the end of each epoch; otherwise also at an epoch's
+    # end after an evaluation or once checkpoint_period iterations have passed since the last one
+    checkpoint_period: int = 0
     debug_stop_at_iter: int = 0  # tests: exit abruptly at this iteration, as a killed run would
     # (localization: the R-CNN stage's iterations count on from solver.max_iter)
 

@@ -111,7 +111,11 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     mean_t = torch.tensor(d.mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(d.std, device=device).view(1, 3, 1, 1)
 
+    last_saved = start_iter
+
     def save_state(iteration: int) -> None:
+        nonlocal last_saved
+        last_saved = iteration
         rngs = all_gather_object(rng_state())  # every rank's generators, restored per rank
         if is_main_process():
             atomic_save(training_state(
@@ -157,7 +161,8 @@ def train(cfg: DictConfig, run_name: str) -> dict:
 
     def end_of_epoch(epoch: int, iteration: int) -> None:
         nonlocal best_top1, val_metrics
-        if (cfg.eval.period and (epoch + 1) % cfg.eval.period == 0) or epoch + 1 == s.epochs:
+        evaluates = bool(cfg.eval.period and (epoch + 1) % cfg.eval.period == 0) or epoch + 1 == s.epochs
+        if evaluates:
             val_metrics = evaluate("center")
             model.train()
             run.log_metrics(iteration, val_metrics, prefix="val/")
@@ -167,7 +172,11 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                 best_top1 = val_metrics["top1"]
                 if is_main_process():
                     atomic_save(backbone_checkpoint(model, d.mean, d.std, classes, to_yaml(cfg)), run.best_checkpoint)
-        save_state(iteration)
+        # With checkpoint_period, an epoch's end writes one only once that many iterations have passed (or
+        # after an evaluation): on a small set (7 iterations per epoch at batch 256 for 1,900 images) a
+        # ResNet-50 checkpoint every epoch took more time than the epoch's training on an H100.
+        if evaluates or not cfg.checkpoint_period or iteration - last_saved >= cfg.checkpoint_period:
+            save_state(iteration)
 
     trainer.after_epoch_hooks.append(end_of_epoch)
     iteration = trainer.train(start_iter)
