@@ -43,7 +43,11 @@ def distribute(model: torch.nn.Module, device: torch.device, world_size: int, ch
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile:
-        parts = model.compile_parts() if hasattr(model, "compile_parts") else (model.compile() or ["the whole model"])
+        if hasattr(model, "compile_parts"):
+            parts = model.compile_parts()
+        else:
+            model.compile()
+            parts = ["the whole model"]
         get_logger().info("torch.compile: %s (compiled at the first steps; the first step's time is logged)",
                           ", ".join(parts))
     if world_size == 1:
@@ -147,6 +151,7 @@ class Trainer:
                 self.run.logger.info("first step: %.1f s", time.perf_counter() - started)
             self.progress.update(1)
             if self.iteration % self.iters_per_epoch == 0:
+                self.record(self.probe.take(), window)  # the hooks may checkpoint
                 for hook in self.after_epoch_hooks:
                     hook(self.iteration // self.iters_per_epoch - 1, self.iteration)
                 self.model.train()  # the hooks may have evaluated
