@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import backbone_checkpoint
 from ..engine.config import to_yaml
-from ..engine.loader import SpanningBatchSampler, run_loader
 from ..engine.dist import all_gather_object, barrier, init_distributed, is_main_process
+from ..engine.loader import SpanningBatchSampler, run_loader
 from ..engine.precision import check_solver
 from ..engine.run import RunFolder
 from ..engine.solver import describe_scaling, lr_multiplier, scaled_lr

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from backbones.engine.errors import ConfigError
 from backbones.engine.config import to_yaml
-from backbones.engine.loader import SpanningBatchSampler, run_loader
 from backbones.engine.dist import all_gather_object, barrier, init_distributed, is_main_process
+from backbones.engine.loader import SpanningBatchSampler, run_loader
 from backbones.engine.precision import check_solver
 from backbones.engine.run import RunFolder
 from backbones.engine.solver import describe_scaling, lr_multiplier, scaled_lr
