@@ -1,6 +1,8 @@
 """ImageNet localization entry (appendix C): per-class RPN, R-CNN stage parts, metric, test-time views and box
 voting, data checks. The tools end to end are in test_loc_train.py."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -257,6 +259,32 @@ def test_every_annotation_problem_is_reported_in_one_pass(tmp_path):
                  "empty box (xmax <= xmin or ymax <= ymin)", "unreadable or incomplete XML", "image without annotation"):
         assert f"1 x {kind}" in report, (kind, report)
     assert "(train)" in report and "(val)" in report and "data.clip_boxes=true" in report
+
+
+def test_images_are_checked_against_their_xml_and_strict_false_drops_what_is_wrong(tmp_path):
+    """A photo whose size is not its XML's (the boxes are in the XML's pixels), an unreadable file and a box
+    outside its image: one error by default; with data.strict_train/strict_val=false the three records are
+    dropped, the rest load, and the counts are returned for summary.json."""
+    import cv2
+    root = tiny_imagefolder(tmp_path)
+    cv2.imwrite(str(root / "images" / "n01" / "n01_3.JPEG"), np.full((48, 64, 3), 100, np.uint8))  # XML: 64x64
+    (root / "images" / "n02" / "n02_4.JPEG").write_bytes(b"not a jpeg")
+    write_xml(root / "annotations" / "n02_2.xml", "n02", [[4, 4, 80, 40]])
+    with pytest.raises(LocDataError) as info:
+        load_imagefolder(loc_cfg(root).data, ["n01", "n02"])
+    report = str(info.value)
+    for text in ("1 x image size differs from the annotation", "n01_3.JPEG", "1 x unreadable image", "n02_4.JPEG",
+                 "1 x box outside its image", "n02_2.xml", "data.strict_train / data.strict_val=false"):
+        assert text in report, (text, report)
+    train, val, stats = load_imagefolder(loc_cfg(root, "data.strict_train=false", "data.strict_val=false").data,
+                                         ["n01", "n02"])
+    kept = {os.path.basename(r.path) for r in train + val}
+    assert len(kept) == 7 and not kept & {"n01_3.JPEG", "n02_4.JPEG", "n02_2.JPEG"}
+    counts = {}
+    for split in ("train", "val"):
+        for kind, n in stats["problems"][split].items():
+            counts[kind] = counts.get(kind, 0) + n
+    assert counts == {"image size differs from the annotation": 1, "unreadable image": 1, "box outside its image": 1}
 
 
 def test_wrong_classifier_checkpoints_are_refused(tmp_path):

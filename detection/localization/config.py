@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from backbones.engine.config import Choice, RunConfig
 from backbones.engine.solver import IterationSolverConfig
 from backbones.options import Norm
+from detection.config import VerifyImages
 
 
 class Layout(Choice):
@@ -59,6 +60,13 @@ class LocDataConfig:
     synthetic_image_size: int = 64
     skip_unannotated_train: bool = True  # ILSVRC: most train images have no boxes; skip (and count) them
     clip_boxes: bool = False  # true: clip boxes that leave the image instead of stopping with an error
+    # Every problem of both splits is listed in one pass at load. strict: then stop; false: drop the records
+    # concerned, go on, and count them in summary.json (as detection's data.strict_train / strict_val).
+    strict_train: bool = True
+    strict_val: bool = True
+    # Every image is opened once at load (threads) and checked against the size its XML declares (the boxes
+    # are in those pixels): header = size + EXIF orientation, decode = every pixel, none = only when read.
+    verify_images: VerifyImages = VerifyImages.header
     # The pretraining's augmentation: shorter side in scale_range, random crop_size crop, flip, PCA colour.
     scale_range: list[int] = field(default_factory=lambda: [64, 80])
     crop_size: int = 56

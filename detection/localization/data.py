@@ -21,7 +21,7 @@ from backbones.engine.imageio import CorruptImageError, is_image_file, read_imag
 from backbones.engine.loader import epoch_and_index
 from backbones.engine.run import get_logger
 from backbones.imagedata import PCALighting, scan_image_folder, split_holdout
-from detection.data.problems import DataProblems
+from detection.data.problems import DataProblems, verify_images
 from detection.data.voc import read_xml_annotation
 
 LAYOUTS = ("imagefolder", "ilsvrc", "synthetic")
@@ -157,11 +157,23 @@ def records_from_samples(samples, folder_classes, ann_dir, class_to_index, clip,
     return records, missing
 
 
-def finish_problems(train: DataProblems, val: DataProblems) -> None:
-    """Both splits' problems in one error (nothing is dropped: a localization set is fixed, not filtered)."""
-    reports = [problems.report() for problems in (train, val) if problems]
+def finish_problems(d, splits: dict[str, tuple[list[LocRecord], DataProblems]]) -> tuple[list, list, dict]:
+    """Every image of both splits checked against its XML's size (``data.verify_images``), then both
+    splits' problems at once: one error for the strict ones (``data.strict_train`` / ``strict_val``), the
+    others logged and their records dropped. Returns (train records, val records, problem counts)."""
+    counts, kept, reports = {}, {}, []
+    for split, (records, problems) in splits.items():
+        bad = verify_images([(r.path, r.height, r.width, split) for r in records], problems, str(d.verify_images))
+        kept[split] = [r for r in records if r.path not in bad]
+        counts[split] = problems.counts()
+        if problems and getattr(d, f"strict_{split}"):
+            reports.append(problems.report())
+        else:
+            problems.finish(strict=False)
     if reports:
-        raise LocDataError("\n\n".join(reports) + "\nNothing was trained. Fix the records above.")
+        raise LocDataError("\n\n".join(reports) + "\nNothing was trained. Fix the records above, or set "
+                           "data.strict_train / data.strict_val=false to drop them and go on.")
+    return kept["train"], kept["val"], counts
 
 
 def load_imagefolder(d, class_names: list[str]) -> tuple[list[LocRecord], list[LocRecord], dict]:
@@ -190,7 +202,8 @@ def load_imagefolder(d, class_names: list[str]) -> tuple[list[LocRecord], list[L
                                           False, "val", val_problems)
     train_records, missing = records_from_samples(train_samples, folder_classes, d.train_annotations, class_to_index,
                                                   d.clip_boxes, d.skip_unannotated_train, "train", train_problems)
-    finish_problems(train_problems, val_problems)
+    train_records, val_records, stats["problems"] = finish_problems(
+        d, {"train": (train_records, train_problems), "val": (val_records, val_problems)})
     stats["train_unannotated_skipped"] = missing
     return train_records, val_records, stats
 
@@ -243,8 +256,9 @@ def load_ilsvrc(d, class_names: list[str]) -> tuple[list[LocRecord], list[LocRec
             val_records.append(record)
     if not val_images:
         raise LocDataError(f"{val_dir}: no images\n{ILSVRC_LAYOUT}")
-    finish_problems(train_problems, val_problems)
-    return train_records, val_records, {"train_unannotated_skipped": missing}
+    train_records, val_records, problems = finish_problems(
+        d, {"train": (train_records, train_problems), "val": (val_records, val_problems)})
+    return train_records, val_records, {"train_unannotated_skipped": missing, "problems": problems}
 
 
 # -- transforms ---------------------------------------------------------------------------------

@@ -215,7 +215,9 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     summary = {"task": "localization", "iterations": iteration, "class_names": class_names,
                "classifier": os.path.abspath(cfg.model.classifier), "train_images": len(train_records),
                "val_images": len(val_records), "train_unannotated_skipped": stats.get("train_unannotated_skipped", 0),
-               "skipped_corrupt_train": trainer.skipped, "val": final, "last_checkpoint": run.last_checkpoint}
+               "skipped_corrupt_train": trainer.skipped, "val": final, "last_checkpoint": run.last_checkpoint,
+               # records dropped at load (data.strict_train / strict_val false), per kind of problem
+               "data_problems": stats.get("problems", {})}
     if rcnn_summary:
         summary["rcnn"] = rcnn_summary
     summary = run.write_summary(summary)
