@@ -340,6 +340,15 @@ class FrozenBNConv2d(nn.Conv2d):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+def is_channels_last(module: nn.Module) -> bool:
+    """Whether ``module``'s convolutions hold their weights channels-last (``module.to(memory_format=...)``).
+    Read off the first convolution wider than 1x1: a 1x1 kernel's weight is contiguous in both layouts."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and m.weight.shape[-2:] != (1, 1):
+            return m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+    return False
+
+
 def fold_frozen_bn(module: nn.Module) -> int:
     """In ``module`` (in place), fold every FrozenBatchNorm2d that directly follows its convolution
     (``conv``/``bn``, ``conv1``/``bn1`` ... siblings, as in every block here) into that convolution

@@ -187,3 +187,14 @@ def test_folded_frozen_bn_gives_the_same_outputs_gradients_and_checkpoints(depth
     with torch.no_grad():
         torch.testing.assert_close(folded.forward_features(x, ["res5"])["res5"],
                                    other.forward_features(x, ["res5"])["res5"], rtol=1e-4, atol=1e-4)
+
+
+def test_is_channels_last_reads_a_kernel_wider_than_1x1():
+    """A 1x1 weight is contiguous in both layouts, so the layout is read off a wider kernel (res5 of a
+    Bottleneck net starts with a 1x1)."""
+    from backbones.resnet import is_channels_last
+    net = build_resnet(50, num_classes=0, base_width=8)
+    assert not is_channels_last(net.res5)
+    net.to(memory_format=torch.channels_last)
+    assert is_channels_last(net.res5) and is_channels_last(net)
+    assert not is_channels_last(torch.nn.Conv2d(3, 4, 1).to(memory_format=torch.channels_last))

@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from backbones.resnet import is_channels_last
+
 
 class GeneralizedRCNN(nn.Module):
     def __init__(self, trunk: nn.Module, rpn: nn.Module, roi_heads: nn.Module, pixel_mean: Sequence[float],
@@ -52,12 +54,6 @@ class GeneralizedRCNN(nn.Module):
                 part.compile(**options)
         return [name for name, part in parts.items() if part is not None]
 
-    def _channels_last(self) -> bool:
-        for p in self.parameters():
-            if p.dim() == 4:
-                return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-        return False
-
     def preprocess(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
         images = images.to(self.pixel_mean.device, non_blocking=True)
         x = (images.float() - self.pixel_mean) / self.pixel_std
@@ -67,7 +63,7 @@ class GeneralizedRCNN(nn.Module):
                 x[i, :, h:, :] = 0
             if w < width:
                 x[i, :, :, w:] = 0
-        if self._channels_last():
+        if is_channels_last(self.trunk):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 

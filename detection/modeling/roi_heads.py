@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou
 
+from backbones.resnet import is_channels_last
+
 from .box_coder import BoxCoder
 from .box_ops import batched_nms, clip_boxes, crowd_mask, nonempty, smooth_l1
 from .matcher import Matcher
@@ -274,9 +276,8 @@ class Res5ROIHeads(ROIHeads):
         # that to the autocast type and then, with channels-last weights, convert it to NHWC: two passes
         # over (RoIs x 1024 x 14 x 14) values, forward and backward. One copy does both.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        weight = next(self.res5.parameters())
-        channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-        x = x.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        layout = torch.channels_last if is_channels_last(self.res5) else torch.preserve_format
+        x = x.to(dtype=dtype, memory_format=layout)
         return self.res5(x).mean(dim=(2, 3))
 
     def dense_layers(self) -> nn.Module:
