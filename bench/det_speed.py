@@ -141,16 +141,10 @@ def count_syncs(device, fn) -> int | str:
     return max(0, sum(e.name in SYNC_CALLS for e in prof.events()) - 1)
 
 
-def measure(model, runner, images, targets, device, amp, iters, warmup, count=False):
-    """Training img/s, inference ms/img and peak memory; with ``count``, instead, the host synchronisations
-    of one training step and one inference (the profiler leaves the host slower after it has run, so the
-    counts come from a separate pass after every timing: on an H100 it doubled a later bs-1 inference)."""
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
+def train_step_of(model, runner, images, targets, device, amp):
+    """``model`` on ``device`` in training mode, and one SGD step of it on the inputs as a function."""
+    model.to(device).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
     def train_step():
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -158,23 +152,37 @@ def measure(model, runner, images, targets, device, amp, iters, warmup, count=Fa
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return train_step
+
+
+def step_syncs(model, runner, images, targets, device, amp) -> str:
+    """Host synchronisations of one training step and one inference, after one of each to warm up. Run after
+    every timing: the profiler leaves the host slower once it has run (on an H100 it doubled a later bs-1
+    inference)."""
+    train_step = train_step_of(model, runner, images, targets, device, amp)
+    train_step()
+    train_syncs = count_syncs(device, train_step)
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        runner(model, images[:1], None, False)
+        infer_syncs = count_syncs(device, lambda: runner(model, images[:1], None, False))
+    model.to("cpu")
+    return f"{train_syncs} / {infer_syncs}"
+
+
+def measure(model, runner, images, targets, device, amp, iters, warmup):
+    """Training img/s, inference ms/img (batch 1) and peak GPU memory."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    train_step = train_step_of(model, runner, images, targets, device, amp)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    model.train()
     for _ in range(warmup):
         train_step()
     sync()
-    if count:
-        train_syncs = count_syncs(device, train_step)
-        model.eval()
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            runner(model, images[:1], None, False)
-            infer_syncs = count_syncs(device, lambda: runner(model, images[:1], None, False))
-        model.to("cpu")
-        return train_syncs, infer_syncs
     t0 = time.perf_counter()
     for _ in range(iters):
         train_step()
@@ -237,12 +245,11 @@ def main():
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     syncs = ["n/a / n/a"] * len(rows)
-    if device.type == "cuda":  # after every timing: see measure()
+    if device.type == "cuda":  # after every timing: see step_syncs()
         makes = [(make, runner) for key in args.models.split(",") for _, make, runner in pairs[key]]
         for i, (make, runner) in enumerate(makes):
             torch.manual_seed(0)
-            syncs[i] = "{} / {}".format(*measure(calm_residual_branches(make()), runner, images, targets, device, amp,
-                                                 args.iters, 1, count=True))
+            syncs[i] = step_syncs(calm_residual_branches(make()), runner, images, targets, device, amp)
             torch.cuda.empty_cache()
     print(f"\ndevice {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), batch {args.batch}, "
           f"{args.height}x{args.width}, amp {args.amp}, torch {torch.__version__}, 80 classes, 8 boxes/image")

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..engine.loader import epoch_and_index
 from ..engine.imageio import CorruptImageError, read_image_rgb
+from ..engine.loader import epoch_and_index
 from ..engine.run import get_logger
 # shared with localization (backbones/imagedata.py); re-exported under their old names here
 from ..imagedata import (EXPECTED_LAYOUT, DatasetError, PCALighting, ShardedSampler,  # noqa: F401

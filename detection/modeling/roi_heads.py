@@ -90,6 +90,16 @@ class FastRCNNOutputLayers(nn.Module):
                                  self.detections_per_img, valid=nonempty(all_proposals))
 
 
+def score_candidates(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: float,
+                     valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(roi_idx, cls_idx)`` of the (RoI, class) pairs above ``score_thresh``, among the RoIs whose boxes and
+    scores are finite (and ``valid`` ones): post-processing's one ``nonzero``."""
+    rows = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=1)
+    if valid is not None:
+        rows = rows & valid
+    return torch.nonzero(rows[:, None] & (scores > score_thresh), as_tuple=True)
+
+
 def postprocess_batch(boxes: torch.Tensor, scores: torch.Tensor, counts: Sequence[int], score_thresh: float,
                       nms_thresh: float, detections_per_img: int, valid: torch.Tensor | None = None
                       ) -> list[dict[str, torch.Tensor]]:
@@ -105,10 +115,7 @@ def postprocess_batch(boxes: torch.Tensor, scores: torch.Tensor, counts: Sequenc
     to split the result."""
     num_rois, num_classes = scores.shape
     device = scores.device
-    rows = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=1)
-    if valid is not None:
-        rows = rows & valid
-    roi_idx, cls_idx = torch.nonzero(rows[:, None] & (scores > score_thresh), as_tuple=True)
+    roi_idx, cls_idx = score_candidates(boxes, scores, score_thresh, valid)
     image_ids = torch.cat([torch.full((c,), i, dtype=torch.int64, device=device) for i, c in enumerate(counts)])
     boxes, scores, images = boxes[roi_idx, cls_idx], scores[roi_idx, cls_idx], image_ids[roi_idx]
     keep = batched_nms(boxes, scores, images * num_classes + cls_idx, nms_thresh)
@@ -132,8 +139,7 @@ def postprocess_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thre
     Labels are 1..K."""
     det = postprocess_batch(boxes, scores, [boxes.shape[0]], score_thresh, nms_thresh, detections_per_img)[0]
     if box_voting_iou > 0:  # every candidate votes: the same selection as postprocess_batch's
-        finite = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=1)
-        roi_idx, cls_idx = torch.nonzero(finite[:, None] & (scores > score_thresh), as_tuple=True)
+        roi_idx, cls_idx = score_candidates(boxes, scores, score_thresh)
         det["boxes"] = box_voting(det["boxes"], det["labels"] - 1, boxes[roi_idx, cls_idx], scores[roi_idx, cls_idx],
                                   cls_idx, box_voting_iou)
     return det
