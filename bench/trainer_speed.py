@@ -99,9 +99,9 @@ def detection(args, overrides: list[str], out: str) -> list[tuple[str, str]]:
     from detection.modeling.build import build_detector
 
     coco = args.coco128
-    data = [f"data.train_images={coco}/train2017", f"data.val_images={coco}/train2017",
-            f"data.train_annotations={coco}/annotations/instances_train2017.json",
-            f"data.val_annotations={coco}/annotations/instances_train2017.json"]
+    data = [f"data.coco.train_images={coco}/train2017", f"data.coco.val_images={coco}/train2017",
+            f"data.coco.train_annotations={coco}/annotations/instances_train2017.json",
+            f"data.coco.val_annotations={coco}/annotations/instances_train2017.json"]
     settings = data + [f"device={args.device}", f"data.workers={args.workers}", "eval.period=0",
                        f"solver.max_iter={args.iters}", f"solver.steps=[{args.iters * 10}]", "checkpoint_period=0",
                        f"log_period={args.log_period}", f"output_dir={out}/det_run"] + overrides

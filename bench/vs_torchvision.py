@@ -60,7 +60,7 @@ from detection.data.voc import read_xml_annotation  # noqa: E402
 from detection.data.build import build_datasets, prepare_data_paths  # noqa: E402
 from detection.evaluation.coco_eval import COCOEvaluator  # noqa: E402
 from detection.modeling.build import build_backbone, build_detector  # noqa: E402
-from detection.postprocessing import target_to_original  # noqa: E402
+from detection.modeling.postprocessing import detections_to_image  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -116,9 +116,9 @@ def prepare_imagenette(out_dir: str) -> list[str]:
     for name, data in splits.items():
         _write_json(os.path.join(out_dir, f"imagenette_{name}.json"), data)
     images = os.path.join(src, "images")
-    return [f"data.train_images={images}", f"data.val_images={images}",
-            f"data.train_annotations={out_dir}/imagenette_train.json",
-            f"data.val_annotations={out_dir}/imagenette_val.json"]
+    return [f"data.coco.train_images={images}", f"data.coco.val_images={images}",
+            f"data.coco.train_annotations={out_dir}/imagenette_train.json",
+            f"data.coco.val_annotations={out_dir}/imagenette_val.json"]
 
 
 def prepare_coco128(out_dir: str) -> list[str]:
@@ -136,8 +136,8 @@ def prepare_coco128(out_dir: str) -> list[str]:
             "annotations": [a for a in coco["annotations"] if keep(a["image_id"])],
             "categories": coco["categories"]})
     images_dir = os.path.join(src, "train2017")
-    return [f"data.train_images={images_dir}", f"data.val_images={images_dir}",
-            f"data.train_annotations={out_dir}/coco128_train.json", f"data.val_annotations={out_dir}/coco128_val.json"]
+    return [f"data.coco.train_images={images_dir}", f"data.coco.val_images={images_dir}",
+            f"data.coco.train_annotations={out_dir}/coco128_train.json", f"data.coco.val_annotations={out_dir}/coco128_val.json"]
 
 
 def torchvision_parts(cfg, num_classes: int) -> FasterRCNN:
@@ -170,7 +170,7 @@ def torchvision_step(model, batch):
     images = [img[:, :h, :w].float() / 255.0 for img, (h, w) in zip(batch["images"], batch["image_sizes"])]
     if model.training:
         return model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in batch["targets"]])
-    return model(images)
+    return detections_to_image(model(images), batch["targets"])  # to the image files' pixels, as resdet's
 
 
 KINDS = {"resdet": (lambda cfg, k: build_detector(cfg.model, k), resdet_step),
@@ -221,7 +221,7 @@ def coco_metrics(model, step, cfg, val_set) -> dict:
     collate = functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility)
     for batch in DataLoader(val_set, batch_sampler=sampler, collate_fn=collate):
         detections = step(model, batch)
-        evaluator.process(batch["targets"], [target_to_original(d, t) for d, t in zip(detections, batch["targets"])])
+        evaluator.process(batch["targets"], detections)
     return evaluator.evaluate()
 
 
@@ -258,7 +258,7 @@ def main() -> None:
     elif args.data == "coco128":
         data += prepare_coco128("datasets/parity")
     if args.data != "demo":
-        data += ["data.synthetic=false", "data.workers=1"]
+        data += ["data.synthetic.enabled=false", "data.workers=1"]
     trunk = [f"model.backbone.weights={args.backbone}"]
     if not args.backbone:  # from scratch: BN must train, nothing frozen
         trunk += ["model.backbone.norm=bn", "model.backbone.freeze_at=0"]

@@ -8,6 +8,7 @@ same code runs on a laptop CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from backbones.engine.config import Choice, RunConfig
 from backbones.engine.solver import IterationSolverConfig
@@ -40,35 +41,56 @@ class VocMetric(Choice):
 
 
 @dataclass
-class DetDataConfig:
-    # coco: the four paths below. voc | imagenet_det: XML datasets given as ROOT:SPLIT sets
-    # (detection/data/voc.py), e.g. datasets/VOCdevkit/VOC2007:trainval or datasets/ILSVRC:val.
-    format: DataFormat = DataFormat.coco
-    train_sets: list[str] = field(default_factory=list)  # voc/imagenet_det: concatenated (VOC 07+12)
-    val_sets: list[str] = field(default_factory=list)
-    # voc/imagenet_det: the XML <name>s in label order; [] = the 20 VOC classes (voc), the synsets file's
-    # wnids sorted, or without one every wnid in the sets sorted (imagenet_det).
-    class_names: list[str] = field(default_factory=list)
-    synsets_file: str = ""  # imagenet_det: "wnid [index] name" lines (devkit data/map_det.txt): class names
-    train_difficult: Difficult = Difficult.ignore  # VOC difficult objects in training: ignore (like crowd) | train | drop
+class CocoDataConfig:
+    """``format: coco``: one COCO json per split, and the folder its ``file_name``s are relative to."""
     train_images: str = "datasets/coco/train2017"
     train_annotations: str = "datasets/coco/annotations/instances_train2017.json"
     val_images: str = "datasets/coco/val2017"
     val_annotations: str = "datasets/coco/annotations/instances_val2017.json"
-    # Synthetic shapes in COCO format, materialised on first use (the demo; no download). With
-    # format voc/imagenet_det the same shapes are written in that layout to <synthetic_root>_<format>.
-    synthetic: bool = False
-    synthetic_root: str = "datasets/synthetic_coco"
-    synthetic_num_train: int = 1500
-    synthetic_num_val: int = 200
-    synthetic_image_size: int = 128
+
+
+@dataclass
+class XmlDataConfig:
+    """``format: voc | imagenet_det``: XML datasets given as ``ROOT:SPLIT`` sets (detection/data/voc.py), e.g.
+    ``datasets/VOCdevkit/VOC2007:trainval`` or ``datasets/ILSVRC:val``."""
+    train_sets: list[str] = field(default_factory=list)  # concatenated (VOC 07+12)
+    val_sets: list[str] = field(default_factory=list)
+    # the XML <name>s in label order; [] = the 20 VOC classes (voc), the synsets file's wnids sorted, or
+    # without one every wnid in the sets sorted (imagenet_det)
+    class_names: list[str] = field(default_factory=list)
+    synsets_file: str = ""  # imagenet_det: "wnid [index] name" lines (devkit data/map_det.txt): class names
+    train_difficult: Difficult = Difficult.ignore  # VOC difficult objects in training: ignore (like crowd) | train | drop
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Synthetic shapes written on first use in the layout of ``data.format`` (the demo; no download): COCO
+    json at ``root``, the XML layouts at ``<root>_<format>``. ``enabled`` replaces ``data.coco`` /
+    ``data.xml`` paths with the written ones."""
+    enabled: bool = False
+    root: str = "datasets/synthetic_coco"
+    num_train: int = 1500
+    num_val: int = 200
+    image_size: int = 128
+
+
+@dataclass
+class DetDataConfig:
+    """What to read (``format`` and its group: ``coco``, ``xml``, or ``synthetic`` shapes in that format's
+    layout), at which input sizes, and how loading treats problems."""
+    format: DataFormat = DataFormat.coco
+    coco: CocoDataConfig = field(default_factory=CocoDataConfig)
+    xml: XmlDataConfig = field(default_factory=XmlDataConfig)
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    # input sizes
     min_size_train: list[int] = field(default_factory=lambda: [600])  # several = multi-scale training
     max_size_train: int = 1000
     min_size_test: int = 600
     max_size_test: int = 1000
     flip_prob: float = 0.5
-    filter_empty_train: bool = True  # images without boxes teach the RPN nothing in Faster R-CNN
     size_divisibility: int = 32
+    # loading
+    filter_empty_train: bool = True  # images without boxes teach the RPN nothing in Faster R-CNN
     workers: int = 4
     skip_corrupt: bool = True  # an image that fails to decode mid-epoch is skipped and counted (else an error)
     # Every problem of a set is listed in one pass at load. strict: then stop; false: drop the bad records and
@@ -119,6 +141,15 @@ class DetEvalConfig:
 
 @dataclass
 class DetConfig(RunConfig):
+    # keys of older configs (run folders' config.yaml too): read at their new place, with a warning
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        **{f"data.{k}": f"data.coco.{k}" for k in ("train_images", "train_annotations", "val_images",
+                                                     "val_annotations")},
+        **{f"data.{k}": f"data.xml.{k}" for k in ("train_sets", "val_sets", "class_names", "synsets_file",
+                                                    "train_difficult")},
+        "data.synthetic": "data.synthetic.enabled",
+        **{f"data.synthetic_{k}": f"data.synthetic.{k}" for k in ("root", "num_train", "num_val", "image_size")},
+    }
     model: DetectorConfig = field(default_factory=DetectorConfig)
     data: DetDataConfig = field(default_factory=DetDataConfig)
     solver: DetSolverConfig = field(default_factory=DetSolverConfig)

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.transforms import resized_shape
-from .modeling.box_ops import clip_boxes
 from .modeling.meta_arch import GeneralizedRCNN
+from .modeling.postprocessing import boxes_to_image
 
 
 @torch.library.register_fake("torchvision::nms", allow_override=True)
@@ -77,10 +77,8 @@ class DeployableDetector(nn.Module):
         proposals, _ = model.rpn(model.rpn_inputs(features), image_sizes)
         detections, _ = model.roi_heads(features, proposals, image_sizes)
         det = detections[0]
-        x1, y1, x2, y2 = det["boxes"].unbind(dim=1)
-        sx, sy = torch.sym_float(width) / new_w, torch.sym_float(height) / new_h  # original / network input
-        boxes = clip_boxes(torch.stack([x1 * sx, y1 * sy, x2 * sx, y2 * sy], dim=1), (height, width))
-        return boxes, det["scores"], det["labels"]
+        scale = (torch.sym_float(new_h) / height, torch.sym_float(new_w) / width)  # network input / original
+        return boxes_to_image(det["boxes"], (height, width), scale), det["scores"], det["labels"]
 
 
 SUFFIXES = {"onnx": ".onnx", "torch_export": ".pt2"}

@@ -18,7 +18,6 @@ from .data.batching import collate_detection
 from .data.transforms import build_transform
 from .modeling.build import build_detector
 from .modeling.test_time import for_testing, options_from_config
-from .postprocessing import to_original
 
 
 def resolve_checkpoint(run_dir: str, which: str) -> str:
@@ -82,20 +81,20 @@ class Predictor:
             return []
         files = [str(im) if isinstance(im, (str, os.PathLike)) else None for im in images]
         arrays = [read_image_rgb(f) if f is not None else np.asarray(im) for f, im in zip(files, images)]
-        items, scales = [], []
+        items = []
         for array in arrays:
             if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
                 raise ValueError(f"Predictor: an image array must be HxWx3 RGB uint8, got {array.shape} {array.dtype}")
-            resized = self.transform(image=array, bboxes=np.zeros((0, 4), np.float32), labels=[])["image"]
-            items.append({"image": torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)})
-            scales.append((resized.shape[0] / array.shape[0], resized.shape[1] / array.shape[1]))
+            out = self.transform(image=array, bboxes=np.zeros((0, 4), np.float32), labels=[])
+            # the image's frame travels with it, so the detector returns boxes in the array's own pixels
+            items.append({"image": torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1),
+                          "orig_size": array.shape[:2], "scale": out["scale"], "flipped": False})
         batch = collate_detection(items, self.size_divisibility)
         batch["images"] = batch["images"].to(self.device)
         results = []
-        for det, file, array, scale in zip(self.model(batch), files, arrays, scales):
+        for det, file, array in zip(self.model(batch), files, arrays):
             h, w = array.shape[:2]
-            original = to_original(det, (h, w), scale)
-            boxes, scores, labels = original["boxes"], original["scores"], original["labels"]
+            boxes, scores, labels = (det[key].cpu() for key in ("boxes", "scores", "labels"))
             keep = scores >= self.score_thresh
             results.append({
                 "file": file, "width": w, "height": h,

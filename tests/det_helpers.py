@@ -55,8 +55,8 @@ def two_image_batch():
 
 def data_overrides(paths, train_on_val=False):
     split = "train" if train_on_val else "val"
-    return [f"data.train_images={paths['train_images']}", f"data.train_annotations={paths['train_annotations']}",
-            f"data.val_images={paths[split + '_images']}", f"data.val_annotations={paths[split + '_annotations']}"]
+    return [f"data.coco.train_images={paths['train_images']}", f"data.coco.train_annotations={paths['train_annotations']}",
+            f"data.coco.val_images={paths[split + '_images']}", f"data.coco.val_annotations={paths[split + '_annotations']}"]
 
 
 # A slim detector that trains from scratch (no pretraining file): trainable BN, nothing frozen.

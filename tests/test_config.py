@@ -90,3 +90,24 @@ def test_a_fixed_choice_fails_at_load_naming_the_key_and_the_valid_values(tmp_pa
         load_config(DetConfig, str(bad))
     cfg = load_config(DetConfig, str(repo_root / "configs/frcnn_demo.yaml"), ["solver.amp=bf16", "model.neck=fpn"])
     assert cfg.solver.amp == "bf16" and f"{cfg.model.neck}" == "fpn" and {"fpn": 1}[cfg.model.neck] == 1
+
+
+def test_moved_keys_of_older_configs_are_read_at_their_new_place_with_a_warning(tmp_path, repo_root):
+    """Detection's data keys moved into groups (data.coco / data.xml / data.synthetic): an older config file
+    or run folder's config.yaml, and older overrides, still load, each moved key named in a warning; a key
+    given both ways in one layer keeps the new one."""
+    from detection.config import DetConfig
+
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  synthetic: true\n  synthetic_num_train: 7\n  train_images: imgs\n"
+                   "  train_sets: ['r:train']\n  coco:\n    val_images: new\n  val_images: old\n")
+    with pytest.warns(FutureWarning) as record:
+        cfg = load_config(DetConfig, str(old), ["data.synthetic=false", "data.class_names=[a,b]"])
+    messages = " ".join(str(w.message) for w in record)
+    assert "'data.synthetic_num_train' is now 'data.synthetic.num_train'" in messages and "old.yaml" in messages
+    assert "command line: 'data.class_names' is now 'data.xml.class_names'" in messages
+    assert cfg.data.synthetic.num_train == 7 and cfg.data.synthetic.enabled is False  # the command line came last
+    assert cfg.data.coco.train_images == "imgs" and cfg.data.coco.val_images == "new"
+    assert list(cfg.data.xml.train_sets) == ["r:train"] and list(cfg.data.xml.class_names) == ["a", "b"]
+    with pytest.raises(ConfigError, match="unknown config key 'data.coco.train_sets'"):
+        load_config(DetConfig, None, ["data.coco.train_sets=[x]"])

@@ -16,6 +16,7 @@ from detection.modeling import (
 )
 from backbones.options import Norm
 from detection.modeling.config import PoolerType
+from detection.modeling.test_time import TestTimeDetector, TestTimeOptions
 from det_helpers import slim_cfg, two_image_batch
 
 
@@ -53,6 +54,36 @@ def test_build_detector_train_and_eval(neck):
     with torch.no_grad():
         again = model(batch)
     torch.testing.assert_close(again[0]["scores"], detections[0]["scores"], atol=1e-4, rtol=1e-4)
+
+
+def test_detector_returns_boxes_in_the_original_image_when_the_batch_carries_its_frame():
+    """Evaluation ends in the original image's pixels when a target carries its frame (the data pipeline's
+    orig_size, scale, flipped): mirrored back within the resized width, divided by the scale per axis,
+    clipped; the test-time detector the same; a batch without frames stays in the network input's pixels."""
+    torch.manual_seed(0)
+    model = build_detector(slim_cfg("none"), num_classes=3).eval()
+    with torch.no_grad():  # heads away from their near-zero initialisation: boxes everywhere
+        model.roi_heads.box_predictor.bbox_pred.weight.normal_(0, 0.05)
+    batch = two_image_batch()
+    del batch["targets"]
+    with torch.no_grad():
+        network = model(batch)
+    assert len(network[0]["boxes"]) > 5
+    # image 0: 96x128 resized from 192x512 (sy 0.5, sx 0.25) and mirrored; image 1 resized from 40x50
+    frames = [{"orig_size": (192, 512), "scale": (0.5, 0.25), "flipped": True},
+              {"orig_size": (40, 50), "scale": (2.0, 2.0), "flipped": False}]
+    with torch.no_grad():
+        mapped = model({**batch, "targets": frames})
+        tested = TestTimeDetector([model], TestTimeOptions(), base_size=96)({**batch, "targets": frames})
+    x1, y1, x2, y2 = network[0]["boxes"].unbind(1)
+    expected = torch.stack([(128 - x2) * 4, y1 * 2, (128 - x1) * 4, y2 * 2], 1).clamp(min=0)
+    expected[:, 0::2] = expected[:, 0::2].clamp(max=512)
+    expected[:, 1::2] = expected[:, 1::2].clamp(max=192)
+    torch.testing.assert_close(mapped[0]["boxes"], expected)
+    torch.testing.assert_close(mapped[1]["boxes"], (network[1]["boxes"] / 2).minimum(torch.tensor([50.0, 40, 50, 40])))
+    for m, n, t in zip(mapped, network, tested):
+        assert torch.equal(m["scores"], n["scores"]) and torch.equal(m["labels"], n["labels"])
+        assert torch.equal(t["boxes"], m["boxes"]) and torch.equal(t["scores"], m["scores"])
 
 
 @pytest.mark.parametrize("neck", ["none", "fpn"])

@@ -40,7 +40,7 @@ def run(tool, args, check=True, env=None):
 
 
 def test_missing_coco_stops_at_once_with_layout_and_demo(tmp_path):
-    proc = run("train_det.py", ["configs/frcnn_r101_coco.yaml", f"data.train_images={tmp_path}/coco/train2017",
+    proc = run("train_det.py", ["configs/frcnn_r101_coco.yaml", f"data.coco.train_images={tmp_path}/coco/train2017",
                                 f"output_dir={tmp_path}/run"], check=False)
     assert proc.returncode == 2
     assert f"{tmp_path}/coco/train2017" in proc.stderr
@@ -53,8 +53,8 @@ def test_bad_annotation_is_reported_before_training(tiny_coco, tmp_path):
     data["annotations"][0]["category_id"] = 999
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
-    args = ["configs/frcnn_demo.yaml", *data_overrides(tiny_coco), f"data.train_annotations={bad}",
-            "data.synthetic=false", *SLIM, f"output_dir={tmp_path}/run"]
+    args = ["configs/frcnn_demo.yaml", *data_overrides(tiny_coco), f"data.coco.train_annotations={bad}",
+            "data.synthetic.enabled=false", *SLIM, f"output_dir={tmp_path}/run"]
     proc = run("train_det.py", args, check=False)
     assert proc.returncode == 2 and "bad.json" in proc.stderr and "999" in proc.stderr
 
@@ -64,8 +64,8 @@ def test_check_data_reports_the_sets_and_draws_augmented_samples(tiny_coco, tmp_
     data["annotations"][0]["category_id"] = 999  # one bad record: listed, dropped, and the exit code says so
     bad = tmp_path / "train.json"
     bad.write_text(json.dumps(data))
-    args = ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides(tiny_coco),
-            f"data.train_annotations={bad}", *SLIM, "--out", tmp_path / "check"]
+    args = ["configs/frcnn_demo.yaml", "data.synthetic.enabled=false", *data_overrides(tiny_coco),
+            f"data.coco.train_annotations={bad}", *SLIM, "--out", tmp_path / "check"]
     proc = run("check_data.py", args, check=False)
     assert proc.returncode == 1, proc.stderr
     assert "1 x annotation of an unknown category" in proc.stdout and "category_id 999" in proc.stdout
@@ -82,7 +82,7 @@ def test_check_data_reports_the_sets_and_draws_augmented_samples(tiny_coco, tmp_
 
 def test_train_eval_infer_write_their_files(tiny_coco, tmp_path):
     out = tmp_path / "run"
-    run("train_det.py", ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides(tiny_coco), *SLIM,
+    run("train_det.py", ["configs/frcnn_demo.yaml", "data.synthetic.enabled=false", *data_overrides(tiny_coco), *SLIM,
                          "solver.max_iter=4", "checkpoint_period=2", "eval.period=2", f"output_dir={out}"])
     for name in ("config.yaml", "log.txt", "metrics.jsonl", "summary.json", "checkpoints/last.pth",
                  "coco_results.json", "coco_metrics.json", "per_class_ap.txt"):
@@ -117,15 +117,15 @@ def test_train_eval_infer_write_their_files(tiny_coco, tmp_path):
     shutil.copytree(tiny_coco["val_images"], broken)
     victim = sorted(broken.iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:40])
-    proc = run("eval_det.py", [out, f"data.val_images={broken}"], check=False)
+    proc = run("eval_det.py", [out, f"data.coco.val_images={broken}"], check=False)
     assert proc.returncode == 2 and "1 x unreadable image" in proc.stderr and victim.name in proc.stderr
     # ... and one that is found unreadable only when read is scored as an image without detections, not
     # dropped with its objects
-    proc = run("eval_det.py", [out, f"data.val_images={broken}", "data.verify_images=none"])
+    proc = run("eval_det.py", [out, f"data.coco.val_images={broken}", "data.verify_images=none"])
     metrics = json.loads((out / "eval_last" / "coco_metrics.json").read_text())
     assert metrics["num_images"] == 6 and metrics["num_unprocessed"] == 1
     assert "1 not processed" in proc.stdout + proc.stderr
-    run("eval_det.py", [out, f"data.val_images={broken}", "data.verify_images=none", "eval.only_processed_images=true"])
+    run("eval_det.py", [out, f"data.coco.val_images={broken}", "data.verify_images=none", "eval.only_processed_images=true"])
     metrics = json.loads((out / "eval_last" / "coco_metrics.json").read_text())
     assert metrics["num_images"] == 5 and metrics["num_unprocessed"] == 0
 
@@ -170,7 +170,7 @@ def test_small_data_config_counts_epochs_evaluates_each_and_keeps_the_best(tiny_
 
 
 def test_ladder_of_the_papers_additions_prints_its_table(tiny_coco, tmp_path):
-    common = ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides(tiny_coco), *SLIM,
+    common = ["configs/frcnn_demo.yaml", "data.synthetic.enabled=false", *data_overrides(tiny_coco), *SLIM,
               "solver.max_iter=6", "checkpoint_period=100", "eval.period=0"]
     run("train_det.py", [*common, f"output_dir={tmp_path}/base"])
     # the context run also evaluates with box refinement at the end of training (eval.* applies there too)
@@ -196,7 +196,7 @@ def test_ladder_of_the_papers_additions_prints_its_table(tiny_coco, tmp_path):
 def test_killed_and_resumed_detector_matches_uninterrupted(tiny_coco, tmp_path):
     """Killed mid-epoch (no cleanup), resumed from the last checkpoint: the same weights as a run never
     stopped. Mid-epoch matters: the resumed run builds its data loader where the straight one did not."""
-    common = ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides(tiny_coco), *SLIM, "eval.period=0",
+    common = ["configs/frcnn_demo.yaml", "data.synthetic.enabled=false", *data_overrides(tiny_coco), *SLIM, "eval.period=0",
               "solver.max_iter=7"]
     straight = run("train_det.py", [*common, f"output_dir={tmp_path}/straight"]).stdout
     iters_per_epoch = int(re.search(r"training \S+ on (\d+) images", straight).group(1)) // 4
@@ -216,7 +216,7 @@ def test_sigterm_writes_a_checkpoint_exits_75_and_resume_auto_matches_uninterrup
     with the same weights as a run never interrupted."""
     import signal
     import time
-    common = ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides(tiny_coco), *SLIM,
+    common = ["configs/frcnn_demo.yaml", "data.synthetic.enabled=false", *data_overrides(tiny_coco), *SLIM,
               "solver.max_iter=40", "checkpoint_period=1000", "eval.period=0", "log_period=1", "resume=auto"]
     run("train_det.py", [*common, f"output_dir={tmp_path}/straight"])  # resume=auto, nothing there: a fresh start
     out = tmp_path / "preempted"
@@ -251,7 +251,7 @@ def overfit_run(tiny_coco, tmp_path_factory):
     """A detector trained 300 iterations on the 6 val images (about a minute): its run folder."""
     six = {"train_images": tiny_coco["val_images"], "train_annotations": tiny_coco["val_annotations"]}
     out = tmp_path_factory.mktemp("overfit") / "run"
-    run("train_det.py", ["configs/frcnn_demo.yaml", "data.synthetic=false", *data_overrides({**tiny_coco, **six}),
+    run("train_det.py", ["configs/frcnn_demo.yaml", "data.synthetic.enabled=false", *data_overrides({**tiny_coco, **six}),
                          *SLIM, "model.backbone.base_width=16", "data.flip_prob=0", "data.min_size_train=[192]",
                          "data.max_size_train=192", "data.min_size_test=192", "data.max_size_test=192",
                          "solver.max_iter=300", "solver.steps=[250]", "solver.warmup_iters=20", "eval.period=0",
@@ -354,8 +354,8 @@ def test_ddp_two_processes_gather_evaluation(tiny_coco, tmp_path):
     sorted(train_images.iterdir())[4].write_bytes(b"truncated")
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           str(ROOT / "tools" / "train_det.py"), "configs/frcnn_demo.yaml", "data.synthetic=false",
-           *data_overrides(tiny_coco), f"data.train_images={train_images}", *SLIM, "solver.batch_size=2",
+           str(ROOT / "tools" / "train_det.py"), "configs/frcnn_demo.yaml", "data.synthetic.enabled=false",
+           *data_overrides(tiny_coco), f"data.coco.train_images={train_images}", *SLIM, "solver.batch_size=2",
            "solver.max_iter=6", "eval.period=0", "data.verify_images=none",  # found mid-epoch, not at load
            f"output_dir={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=180,
@@ -375,8 +375,8 @@ def test_ddp_two_processes_gather_evaluation(tiny_coco, tmp_path):
 def test_coco128_trains_and_evaluates_with_pycocotools(tmp_path):
     images, ann = COCO128 / "train2017", COCO128 / "annotations" / "instances_train2017.json"
     out = tmp_path / "coco128"
-    args = ["configs/frcnn_demo.yaml", "data.synthetic=false", f"data.train_images={images}",
-            f"data.train_annotations={ann}", f"data.val_images={images}", f"data.val_annotations={ann}", *SLIM,
+    args = ["configs/frcnn_demo.yaml", "data.synthetic.enabled=false", f"data.coco.train_images={images}",
+            f"data.coco.train_annotations={ann}", f"data.coco.val_images={images}", f"data.coco.val_annotations={ann}", *SLIM,
             "data.min_size_train=[160]", "data.max_size_train=256", "data.min_size_test=160",
             "data.max_size_test=256", "solver.max_iter=2", "eval.period=0", f"output_dir={out}",
             "model.roi_heads.score_thresh=0.0"]  # 2 iterations: scores are still near 1/81

@@ -24,6 +24,7 @@ from detection.evaluation.loop import evaluate
 from detection.evaluation import format_metrics_table
 from detection.evaluation.voc_eval import (VOCEvaluator, imagenet_iou_thresholds, match_detections,
                                            precision_recall, voc07_ap, voc_ap)
+from detection.modeling.postprocessing import detections_to_image
 
 SYNTH = dict(num_train=12, num_val=6, image_size=96, seed=3, min_obj=10, max_obj=48, objects_per_image=(1, 3))
 
@@ -159,7 +160,7 @@ def test_unknown_class_name(voc07):
     with pytest.raises(DatasetError) as err:
         VocDetection([voc07])
     msg = str(err.value)
-    assert path in msg and "<name>kitten</name>" in msg and "aeroplane" in msg and "data.class_names" in msg
+    assert path in msg and "<name>kitten</name>" in msg and "aeroplane" in msg and "data.xml.class_names" in msg
 
 
 @pytest.mark.parametrize("box, what", [("<xmin>101</xmin><ymin>5</ymin><xmax>120</xmax><ymax>80</ymax>", "outside"),
@@ -199,15 +200,15 @@ def test_set_without_split_is_rejected(voc07):
 
 def voc_cfg(tmp_path, sets, *extra):
     return load_config(DetConfig, str(ROOT / "configs" / "frcnn_demo.yaml"), [
-        "data.synthetic=false", "data.format=voc", f"data.train_sets={sets['train_sets']}",
-        f"data.val_sets={sets['val_sets']}", f"data.class_names={sets['class_names']}", *SLIM,
+        "data.synthetic.enabled=false", "data.format=voc", f"data.xml.train_sets={sets['train_sets']}",
+        f"data.xml.val_sets={sets['val_sets']}", f"data.xml.class_names={sets['class_names']}", *SLIM,
         f"output_dir={tmp_path / 'run'}", *extra])
 
 
 def test_missing_voc_stops_train_det_at_once_with_layout(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "train_det.py"), "configs/frcnn_r101_voc0712.yaml",
-                           f"data.train_sets=[{tmp_path}/VOCdevkit/VOC2007:trainval]",
-                           f"data.val_sets=[{tmp_path}/VOCdevkit/VOC2007:test]", f"output_dir={tmp_path}/run"],
+                           f"data.xml.train_sets=[{tmp_path}/VOCdevkit/VOC2007:trainval]",
+                           f"data.xml.val_sets=[{tmp_path}/VOCdevkit/VOC2007:test]", f"output_dir={tmp_path}/run"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{tmp_path}/VOCdevkit/VOC2007/ImageSets/Main" in proc.stderr
@@ -217,7 +218,7 @@ def test_missing_voc_stops_train_det_at_once_with_layout(tmp_path):
 
 def test_voc_config_needs_sets(tmp_path):
     cfg = load_config(DetConfig, None, ["data.format=voc"])
-    with pytest.raises(DataNotFoundError, match="needs data.train_sets and data.val_sets"):
+    with pytest.raises(DataNotFoundError, match="needs data.xml.train_sets and data.xml.val_sets"):
         prepare_data_paths(cfg)
 
 
@@ -358,15 +359,17 @@ def synthetic_voc(tmp_path_factory):
 
 
 class GroundTruthDetector(torch.nn.Module):
-    """'Detects' each image's training boxes (in the network's frame) with score 1."""
+    """'Detects' each image's training boxes (in the network's frame) with score 1 and, as the detector does,
+    maps them to the image file's pixels with the frame the batch carries."""
 
     def forward(self, batch):
-        return [{"boxes": t["boxes"].clone(), "scores": torch.ones(len(t["boxes"])), "labels": t["labels"].clone()}
-                for t in batch["targets"]]
+        found = [{"boxes": t["boxes"].clone(), "scores": torch.ones(len(t["boxes"])), "labels": t["labels"].clone()}
+                 for t in batch["targets"]]
+        return detections_to_image(found, batch["targets"])
 
 
 def test_evaluate_scores_voc_data_with_the_voc_evaluator(tmp_path, synthetic_voc):
-    """Perfect detections, mapped back from the resized frame by evaluate(): every class with ground
+    """Perfect detections, mapped back from the resized frame: every class with ground
     truth gets AP 1 (difficult boxes are not detected and not needed), and the COCO numbers come along."""
     cfg = voc_cfg(tmp_path, synthetic_voc, "data.min_size_test=150", "data.max_size_test=200")
     prepare_data_paths(cfg)
@@ -402,11 +405,11 @@ def test_train_and_eval_on_synthetic_voc(tmp_path, synthetic_voc):
 def test_synthetic_imagenet_det_through_the_engine(tmp_path):
     """data.synthetic with format imagenet_det writes the shapes in the ILSVRC layout; build_datasets takes
     the class list from the synsets file for both sets and scores val the ILSVRC way (area AP)."""
-    cfg = load_config(DetConfig, None, ["data.synthetic=true", "data.format=imagenet_det",
-                                        f"data.synthetic_root={tmp_path / 'shapes'}", "data.synthetic_num_train=6",
-                                        "data.synthetic_num_val=4", "data.synthetic_image_size=64"])
+    cfg = load_config(DetConfig, None, ["data.synthetic.enabled=true", "data.format=imagenet_det",
+                                        f"data.synthetic.root={tmp_path / 'shapes'}", "data.synthetic.num_train=6",
+                                        "data.synthetic.num_val=4", "data.synthetic.image_size=64"])
     prepare_data_paths(cfg)
-    assert cfg.data.val_sets == [f"{tmp_path / 'shapes_imagenet_det' / 'ILSVRC'}:val"]
+    assert cfg.data.xml.val_sets == [f"{tmp_path / 'shapes_imagenet_det' / 'ILSVRC'}:val"]
     train_set, val_set = build_datasets(cfg)
     assert train_set.class_names == val_set.class_names == ["circle", "rectangle", "triangle", "cross"]
     voc, coco = build_evaluators(cfg, val_set)

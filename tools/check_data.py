@@ -4,8 +4,8 @@ tools/train_det.py would (same config, same overrides), list every problem, prin
 and draw training images after augmentation with their boxes.
 
     python tools/check_data.py configs/frcnn_demo.yaml
-    python tools/check_data.py configs/frcnn_r50_c4_coco.yaml data.train_images=my/images \\
-        data.train_annotations=my/train.json data.val_images=my/images data.val_annotations=my/val.json
+    python tools/check_data.py configs/frcnn_r50_c4_coco.yaml data.coco.train_images=my/images \\
+        data.coco.train_annotations=my/train.json data.coco.val_images=my/images data.coco.val_annotations=my/val.json
 
 Prints per set: images, boxes, classes with counts, boxes per image, box sizes at the training scale,
 how many boxes no anchor reaches (IoU 0.7 / 0.5), images without boxes and the problems found (then

@@ -39,7 +39,7 @@ def main() -> int:
     with open(os.path.join(ROOT, DET_RUN, "config.yaml")) as f:
         import yaml
 
-        val_images = yaml.safe_load(f)["data"]["val_images"]
+        val_images = yaml.safe_load(f)["data"]["coco"]["val_images"]
     times["infer"] = step("4/4 detections drawn on validation images",
                           ["tools/infer.py", DET_RUN, val_images, "--limit", "8", "--out", f"{DET_RUN}/infer"])
 

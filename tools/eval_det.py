@@ -2,7 +2,7 @@
 """COCO mAP of a trained detector: AP, AP50, AP75, APs/m/l, AR and per-class AP (pycocotools).
 
     python tools/eval_det.py runs/frcnn_demo                       # the run's config and last checkpoint
-    python tools/eval_det.py runs/frcnn_r101_coco checkpoint=best data.val_annotations=...
+    python tools/eval_det.py runs/frcnn_r101_coco checkpoint=best data.coco.val_annotations=...
     python tools/eval_det.py runs/A eval.box_refinement=true eval.flip=true eval.test_scales=[200,400,600,800,1000]
     python tools/eval_det.py runs/A --ensemble runs/B runs/C         # the paper's ensemble of detectors
     python tools/eval_det.py runs/A --ladder --context runs/A_ctx --ensemble runs/B

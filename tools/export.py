@@ -33,7 +33,7 @@ from detection.predictor import load_trained_detector
 
 def check_images(cfg, limit: int, seed: int = 0) -> list[tuple[str, np.ndarray]]:
     """Up to ``limit`` readable images of the val folder, else one random image at the test size."""
-    folder = cfg.data.val_images
+    folder = cfg.data.coco.val_images
     images = []
     if limit > 0 and os.path.isdir(folder):
         for root, _, names in sorted(os.walk(folder)):

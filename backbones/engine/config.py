@@ -2,12 +2,15 @@
 inheritance, and ``key=value`` overrides from the command line.
 
 Every key is checked against the dataclass schema *before* anything is merged, so a typo fails at
-once, naming the file, the key and the closest valid key, instead of hours into a run.
+once, naming the file, the key and the closest valid key, instead of hours into a run. A key the schema
+has moved (its ``MOVED_KEYS``, old dotted name -> new) is read at its new place with a warning, so
+older configs and run folders keep loading.
 """
 from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Sequence
@@ -98,6 +101,28 @@ def _parse_overrides(overrides: Sequence[str]) -> dict:
         raise ConfigError(f"command line: cannot parse overrides {list(overrides)}: {exc}") from exc
 
 
+def _move_keys(data: dict, moved: dict[str, str], source: str) -> None:
+    """Move each old dotted key found in ``data`` to its new place, in order (``a.b`` -> ``a.b.c`` moves a
+    value that is not a mapping, so ``data.synthetic: true`` becomes ``data.synthetic.enabled: true``)."""
+    for old, new in moved.items():
+        *parents, leaf = old.split(".")
+        node = data
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node or isinstance(node[leaf], dict):
+            continue
+        value = node.pop(leaf)
+        *new_parents, new_leaf = new.split(".")
+        target = data
+        for key in new_parents:
+            if not isinstance(target.get(key), dict):
+                target[key] = {}
+            target = target[key]
+        target.setdefault(new_leaf, value)  # a layer that gives both: the new key wins
+        warnings.warn(f"{source}: '{old}' is now '{new}'; read as such (update the config)", FutureWarning,
+                      stacklevel=3)
+
+
 def load_config(schema: type, path: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Build the run config: schema defaults <- YAML chain (``_base_`` first) <- overrides."""
     cfg = OmegaConf.structured(schema)
@@ -105,6 +130,7 @@ def load_config(schema: type, path: str | None = None, overrides: Sequence[str] 
     if overrides:
         layers.append(("command line", _parse_overrides(overrides)))
     for source, data in layers:
+        _move_keys(data, getattr(schema, "MOVED_KEYS", {}), source)
         _check_keys(cfg, data, source)
         try:
             cfg = OmegaConf.merge(cfg, data)

@@ -5,11 +5,11 @@ names its source and makes its evaluators). Imports ``backbones`` and, in ``buil
 from .batching import GroupedBatchSampler, InferenceBatchSampler, build_batch_sampler, collate_detection
 from .coco import CocoDetection, DatasetError
 from .synthetic import make_synthetic_coco, make_synthetic_voc
-from .transforms import DetectionTransform, boxes_to_original, build_transform, resized_shape
+from .transforms import DetectionTransform, build_transform, resized_shape
 from .voc import VOC_CLASSES, VocDetection, voc_to_coco_dict
 
 __all__ = [
     "GroupedBatchSampler", "InferenceBatchSampler", "build_batch_sampler", "collate_detection", "CocoDetection",
-    "DatasetError", "make_synthetic_coco", "DetectionTransform", "boxes_to_original", "build_transform",
+    "DatasetError", "make_synthetic_coco", "DetectionTransform", "build_transform",
     "resized_shape", "make_synthetic_voc", "VOC_CLASSES", "VocDetection", "voc_to_coco_dict",
 ]

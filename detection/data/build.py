@@ -4,8 +4,9 @@ sets, names where a split comes from, and scores detections on its val set.
 ``FORMATS[cfg.data.format]`` is all the rest of resdet asks (the training loop, ``tools/eval_det.py``,
 ``tools/check_data.py``, the benches). Adding a format is a dataset module (a
 :class:`~detection.data.coco.CocoDetection`, or a converter to the COCO dict it takes, as ``voc.py`` is)
-plus one :class:`DatasetFormat` here and its entry in ``FORMATS`` (and the name in ``DataFormat``, the
-config's fixed choices). The evaluator travels with the format, not as an attribute on the dataset.
+plus one :class:`DatasetFormat` here and its entry in ``FORMATS`` (and, in ``detection/config.py``, the
+name in ``DataFormat``, the config's fixed choices, and a group for its paths beside ``data.coco`` and
+``data.xml``). The evaluator travels with the format, not as an attribute on the dataset.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ COCO_LAYOUT = ("  expected layout:\n"
                "    datasets/coco/train2017/*.jpg\n"
                "    datasets/coco/val2017/*.jpg\n"
                "    datasets/coco/annotations/instances_{train,val}2017.json\n"
-               "  (or set data.train_images / data.train_annotations / data.val_images / data.val_annotations)\n"
+               "  (or set data.coco.train_images / train_annotations / val_images / val_annotations)\n"
                + DEMO_HINT)
 
 
@@ -58,7 +59,7 @@ class DatasetFormat:
     """One ``data.format``. Each method takes the whole run config."""
 
     def prepare(self, cfg: DictConfig) -> None:
-        """Materialise the synthetic set when ``data.synthetic`` (setting the paths in ``cfg``); otherwise
+        """Materialise the synthetic set when ``data.synthetic.enabled`` (setting the format's paths in ``cfg``); otherwise
         raise :class:`DataNotFoundError` at once when the configured files are not there."""
         raise NotImplementedError
 
@@ -77,30 +78,30 @@ class DatasetFormat:
 
 
 class CocoFormat(DatasetFormat):
-    """A COCO json per split (``data.{train,val}_{images,annotations}``); the synthetic demo is written so."""
+    """A COCO json per split (``data.coco.{train,val}_{images,annotations}``); the synthetic demo is written so."""
 
     def prepare(self, cfg: DictConfig) -> None:
-        d = cfg.data
-        if d.synthetic:
+        coco, synthetic = cfg.data.coco, cfg.data.synthetic
+        if synthetic.enabled:
             paths = _materialise(functools.partial(
-                make_synthetic_coco, d.synthetic_root, num_train=d.synthetic_num_train, num_val=d.synthetic_num_val,
-                image_size=d.synthetic_image_size, seed=cfg.seed))
+                make_synthetic_coco, synthetic.root, num_train=synthetic.num_train, num_val=synthetic.num_val,
+                image_size=synthetic.image_size, seed=cfg.seed))
             for key in ("train_images", "train_annotations", "val_images", "val_annotations"):
-                d[key] = paths[key]
+                coco[key] = paths[key]
             return
-        missing = [p for p in (d.train_images, d.train_annotations, d.val_images, d.val_annotations)
+        missing = [p for p in (coco.train_images, coco.train_annotations, coco.val_images, coco.val_annotations)
                    if not os.path.exists(p)]
         if missing:
             raise _not_found(missing, COCO_LAYOUT)
 
     def build(self, cfg: DictConfig, train: bool = True):
-        d = cfg.data
+        d, coco = cfg.data, cfg.data.coco
         train_transform, val_transform = _transforms(cfg)
         errors: list[str] = []
 
         def load(split: str, transform, strict: bool, filter_empty: bool = False):
             try:
-                return CocoDetection(d[f"{split}_images"], d[f"{split}_annotations"], transform=transform,
+                return CocoDetection(coco[f"{split}_images"], coco[f"{split}_annotations"], transform=transform,
                                      skip_corrupt=d.skip_corrupt, filter_empty=filter_empty, strict=strict,
                                      verify=d.verify_images)
             except DatasetError as exc:
@@ -112,13 +113,13 @@ class CocoFormat(DatasetFormat):
         if errors:
             raise DatasetError("\n\n".join(errors))
         if train_set is not None and train_set.class_names != val_set.class_names:
-            raise DatasetError(f"{d.train_annotations} and {d.val_annotations} have different categories: "
+            raise DatasetError(f"{coco.train_annotations} and {coco.val_annotations} have different categories: "
                                f"{train_set.class_names} vs {val_set.class_names}; fix: give both files the same "
                                "'categories' list")
         return train_set, val_set
 
     def source(self, cfg: DictConfig, split: str) -> str:
-        return os.path.abspath(cfg.data[f"{split}_annotations"])
+        return os.path.abspath(cfg.data.coco[f"{split}_annotations"])
 
     def evaluators(self, cfg: DictConfig, dataset, output_dir: str | None) -> list:
         return [COCOEvaluator(dataset.coco, dataset.contiguous_to_cat_id, dataset.class_names, output_dir=output_dir,
@@ -126,62 +127,64 @@ class CocoFormat(DatasetFormat):
 
 
 class XmlFormat(DatasetFormat):
-    """PASCAL VOC or ImageNet DET XML folders, given as ``ROOT:SPLIT`` sets (``data.train_sets`` /
-    ``data.val_sets``), scored with the devkit's mAP (``eval.voc_metric``), pycocotools' beside it when
+    """PASCAL VOC or ImageNet DET XML folders, given as ``ROOT:SPLIT`` sets (``data.xml.train_sets`` /
+    ``data.xml.val_sets``), scored with the devkit's mAP (``eval.voc_metric``), pycocotools' beside it when
     ``eval.coco_metrics``."""
 
     def __init__(self, layout: str):
         self.layout = layout
 
     def prepare(self, cfg: DictConfig) -> None:
-        d = cfg.data
-        if d.synthetic:
+        xml, synthetic = cfg.data.xml, cfg.data.synthetic
+        if synthetic.enabled:
             paths = _materialise(functools.partial(
-                make_synthetic_voc, f"{d.synthetic_root}_{self.layout}", num_train=d.synthetic_num_train,
-                num_val=d.synthetic_num_val, image_size=d.synthetic_image_size, seed=cfg.seed, layout=self.layout))
-            d.train_sets, d.val_sets, d.synsets_file = paths["train_sets"], paths["val_sets"], paths["synsets_file"]
+                make_synthetic_voc, f"{synthetic.root}_{self.layout}", num_train=synthetic.num_train,
+                num_val=synthetic.num_val, image_size=synthetic.image_size, seed=cfg.seed, layout=self.layout))
+            xml.train_sets, xml.val_sets, xml.synsets_file = paths["train_sets"], paths["val_sets"], paths["synsets_file"]
             if self.layout == "voc":
-                d.class_names = paths["class_names"]
+                xml.class_names = paths["class_names"]
             return
         layout = XML_LAYOUTS[self.layout]
-        if not d.train_sets or not d.val_sets:
-            raise DataNotFoundError(f"data.format={self.layout} needs data.train_sets and data.val_sets (ROOT:SPLIT "
-                                    f"lists); got {list(d.train_sets)} and {list(d.val_sets)}\n{layout}\n{DEMO_HINT}")
+        if not xml.train_sets or not xml.val_sets:
+            raise DataNotFoundError(f"data.format={self.layout} needs data.xml.train_sets and data.xml.val_sets "
+                                    f"(ROOT:SPLIT lists); got {list(xml.train_sets)} and {list(xml.val_sets)}\n"
+                                    f"{layout}\n{DEMO_HINT}")
         missing = []  # the folders; their files are checked when the sets load
-        for spec in [*d.train_sets, *d.val_sets]:
+        for spec in [*xml.train_sets, *xml.val_sets]:
             image_set = parse_set_spec(spec, self.layout)
             for folder in (image_set.image_set_dir, image_set.annotation_dir, image_set.image_dir):
                 if not os.path.isdir(folder) and folder not in missing:
                     missing.append(folder)
         if missing:
-            raise _not_found(missing, f"{layout}\n  (or set data.train_sets / data.val_sets)\n{DEMO_HINT}")
+            raise _not_found(missing, f"{layout}\n  (or set data.xml.train_sets / data.xml.val_sets)\n{DEMO_HINT}")
 
     def _load(self, cfg: DictConfig, sets, transform, train: bool, class_names=None) -> VocDetection:
-        d = cfg.data
-        return VocDetection(sets, self.layout, class_names=class_names or list(d.class_names) or None,
-                            synsets_file=d.synsets_file, difficult=d.train_difficult if train else "ignore",
+        d, xml = cfg.data, cfg.data.xml
+        return VocDetection(sets, self.layout, class_names=class_names or list(xml.class_names) or None,
+                            synsets_file=xml.synsets_file, difficult=xml.train_difficult if train else "ignore",
                             transform=transform, skip_corrupt=d.skip_corrupt,
                             filter_empty=train and d.filter_empty_train,
                             strict=d.strict_train if train else d.strict_val, verify=d.verify_images)
 
     def build(self, cfg: DictConfig, train: bool = True):
-        d = cfg.data
+        xml = cfg.data.xml
         train_transform, val_transform = _transforms(cfg)
         if not train:
-            return None, self._load(cfg, d.val_sets, val_transform, train=False)
-        train_set = self._load(cfg, d.train_sets, train_transform, train=True)
+            return None, self._load(cfg, xml.val_sets, val_transform, train=False)
+        train_set = self._load(cfg, xml.train_sets, train_transform, train=True)
         # the training sets fix the class list (ImageNet DET without a synsets file: the wnids found there)
-        return train_set, self._load(cfg, d.val_sets, val_transform, train=False, class_names=train_set.xml_class_names)
+        return train_set, self._load(cfg, xml.val_sets, val_transform, train=False,
+                                     class_names=train_set.xml_class_names)
 
     def source(self, cfg: DictConfig, split: str) -> str:
-        return " + ".join(cfg.data[f"{split}_sets"])
+        return " + ".join(cfg.data.xml[f"{split}_sets"])
 
     def metric(self, cfg: DictConfig) -> str:
         """``eval.voc_metric``; ``auto``: the 11-point AP for VOC2007 sets (as the VOC2007 devkit scores them;
         the paper does not say which it used for its Table 7), the area under the curve otherwise."""
         if cfg.eval.voc_metric != "auto":
             return str(cfg.eval.voc_metric)
-        roots = [os.path.basename(parse_set_spec(s, self.layout).root) for s in cfg.data.val_sets]
+        roots = [os.path.basename(parse_set_spec(s, self.layout).root) for s in cfg.data.xml.val_sets]
         return "voc07" if self.layout == "voc" and all(r == "VOC2007" for r in roots) else "area"
 
     def evaluators(self, cfg: DictConfig, dataset, output_dir: str | None) -> list:

@@ -5,7 +5,8 @@ because those two applied in sequence do not give "shorter side = s unless the l
 exceed max_size" (the second can undo the first and they round separately). The image and every box
 then go through one albumentations pipeline (``A.Resize`` with the exact size, then ``A.HorizontalFlip``),
 so boxes and crowd boxes stay consistent with the pixels. The scale factors and the flip flag are
-returned so detections can be mapped back to the original image with :func:`boxes_to_original`.
+returned so detections can be mapped back to the original image
+(:func:`detection.modeling.postprocessing.boxes_to_image`).
 """
 from __future__ import annotations
 
@@ -90,19 +91,3 @@ def build_transform(min_size: tuple[int, ...], max_size: int, flip_prob: float, 
     """Train: one shorter side sampled from ``min_size`` per image (multi-scale) and a flip with ``flip_prob``.
     Test: the first ``min_size``, no flip."""
     return DetectionTransform(min_size, max_size, flip_prob, train)
-
-
-def boxes_to_original(boxes, scale: tuple[float, float], flipped: bool, transformed_width: float):
-    """Map xyxy boxes from the transformed image back to the original one: undo the flip (in the
-    transformed frame, whose width is ``transformed_width``), then divide by ``scale = (sy, sx)``.
-    Accepts a tensor or an array and returns a new one of the same kind."""
-    out = boxes.clone().float() if isinstance(boxes, torch.Tensor) else np.array(boxes, dtype=np.float32)
-    out = out.reshape(-1, 4)
-    if flipped:
-        x1 = transformed_width - out[:, 2]
-        x2 = transformed_width - out[:, 0]
-        out[:, 0], out[:, 2] = x1, x2
-    sy, sx = scale
-    out[:, 0::2] /= sx
-    out[:, 1::2] /= sy
-    return out

@@ -149,7 +149,7 @@ def read_synsets_file(path: str) -> dict[str, str]:
     ``map_det.txt``: ``n02672831 1 accordion``; or ``n01440764 tench, Tinca tinca``). The file defines the
     class list, so it should hold exactly the detection classes (200 for ImageNet DET)."""
     if not os.path.isfile(path):
-        raise DatasetError(f"{path}: synset mapping file not found; fix: set data.synsets_file to a file of "
+        raise DatasetError(f"{path}: synset mapping file not found; fix: set data.xml.synsets_file to a file of "
                            "'wnid [index] name' lines (e.g. the ILSVRC devkit's data/map_det.txt), or to '' to "
                            "use the wnids as class names")
     mapping: dict[str, str] = {}
@@ -213,8 +213,8 @@ def voc_to_coco_dict(sets, layout: str = "voc", class_names=None, synsets_file: 
                 shown = ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "")
                 collect.add("object of an unknown class", f"{xml_path}: <object> #{n} has <name>{cls}</name>, which "
                             f"is not one of the {len(keys)} classes ({shown})",
-                            "correct the name, or set data.class_names" +
-                            (" / data.synsets_file" if layout == "imagenet_det" else "") + " to the dataset's classes")
+                            "correct the name, or set data.xml.class_names" +
+                            (" / data.xml.synsets_file" if layout == "imagenet_det" else "") + " to the dataset's classes")
                 continue
             if is_difficult and difficult == "drop":
                 continue
@@ -242,9 +242,9 @@ def _resolve_classes(layout: str, class_names, synsets_file: str, parsed: list) 
         keys = sorted({obj[0] for *_, objects in parsed for obj in objects})
         if not keys:
             raise DatasetError("no object found in the ImageNet DET sets, so the class list is unknown; fix: set "
-                               "data.synsets_file (e.g. the devkit's data/map_det.txt) or data.class_names")
+                               "data.xml.synsets_file (e.g. the devkit's data/map_det.txt) or data.xml.class_names")
     if len(set(keys)) != len(keys):
-        raise DatasetError(f"class list {keys} names a class twice; fix: list each class once in data.class_names")
+        raise DatasetError(f"class list {keys} names a class twice; fix: list each class once in data.xml.class_names")
     return keys, {key: mapping.get(key, key) for key in keys}
 
 

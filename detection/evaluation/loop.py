@@ -1,5 +1,5 @@
-"""The one evaluation loop: run a detector over a loader, map its boxes to the image files' pixels, and
-feed every evaluator (sharded over ranks; each evaluator gathers and scores on rank 0)."""
+"""The one evaluation loop: run a detector over a loader (its boxes come out in the image files' pixels:
+the loader's targets carry each image's frame) and feed every evaluator (sharded over ranks; each evaluator gathers and scores on rank 0)."""
 from __future__ import annotations
 
 import torch
@@ -7,8 +7,6 @@ import torch
 from backbones.engine.dist import is_main_process, reduce_sum
 from backbones.engine.run import progress_bar
 from backbones.engine.state import unwrap
-
-from ..postprocessing import target_to_original
 
 
 @torch.no_grad()
@@ -33,9 +31,9 @@ def evaluate(model, loader, evaluators: list, device: torch.device, amp_dtype: t
         batch["images"] = batch["images"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             detections = model(batch)
-        originals = [target_to_original(det, t) for det, t in zip(detections, batch["targets"])]
+        detections = [{key: value.cpu() for key, value in det.items()} for det in detections]
         for evaluator in evaluators:
-            evaluator.process(batch["targets"], originals)
+            evaluator.process(batch["targets"], detections)
     model.train(was_training)
     results = [evaluator.evaluate() for evaluator in evaluators]  # every rank takes part in each gather
     metrics = results[0]

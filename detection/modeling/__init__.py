@@ -6,6 +6,7 @@ from .config import BackboneConfig, DetectorConfig, ROIHeadsConfig, RPNConfig
 from .fpn import FPN
 from .matcher import Matcher
 from .meta_arch import GeneralizedRCNN
+from .postprocessing import boxes_to_image, detections_to_image
 from .poolers import ROIPooler, assign_boxes_to_levels
 from .roi_heads import FastRCNNOutputLayers, Res5ROIHeads, ROIHeads, StandardROIHeads
 from .rpn import RPN, RPNHead, filter_proposals
@@ -16,5 +17,5 @@ __all__ = [
     "AnchorGenerator", "BoxCoder", "build_backbone", "build_detector", "BackboneConfig", "DetectorConfig",
     "ROIHeadsConfig", "RPNConfig", "FPN", "Matcher", "GeneralizedRCNN", "ROIPooler", "assign_boxes_to_levels",
     "FastRCNNOutputLayers", "Res5ROIHeads", "ROIHeads", "StandardROIHeads", "RPN", "RPNHead", "filter_proposals",
-    "sample_balanced", "ResNetTrunk",
+    "sample_balanced", "ResNetTrunk", "boxes_to_image", "detections_to_image",
 ]

@@ -5,11 +5,13 @@
 * ``images``: uint8 (B, 3, H, W), RGB, each image at the top-left, zero-padded to a common size;
 * ``image_sizes``: the unpadded ``(h, w)`` of each image;
 * ``targets`` (training): per image ``boxes`` float (N, 4) xyxy pixels, ``labels`` int64 (N,) in 1..K,
-  and optionally ``crowd_boxes`` (M, 4).
+  and optionally ``crowd_boxes`` (M, 4). In evaluation a target may carry the image's frame instead
+  (``orig_size``, ``scale``, ``flipped``, as the data pipeline records them).
 
 Training returns the loss dict (``loss_rpn_cls``, ``loss_rpn_loc``, ``loss_cls``, ``loss_box_reg``);
-evaluation returns per image ``{"boxes", "scores", "labels"}`` in the pixels of the network's input
-(the resized image); mapping back to the original file is the caller's job.
+evaluation returns per image ``{"boxes", "scores", "labels"}``, in the original image's pixels (clipped
+to it) where the target carries its frame, else in the pixels of the network's input
+(:mod:`detection.modeling.postprocessing`).
 
 Pixels are normalised as ``(x - mean) / std`` inside each image's own area; the padding is 0 after
 normalisation, as if the padding had been added to the normalised image (Detectron2's order).
@@ -22,6 +24,8 @@ import torch
 from torch import nn
 
 from backbones.resnet import is_channels_last
+
+from .postprocessing import detections_to_image
 
 
 class GeneralizedRCNN(nn.Module):
@@ -85,4 +89,4 @@ class GeneralizedRCNN(nn.Module):
         detections, head_losses = self.roi_heads(features, proposals, image_sizes, targets)
         if self.training:
             return {**rpn_losses, **head_losses}
-        return detections
+        return detections_to_image(detections, batch.get("targets"))

@@ -29,6 +29,7 @@ from torch import nn
 
 from .box_ops import clip_boxes, nonempty
 from .meta_arch import GeneralizedRCNN
+from .postprocessing import detections_to_image
 from .roi_heads import postprocess_detections
 
 
@@ -108,7 +109,8 @@ class _View:
 
 class TestTimeDetector(nn.Module):
     """Wraps one or more trained detectors (same classes) with the test-time options; ``forward(batch)``
-    returns per image ``{"boxes", "scores", "labels"}`` in the batch's pixels, like the detector's."""
+    returns per image ``{"boxes", "scores", "labels"}`` in the frame the detector's would be in (the
+    original image's pixels where the batch's targets carry them)."""
 
     __test__ = False  # not a pytest test class
 
@@ -166,8 +168,9 @@ class TestTimeDetector(nn.Module):
         else:
             counts = [len(p) for p in proposals]
             scores, boxes = scores.split(counts), boxes.split(counts)
-        return [postprocess_detections(b, s[:, 1:], head.score_thresh, nms_thresh, head.detections_per_img, voting_iou)
-                for b, s in zip(boxes, scores)]
+        detections = [postprocess_detections(b, s[:, 1:], head.score_thresh, nms_thresh, head.detections_per_img,
+                                             voting_iou) for b, s in zip(boxes, scores)]
+        return detections_to_image(detections, batch.get("targets"))
 
     def score(self, views: list[_View], proposals: list[torch.Tensor], image_sizes: list[tuple[int, int]]
               ) -> tuple[torch.Tensor, torch.Tensor]:
