@@ -29,7 +29,10 @@ PyTorch's default initialisation of the box predictor.
 
 ``--variant LABEL=KIND [key=value ...]`` adds a detector (KIND ``resdet`` or ``torchvision``) with config
 overrides, for ablations, e.g. ``--variant "resdet-l1=resdet model.roi_heads.smooth_l1_beta=0"``.
-``--json FILE`` writes every run's figures.
+The any-class columns score the same detections with every class merged (pycocotools' ``useCats=0``): box
+quality without the classification, which is what a "less precise boxes" question asks. ``--json FILE``
+writes every run's figures. ``--prepare-only`` writes a real set's json files and prints the
+overrides that point a config at it (to train on it with ``tools/train_det.py``).
 """
 from __future__ import annotations
 
@@ -173,6 +176,7 @@ def torchvision_step(model, batch):
     return detections_to_image(model(images), batch["targets"])  # to the image files' pixels, as resdet's
 
 
+COLUMNS = ("AP", "AP50", "AP75", "any-class AP", "any-class AP75")
 KINDS = {"resdet": (lambda cfg, k: build_detector(cfg.model, k), resdet_step),
          "torchvision": (torchvision_parts, torchvision_step)}
 
@@ -216,7 +220,7 @@ def coco_metrics(model, step, cfg, val_set) -> dict:
     model.eval()
     if isinstance(model, FasterRCNN):  # torchvision resizes inside the model: test at the config's test scale too
         model.transform.min_size, model.transform.max_size = (cfg.data.min_size_test,), cfg.data.max_size_test
-    evaluator = COCOEvaluator(val_set.coco, val_set.contiguous_to_cat_id, val_set.class_names)
+    evaluator = COCOEvaluator(val_set.coco, val_set.contiguous_to_cat_id, val_set.class_names, class_agnostic=True)
     sampler = build_batch_sampler(val_set.aspect_ratios(), 8, shuffle=False, seed=0, distributed=False, drop_last=False)
     collate = functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility)
     for batch in DataLoader(val_set, batch_sampler=sampler, collate_fn=collate):
@@ -246,6 +250,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[],
                         help="LABEL=KIND [key=value ...]; default: resdet and torchvision")
     parser.add_argument("--json", default="", help="write every run's figures here")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="write the --data set's json files, print its overrides for tools/ and stop")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every detector")
     args = parser.parse_args()
     os.chdir(ROOT)
@@ -259,6 +265,9 @@ def main() -> None:
         data += prepare_coco128("datasets/parity")
     if args.data != "demo":
         data += ["data.synthetic.enabled=false", "data.workers=1"]
+    if args.prepare_only:
+        print(" ".join(data))
+        return
     trunk = [f"model.backbone.weights={args.backbone}"]
     if not args.backbone:  # from scratch: BN must train, nothing frozen
         trunk += ["model.backbone.norm=bn", "model.backbone.freeze_at=0"]
@@ -276,21 +285,22 @@ def main() -> None:
             iters, secs = train(model, step, cfg, train_set, args.iters, args.seconds)
             m = coco_metrics(model, step, cfg, val_set)
             run = {"detector": label, "seed": seed, "iterations": iters, "seconds": round(secs, 1),
-                   **{k: 100 * m[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}}
+                   **{k: 100 * m[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
+                   **{f"any-class {k}": 100 * m["class_agnostic"][k] for k in ("AP", "AP75")}}
             runs.append(run)
-            print(f"seed {seed} {label}: {iters} it in {secs:.0f} s, AP {run['AP']:.1f} AP50 {run['AP50']:.1f} "
-                  f"AP75 {run['AP75']:.1f}", flush=True)
+            print(f"seed {seed} {label}: {iters} it in {secs:.0f} s, " + ", ".join(
+                f"{k} {run[k]:.1f}" for k in COLUMNS), flush=True)
     if args.json:
         _write_json(os.path.abspath(args.json), {"data": args.data, "budget": budget, "seeds": args.seeds,
                                                  "torch": torch.__version__, "runs": runs})
     trunk_name = args.backbone or "from scratch"
     print(f"\n{args.data}, {budget} per run, seeds {args.seeds}, trunk {trunk_name}, torch {torch.__version__}")
-    print("AP in %: mean ± sample std over seeds [min, max]")
-    print("| detector | iterations | AP | AP50 | AP75 |\n|---|---|---|---|---|")
+    print("AP in %: mean ± sample std over seeds [min, max]; any-class: every class merged (box quality alone)")
+    print(f"| detector | iterations | {' | '.join(COLUMNS)} |\n|---|---|{'---|' * len(COLUMNS)}")
     for label, _, _ in variants:
         mine = [r for r in runs if r["detector"] == label]
         cells = []
-        for key in ("AP", "AP50", "AP75"):
+        for key in COLUMNS:
             values = [r[key] for r in mine]
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.1f} ± {sd:.1f} [{min(values):.1f}, {max(values):.1f}]")

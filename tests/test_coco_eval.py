@@ -94,6 +94,23 @@ def test_false_positive_between_true_positives(gt_file):
     assert m["AP"] == pytest.approx(expected) and m["per_class_AP"]["cat"] == pytest.approx(expected)
 
 
+def test_class_agnostic_scores_boxes_whatever_their_label(gt_file):
+    """Perfect boxes, image 1's second cat labelled dog: cat finds 1 of its 2 (AP 51/101, recall stops at .5),
+    dog has that false positive above its true positive (AP .5); with every class merged all three boxes
+    are hits (AP 1)."""
+    ev = COCOEvaluator(str(gt_file), CONTIGUOUS, NAMES, class_agnostic=True)
+    ev.process([{"image_id": 1}, {"image_id": 2}],
+               [det([CAT_1, CAT_2], [0.9, 0.8], [1, 2]), det([DOG], [0.7], [2])])
+    m = ev.evaluate()
+    assert interpolated_ap([True], 2) == pytest.approx(51 / 101)  # cat: [TP .9] of 2
+    assert interpolated_ap([False, True], 1) == pytest.approx(0.5)  # dog: [FP .8, TP .7] of 1
+    assert m["per_class_AP"] == {"cat": pytest.approx(51 / 101), "dog": pytest.approx(0.5)}
+    assert m["AP"] == pytest.approx((51 / 101 + 0.5) / 2)
+    agnostic = m["class_agnostic"]
+    assert agnostic["AP"] == pytest.approx(1.0) and agnostic["AP75"] == pytest.approx(1.0)
+    assert "class_agnostic" not in COCOEvaluator(str(gt_file), CONTIGUOUS, NAMES).evaluate()
+
+
 def test_detection_on_crowd_region_is_not_a_false_positive(gt_file):
     ev = COCOEvaluator(str(gt_file), CONTIGUOUS, NAMES, only_processed=True)  # one image's case
     ev.process([{"image_id": 2}], [det([[60, 10, 90, 40], DOG], [0.9, 0.8], [2, 2])])

@@ -37,18 +37,23 @@ class COCOEvaluator:
     an image with no detections, so its objects are misses and the AP is the AP of the whole set; the
     metrics say how many there were (``num_unprocessed``). ``only_processed=True`` scores just the
     images handed to :meth:`process`, for a deliberate subset.
+
+    ``class_agnostic=True`` also scores the boxes with every class merged (pycocotools' ``useCats=0``),
+    under ``metrics["class_agnostic"]``: how well objects are found and boxed whatever their label, which
+    tells box errors from classification errors.
     """
 
     name = "coco"  # the key its metrics take when it runs beside another evaluator
 
     def __init__(self, coco_gt, contiguous_to_cat_id: dict[int, int], class_names: list[str],
-                 output_dir: str | None = None, only_processed: bool = False):
+                 output_dir: str | None = None, only_processed: bool = False, class_agnostic: bool = False):
         self.coco_gt = coco_gt if isinstance(coco_gt, COCO) else _quiet(COCO, os.fspath(coco_gt))
         _complete_ground_truth(self.coco_gt)
         self.contiguous_to_cat_id = {int(k): int(v) for k, v in contiguous_to_cat_id.items()}
         self.cat_id_to_name = {self.contiguous_to_cat_id[label]: name for label, name in enumerate(class_names, 1)}
         self.output_dir = output_dir
         self.only_processed = only_processed
+        self.class_agnostic = class_agnostic
         self.reset()
 
     def reset(self) -> None:
@@ -95,17 +100,25 @@ class COCOEvaluator:
                     "per_class_AP": {name: -1.0 for name in self.cat_id_to_name.values()}}
         # loadRes adds area, id and segmentation to the dicts it is given: hand it copies
         coco_dt = _quiet(self.coco_gt.loadRes, [dict(r) for r in results]) if results else _empty_results(self.coco_gt)
-        coco_eval = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
-        coco_eval.params.imgIds = image_ids
-        _quiet(coco_eval.evaluate)
-        _quiet(coco_eval.accumulate)
-        _quiet(coco_eval.summarize)
+        coco_eval = self._cocoeval(coco_dt, image_ids, use_categories=True)
         metrics = {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
         metrics["per_class_AP"] = self._per_class_ap(coco_eval)
+        if self.class_agnostic:
+            agnostic = self._cocoeval(coco_dt, image_ids, use_categories=False)
+            metrics["class_agnostic"] = {name: float(v) for name, v in zip(METRIC_NAMES, agnostic.stats)}
         # the PR curves behind those numbers (all areas, 100 detections), for the evaluation page
         self._curves = {"precision": coco_eval.eval["precision"][:, :, :, 0, -1],
                         "cat_ids": np.asarray(coco_eval.params.catIds)}
         return metrics
+
+    def _cocoeval(self, coco_dt: COCO, image_ids: list[int], use_categories: bool) -> COCOeval:
+        coco_eval = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
+        coco_eval.params.imgIds = image_ids
+        coco_eval.params.useCats = int(use_categories)
+        _quiet(coco_eval.evaluate)
+        _quiet(coco_eval.accumulate)
+        _quiet(coco_eval.summarize)
+        return coco_eval
 
     def _per_class_ap(self, coco_eval: COCOeval) -> dict[str, float]:
         """AP at IoU .50:.95, all areas, 100 detections, per category (-1 for one without ground truth)."""
