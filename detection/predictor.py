@@ -28,7 +28,9 @@ def resolve_checkpoint(run_dir: str, which: str) -> str:
 
 
 def load_trained_detector(run_dir: str, cfg: DictConfig, which: str, device, compile: bool = False):
-    """Rebuild the run's detector and load its weights (the backbone file is not needed any more);
+    """Rebuild the run's detector and load its weights (the backbone file is not needed any more), in the
+    memory format it was trained and evaluated in (``solver.channels_last``: faster on CUDA, and under bf16
+    the other layout rounds differently, so the run's own AP would not be reproduced exactly);
     ``compile``: torch.compile its dense parts (``GeneralizedRCNN.compile_parts``).
 
     Returns ``(model, checkpoint path, class names)``; the class names travel in the checkpoint.
@@ -39,6 +41,8 @@ def load_trained_detector(run_dir: str, cfg: DictConfig, which: str, device, com
     cfg.model.backbone.weights = ""  # every weight, the normalisation buffers too, comes from the checkpoint
     model = build_detector(cfg.model, num_classes=len(class_names))
     model.load_state_dict(state["model"])
+    if cfg.solver.channels_last:
+        model.to(memory_format=torch.channels_last)
     if compile:
         model.compile_parts()
     return model.to(device).eval(), path, class_names

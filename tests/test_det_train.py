@@ -13,6 +13,7 @@ import torch
 
 from backbones.engine.config import load_config
 from backbones.engine.imageio import read_image_rgb
+from backbones.resnet import is_channels_last
 from conftest import ROOT, SHARED_DATA, assert_same_weights
 from det_helpers import SLIM, data_overrides
 from detection.config import DetConfig
@@ -164,6 +165,12 @@ def test_small_data_config_counts_epochs_evaluates_each_and_keeps_the_best(tiny_
     best = torch.load(out / "checkpoints" / "best.pth", weights_only=True)
     assert summary["best_AP"] == best["AP"] == max(ap for _, ap in evaluated)
     assert best["iteration"] == max(evaluated, key=lambda e: e[1])[0]
+    # the config trains channels-last under bf16: reloaded for evaluation in that layout, the best checkpoint
+    # gives exactly the AP it was kept for (the other layout rounds differently under bf16)
+    assert resolved.solver.channels_last and resolved.solver.amp == "bf16"
+    assert is_channels_last(load_trained_detector(str(out), resolved, "best", "cpu")[0].trunk)
+    run("eval_det.py", [out, "checkpoint=best"])
+    assert json.loads((out / "eval_best" / "coco_metrics.json").read_text())["AP"] == best["AP"]
     proc = run("train_det.py", ["configs/frcnn_r50_c4_finetune_small.yaml", *data_overrides(tiny_coco), *SLIM,
                                 "solver.epochs=3", "solver.step_epochs=[4]", f"output_dir={tmp_path}/bad"], check=False)
     assert proc.returncode == 2 and "solver.step_epochs [4.0]: each must lie between 0 and solver.epochs" in proc.stderr
