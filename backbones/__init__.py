@@ -1,4 +1,11 @@
-"""ResNet backbones of He et al. (2016) and their ImageNet pretraining."""
+"""ResNet backbones of He et al. (2016) and their ImageNet pretraining.
+
+``resnet.py`` the whole family (variants as arguments); ``checkpoint.py`` and ``foreign_weights.py`` backbone
+files and weights from elsewhere (MSRA ``R-*.pkl``, Detectron2, torchvision, timm); ``imagedata.py`` the
+ImageNet data code pretraining and localization share (folder scanning, holdout, sampler, PCA lighting,
+normalisation); ``shapes.py`` the synthetic shapes; ``engine/`` the run infrastructure every application
+shares; ``pretraining/`` the classification application. Imports only ``engine/`` of its own and third-party
+packages; never ``detection``."""
 from .checkpoint import (
     CheckpointError,
     backbone_checkpoint,

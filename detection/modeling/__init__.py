@@ -1,4 +1,7 @@
-"""Faster R-CNN on ResNet backbones: C4 (the ResNet paper's COCO entry) and FPN."""
+"""Faster R-CNN on ResNet backbones: C4 (the ResNet paper's COCO entry) and FPN, one concept per file
+(anchors, box coding, matching, sampling, poolers, RPN, RoI heads, test-time additions, post-processing);
+``build.py`` assembles it from a ``DetectorConfig``. Imports ``backbones`` (the ResNets, their weights,
+config helpers) and ``torchvision.ops``; never the data, evaluation or training code."""
 from .anchor_generator import AnchorGenerator
 from .box_coder import BoxCoder
 from .build import build_backbone, build_detector
