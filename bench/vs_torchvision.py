@@ -140,7 +140,8 @@ def prepare_coco128(out_dir: str) -> list[str]:
             "categories": coco["categories"]})
     images_dir = os.path.join(src, "train2017")
     return [f"data.coco.train_images={images_dir}", f"data.coco.val_images={images_dir}",
-            f"data.coco.train_annotations={out_dir}/coco128_train.json", f"data.coco.val_annotations={out_dir}/coco128_val.json"]
+            f"data.coco.train_annotations={out_dir}/coco128_train.json",
+            f"data.coco.val_annotations={out_dir}/coco128_val.json"]
 
 
 def torchvision_parts(cfg, num_classes: int) -> FasterRCNN:

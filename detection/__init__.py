@@ -4,5 +4,6 @@ ImageNet localization entry.
 ``modeling/`` the detector, one concept per file (``build.py`` assembles it; ``postprocessing.py`` maps its
 boxes back to the image files' pixels); ``data/`` datasets and the table of formats; ``evaluation/``
 evaluators and the evaluation loop; ``engine.py`` the training run over ``backbones.engine.Trainer``;
-``predictor.py`` and ``export.py`` inference and the deployable graph. Builds on ``backbones``; ``backbones`` never imports it.
+``predictor.py`` and ``export.py`` inference and the deployable graph. Builds on ``backbones``;
+``backbones`` never imports it.
 """

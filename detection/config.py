@@ -59,7 +59,8 @@ class XmlDataConfig:
     # without one every wnid in the sets sorted (imagenet_det)
     class_names: list[str] = field(default_factory=list)
     synsets_file: str = ""  # imagenet_det: "wnid [index] name" lines (devkit data/map_det.txt): class names
-    train_difficult: Difficult = Difficult.ignore  # VOC difficult objects in training: ignore (like crowd) | train | drop
+    # VOC difficult objects in training: ignore (like crowd) | train | drop
+    train_difficult: Difficult = Difficult.ignore
 
 
 @dataclass

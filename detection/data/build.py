@@ -59,8 +59,8 @@ class DatasetFormat:
     """One ``data.format``. Each method takes the whole run config."""
 
     def prepare(self, cfg: DictConfig) -> None:
-        """Materialise the synthetic set when ``data.synthetic.enabled`` (setting the format's paths in ``cfg``); otherwise
-        raise :class:`DataNotFoundError` at once when the configured files are not there."""
+        """Materialise the synthetic set when ``data.synthetic.enabled`` (setting the format's paths in
+        ``cfg``); otherwise raise :class:`DataNotFoundError` at once when the configured files are not there."""
         raise NotImplementedError
 
     def build(self, cfg: DictConfig, train: bool = True):
@@ -140,7 +140,8 @@ class XmlFormat(DatasetFormat):
             paths = _materialise(functools.partial(
                 make_synthetic_voc, f"{synthetic.root}_{self.layout}", num_train=synthetic.num_train,
                 num_val=synthetic.num_val, image_size=synthetic.image_size, seed=cfg.seed, layout=self.layout))
-            xml.train_sets, xml.val_sets, xml.synsets_file = paths["train_sets"], paths["val_sets"], paths["synsets_file"]
+            xml.train_sets, xml.val_sets = paths["train_sets"], paths["val_sets"]
+            xml.synsets_file = paths["synsets_file"]
             if self.layout == "voc":
                 xml.class_names = paths["class_names"]
             return

@@ -213,8 +213,9 @@ def voc_to_coco_dict(sets, layout: str = "voc", class_names=None, synsets_file: 
                 shown = ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "")
                 collect.add("object of an unknown class", f"{xml_path}: <object> #{n} has <name>{cls}</name>, which "
                             f"is not one of the {len(keys)} classes ({shown})",
-                            "correct the name, or set data.xml.class_names" +
-                            (" / data.xml.synsets_file" if layout == "imagenet_det" else "") + " to the dataset's classes")
+                            "correct the name, or set data.xml.class_names"
+                            + (" / data.xml.synsets_file" if layout == "imagenet_det" else "")
+                            + " to the dataset's classes")
                 continue
             if is_difficult and difficult == "drop":
                 continue

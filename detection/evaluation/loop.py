@@ -1,5 +1,6 @@
 """The one evaluation loop: run a detector over a loader (its boxes come out in the image files' pixels:
-the loader's targets carry each image's frame) and feed every evaluator (sharded over ranks; each evaluator gathers and scores on rank 0)."""
+the loader's targets carry each image's frame) and feed every evaluator (sharded over ranks; each
+evaluator gathers and scores on rank 0)."""
 from __future__ import annotations
 
 import torch
