@@ -13,6 +13,7 @@ from typing import ClassVar
 from backbones.engine.config import Choice, RunConfig
 from backbones.engine.solver import IterationSolverConfig
 
+from .data.problems import VerifyImages
 from .modeling.config import DetectorConfig
 
 
@@ -26,12 +27,6 @@ class Difficult(Choice):
     ignore = "ignore"  # like crowd regions: neither positive nor negative
     train = "train"
     drop = "drop"
-
-
-class VerifyImages(Choice):
-    header = "header"  # size and EXIF orientation (fast)
-    decode = "decode"  # every pixel (finds truncated files)
-    none = "none"
 
 
 class VocMetric(Choice):

@@ -17,12 +17,20 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from backbones.engine.config import Choice
 from backbones.engine.errors import DatasetError  # noqa: F401  (raised here; importers take it from here too)
 
 logger = logging.getLogger(__name__)
 
 EXAMPLES_SHOWN = 5
-VERIFY_MODES = ("header", "decode", "none")
+class VerifyImages(Choice):
+    """``data.verify_images``: how every image is checked once at load (detection and localization alike)."""
+    header = "header"  # size and EXIF orientation (fast)
+    decode = "decode"  # every pixel (finds truncated files)
+    none = "none"
+
+
+VERIFY_MODES = tuple(mode.value for mode in VerifyImages)
 # EXIF orientations 5-8 rotate by 90 degrees: the decoded image is the stored one transposed.
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 _EXIF_ORIENTATION = 0x0112

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from backbones.engine.config import Choice, RunConfig
 from backbones.engine.solver import IterationSolverConfig
 from backbones.options import Norm
-from detection.config import VerifyImages
+from detection.data.problems import VerifyImages
 
 
 class Layout(Choice):
