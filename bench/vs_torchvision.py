@@ -192,6 +192,8 @@ def train(model, step, cfg, train_set, iters: int, seconds: float) -> tuple[int,
     sampler = build_batch_sampler(train_set.aspect_ratios(), s.batch_size, shuffle=True, seed=cfg.seed,
                                   distributed=False, drop_last=True)
     collate = functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility)
+    if s.channels_last:  # a setting both detectors get, as the trainer applies it to resdet's
+        model.to(memory_format=torch.channels_last)
     model.train()
     iteration, start, epoch = 0, time.time(), 0
 

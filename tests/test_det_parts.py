@@ -17,6 +17,8 @@ from detection.modeling import (
     filter_proposals,
     sample_balanced,
 )
+from detection.modeling.box_ops import batched_nms_first
+from detection.modeling.poolers import roi_align_separable, separable_roi_align_is_cheaper
 from detection.modeling.sampling import sampled_labels
 from det_helpers import random_boxes
 
@@ -135,6 +137,23 @@ def test_sample_balanced_is_uniform_up_to_the_cap():
 # -- proposals and pooling -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("count,size", [(30, 400.0), (30, 20.0), (300, 400.0), (0, 400.0)])
+def test_first_kept_boxes_equal_the_whole_nms_prefix(count, size):
+    """The first ``count`` boxes NMS keeps, from the ``2 * count`` best where they suffice (spread-out
+    boxes) and from all where the best overlap so much that fewer survive (``size`` 20), or fewer boxes."""
+    boxes = random_boxes(200, size=size, min_side=40.0, seed=1)
+    scores = torch.rand(200, generator=torch.Generator().manual_seed(2))
+    scores[5] = float("-inf")  # an invalid candidate, as the RPN marks them
+    levels = torch.randint(0, 2, (200,), generator=torch.Generator().manual_seed(3))
+    whole = batched_nms(boxes.double(), scores.double(), levels, 0.5)
+    first = batched_nms_first(boxes, scores, levels, 0.5, count)
+    assert torch.equal(first, whole[:count])
+    if count == 30:  # the prefix suffices for spread-out boxes; the whole set is needed for the cluster
+        best = scores.topk(2 * count).indices
+        from_prefix = batched_nms(boxes[best], scores[best], levels[best], 0.5).shape[0]
+        assert (from_prefix >= count) == (size == 400.0)
+
+
 def test_filter_proposals_matches_batched_nms():
     boxes = torch.tensor([
         [10, 10, 50, 50], [12, 12, 52, 52], [11, 9, 49, 51],  # overlapping cluster, level 0
@@ -178,3 +197,58 @@ def test_pooler_level_assignment_and_scatter():
         torch.testing.assert_close(out[r:r + 1], ref)
     for kind in ("ROIAlign", "ROIPool"):
         assert ROIPooler(14, [1 / 16], pooler_type=kind)(features[2:3], per_image).shape == (4, 3, 14, 14)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_separable_roi_align_equals_torchvision_kernel(aligned, sampling_ratio, channels_last):
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(3, 5, 12, 17, dtype=torch.float64, generator=g)
+    if channels_last:
+        features = features.contiguous(memory_format=torch.channels_last)
+    corner = torch.rand(40, 2, generator=g, dtype=torch.float64) * 300 - 30  # some reach outside the map
+    size = torch.rand(40, 2, generator=g, dtype=torch.float64) * 150 - 4  # some of no or negative size
+    boxes = torch.cat([corner, corner + size], 1)
+    boxes[0] = torch.tensor([10.0, 10.0, 10.0, 10.0])  # a point
+    boxes[1] = torch.tensor([-500.0, -500.0, -400.0, -400.0])  # wholly outside: zeros
+    image = torch.randint(0, 3, (40,), generator=g).double()
+    image[image == 1] = 2  # image 1 has no boxes; the rows are not sorted by image
+    rois = torch.cat([image[:, None], boxes], 1)
+
+    def both(feats):
+        ours = roi_align_separable(feats, rois, (4, 3), 1 / 16, sampling_ratio, aligned)
+        ref = roi_align(feats, rois, (4, 3), 1 / 16, sampling_ratio, aligned)
+        return ours, ref
+
+    ours, ref = both(features)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    assert ours[1].abs().max() == 0
+    assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    # the gradient w.r.t. the features, which is what training runs through it
+    weights = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+    grads = []
+    for fn in (roi_align_separable, roi_align):
+        feats = features.clone().requires_grad_()
+        (fn(feats, rois, (4, 3), 1 / 16, sampling_ratio, aligned) * weights).sum().backward()
+        grads.append(feats.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
+    # float32 under autocast: computed in float32 and returned in the input's dtype, like torchvision's op
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours32 = roi_align_separable(features.float(), rois.float(), (4, 3), 1 / 16, sampling_ratio, aligned)
+    assert ours32.dtype == torch.float32
+    torch.testing.assert_close(ours32, ref.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_pooler_takes_the_separable_roi_align_only_where_it_is_cheaper():
+    def rois(n, size, side):
+        corner = torch.rand(n, 2, generator=torch.Generator().manual_seed(0)) * (size - side)
+        return torch.cat([torch.zeros(n, 1), corner, corner + side], 1)
+
+    demo = torch.randn(1, 64, 16, 16, requires_grad=True)  # the demo's res4 at 256 px, boxes of ~1-2 cells/bin
+    assert separable_roi_align_is_cheaper(demo, rois(64, 256, 100), (10, 10), 1 / 16, 0, True)
+    with torch.no_grad():  # forward alone: torchvision's kernel is multithreaded and the products do not pay
+        assert not separable_roi_align_is_cheaper(demo, rois(64, 256, 100), (10, 10), 1 / 16, 0, True)
+    coco = torch.randn(1, 1024, 50, 76, requires_grad=True)  # res4 of an 800x1216 image: the map is too large
+    assert not separable_roi_align_is_cheaper(coco, rois(64, 800, 200), (14, 14), 1 / 16, 0, True)
+    assert not separable_roi_align_is_cheaper(demo, rois(0, 256, 100), (10, 10), 1 / 16, 0, True)

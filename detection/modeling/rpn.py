@@ -91,10 +91,11 @@ def select_proposals(boxes: torch.Tensor, scores: torch.Tensor, level_ids: torch
     # each candidate's position in its image's NMS output (sorted by decreasing score); dropped, invalid: last
     last = num_candidates
     position = torch.full((num_images, num_candidates), last, dtype=torch.int64, device=scores.device)
-    for i, keep in enumerate(batched_nms_per_image(boxes, scores, level_ids.to(scores.device), nms_thresh)):
+    top = min(post_nms_topk, num_candidates)
+    for i, keep in enumerate(batched_nms_per_image(boxes, scores, level_ids.to(scores.device), nms_thresh, top)):
         position[i].scatter_(0, keep, torch.arange(keep.shape[0], device=scores.device))
     position = position.masked_fill(~valid, last)
-    position, idx = position.topk(min(post_nms_topk, num_candidates), dim=1, largest=False)
+    position, idx = position.topk(top, dim=1, largest=False)
     kept = position < last
     boxes = torch.where(kept[..., None], boxes.gather(1, idx[..., None].expand(-1, -1, 4)), 0.0)
     return boxes, scores.gather(1, idx).masked_fill(~kept, float("-inf")), kept
