@@ -9,7 +9,7 @@ import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from detection.modeling import Matcher, build_detector
-from detection.modeling.box_ops import clip_boxes, nonempty
+from detection.modeling.box_ops import batched_nms, clip_boxes, nonempty
 from detection.modeling.roi_heads import postprocess_batch, postprocess_detections
 from detection.modeling.rpn import select_proposals
 from det_helpers import slim_cfg, two_image_batch
@@ -192,8 +192,10 @@ def test_rpn_and_roi_heads_synchronise_a_fixed_few_times_per_batch(neck, context
     """Training: the RPN's NMS, one per image. Inference: those, and post-processing's candidates
     above the score threshold, its one NMS and the read of the detections per image. The FPN pooler's
     grouping of RoIs by level (a nonzero per level, per batch) remains. Counted on the CPU for CUDA's
-    path: the separable RoIAlign, which the pooler takes on the CPU only, is switched off."""
+    path: the CPU's own shortcuts (the separable RoIAlign, NMS stopped in chunks) are switched off."""
     monkeypatch.setattr("detection.modeling.poolers.separable_roi_align_is_cheaper", lambda *args: False)
+    monkeypatch.setattr("detection.modeling.box_ops.batched_nms_first",
+                        lambda boxes, scores, groups, thresh, count: batched_nms(boxes, scores, groups, thresh)[:count])
     torch.manual_seed(0)
     cfg = slim_cfg(neck)
     cfg.roi_heads.global_context = context
