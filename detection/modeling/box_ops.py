@@ -1,6 +1,7 @@
 """Small box utilities the heads share (xyxy boxes in pixels); IoU itself is torchvision.ops.box_iou."""
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -39,20 +40,22 @@ def batched_nms_first(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.T
     Greedy NMS keeps a box when no kept box of a higher score overlaps it, so it can stop once ``count``
     are kept, where torchvision's kernel goes on over every box: the RPN keeps 300 of 1000 candidates
     per image in the demo, and its 300th kept box ranks 380-460 early in training and 480-640 late. On
-    the CPU the boxes go in chunks of ``count`` in decreasing score (stable, as the kernel sorts): a
-    chunk first loses the boxes that a box kept before overlaps (IoUs against the kept ones, computed
-    as the kernel computes them, on the same shifted float64 coordinates), then the rest of it goes
-    through ``torchvision.ops.nms``. On a GPU each chunk's count would wait for the device, so there
-    the whole set goes through at once."""
+    the CPU the boxes go in chunks in decreasing score (stable, as the kernel sorts): a chunk first loses
+    the boxes that a box kept before overlaps (IoUs against the kept ones, computed as the kernel computes
+    them, on the same shifted float64 coordinates), then the rest of it goes through
+    ``torchvision.ops.nms``. The first chunk holds ``count`` boxes, each next one as many as the rate kept
+    so far says the rest needs, and a quarter more. Where NMS keeps fewer than ``count`` in all, every
+    chunk runs and the chunking costs more than one call (``bench/cpu_kernels.py``). On a GPU each
+    chunk's count would wait for the device, so there the whole set goes through at once."""
     if (boxes.device.type != "cpu" or torch.compiler.is_compiling() or count <= 0
             or scores.shape[0] <= 2 * count):
         return batched_nms(boxes, scores, groups, iou_thresh)[:count]
     shifted = _groups_apart(boxes, groups)
     scores = scores.to(shifted.dtype)
     order = torch.sort(scores, descending=True, stable=True).indices
-    kept_index, kept_boxes, kept = [], shifted.new_zeros((0, 4)), 0
-    for start in range(0, order.shape[0], count):
-        index = order[start:start + count]
+    kept_index, kept_boxes, kept, start, size = [], shifted.new_zeros((0, 4)), 0, 0, count
+    while start < order.shape[0]:
+        index = order[start:start + size]
         if kept:
             free = ~(torchvision.ops.box_iou(kept_boxes, shifted[index]) > iou_thresh).any(dim=0)
             index = index[free]
@@ -60,8 +63,10 @@ def batched_nms_first(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.T
         kept_index.append(keep)
         kept_boxes = torch.cat([kept_boxes, shifted[keep]])
         kept += keep.shape[0]
+        start += size
         if kept >= count:
             break
+        size = max(count // 2, math.ceil(1.25 * (count - kept) * start / max(kept, 1)))
     return torch.cat(kept_index)[:count]
 
 
