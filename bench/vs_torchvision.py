@@ -275,6 +275,8 @@ def main() -> None:
     if not args.backbone:  # from scratch: BN must train, nothing frozen
         trunk += ["model.backbone.norm=bn", "model.backbone.freeze_at=0"]
     variants = [parse_variant(v) for v in (args.variant or ["resdet", "torchvision"])]
+    for _, _, extra in variants:  # every variant's overrides, before the first run trains
+        load_config(DetConfig, args.config, [*data, *trunk, *args.overrides, *extra])
     budget = f"{args.seconds:.0f} s" if args.seconds > 0 else f"{args.iters} iterations"
     runs = []
     for seed in args.seeds:
