@@ -153,6 +153,20 @@ def test_first_kept_boxes_are_those_of_the_whole_nms(count, size):
     assert whole.shape[0] < 30 if size == 20.0 else whole.shape[0] > 30
 
 
+def test_first_kept_boxes_keep_an_overlap_of_exactly_the_threshold():
+    """A box overlapping a box kept in an earlier chunk by exactly the threshold (IoU 100/200) stays, as
+    in torchvision's kernel (suppression is IoU > threshold); one more pixel of overlap suppresses it."""
+    far = [[300.0 + 30 * i, 300.0, 320.0 + 30 * i, 320.0] for i in range(4)]
+    for second, kept in (([0.0, 0.0, 10.0, 20.0], True), ([0.0, 0.0, 10.0, 19.0], False)):
+        # chunk 1 (count boxes): the first and a near copy it suppresses; chunk 2 starts with `second`
+        boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.5], second] + far)
+        scores = torch.tensor([0.9, 0.85, 0.8, 0.4, 0.3, 0.2, 0.1])
+        groups = torch.zeros(7, dtype=torch.int64)
+        first = batched_nms_first(boxes, scores, groups, 0.5, 2)
+        assert torch.equal(first, batched_nms(boxes, scores, groups, 0.5)[:2])
+        assert first.tolist() == ([0, 2] if kept else [0, 3])
+
+
 def test_filter_proposals_matches_batched_nms():
     boxes = torch.tensor([
         [10, 10, 50, 50], [12, 12, 52, 52], [11, 9, 49, 51],  # overlapping cluster, level 0

@@ -40,34 +40,34 @@ def batched_nms_first(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.T
     Greedy NMS keeps a box when no kept box of a higher score overlaps it, so it can stop once ``count``
     are kept, where torchvision's kernel goes on over every box: the RPN keeps 300 of 1000 candidates
     per image in the demo, and its 300th kept box ranks 380-460 early in training and 480-640 late. On
-    the CPU the boxes go in chunks in decreasing score (stable, as the kernel sorts): a chunk first loses
-    the boxes that a box kept before overlaps (IoUs against the kept ones, computed as the kernel computes
-    them, on the same shifted float64 coordinates), then the rest of it goes through
-    ``torchvision.ops.nms``. The first chunk holds ``count`` boxes, each next one as many as the rate kept
-    so far says the rest needs, and a quarter more. Where NMS keeps fewer than ``count`` in all, every
-    chunk runs and the chunking costs more than one call (``bench/cpu_kernels.py``). On a GPU each
-    chunk's count would wait for the device, so there the whole set goes through at once."""
+    the CPU the boxes go in chunks in decreasing score (stable, as the kernel sorts): each chunk goes
+    through ``torchvision.ops.nms`` behind the boxes kept so far, with the negated rank as score, so
+    that the kept ones come first, never suppress each other, and suppress the chunk's boxes just as in
+    one call over all (same shifted float64 coordinates, same kernel). The first chunk holds ``count``
+    boxes, each next one as many as the last chunk's rate kept says the rest needs, and half again.
+    Where NMS keeps fewer than ``count`` in all, every chunk runs and costs a little more than one call
+    (``bench/cpu_kernels.py``). On a GPU each chunk's count would wait for the device, so there the
+    whole set goes through at once."""
     if (boxes.device.type != "cpu" or torch.compiler.is_compiling() or count <= 0
             or scores.shape[0] <= 2 * count):
         return batched_nms(boxes, scores, groups, iou_thresh)[:count]
     shifted = _groups_apart(boxes, groups)
-    scores = scores.to(shifted.dtype)
-    order = torch.sort(scores, descending=True, stable=True).indices
-    kept_index, kept_boxes, kept, start, size = [], shifted.new_zeros((0, 4)), 0, 0, count
+    order = torch.sort(scores.to(shifted.dtype), descending=True, stable=True).indices
+    kept_ranks, start, size = order.new_zeros(0), 0, count
     while start < order.shape[0]:
-        index = order[start:start + size]
-        if kept:
-            free = ~(torchvision.ops.box_iou(kept_boxes, shifted[index]) > iou_thresh).any(dim=0)
-            index = index[free]
-        keep = index[torchvision.ops.nms(shifted[index], scores[index], iou_thresh)]
-        kept_index.append(keep)
-        kept_boxes = torch.cat([kept_boxes, shifted[keep]])
-        kept += keep.shape[0]
+        ranks = torch.cat([kept_ranks, torch.arange(start, min(start + size, order.shape[0]))])
+        found = kept_ranks.shape[0]
+        kept_ranks = ranks[torchvision.ops.nms(shifted[order[ranks]], -ranks.to(shifted.dtype), iou_thresh)]
         start += size
-        if kept >= count:
+        if kept_ranks.shape[0] >= count:
             break
-        size = max(count // 2, math.ceil(1.25 * (count - kept) * start / max(kept, 1)))
-    return torch.cat(kept_index)[:count]
+        # the rate kept falls with rank (more kept boxes to overlap): extrapolate the last chunk's rate,
+        # with half again as many, and leave no tail shorter than half a chunk
+        rate = max(kept_ranks.shape[0] - found, 1) / size
+        size = max(count // 2, math.ceil(1.5 * (count - kept_ranks.shape[0]) / rate))
+        if start + 1.5 * size >= order.shape[0]:
+            size = order.shape[0] - start
+    return order[kept_ranks[:count]]
 
 
 _STREAMS: dict[tuple[torch.device, int], torch.cuda.Stream] = {}

@@ -75,10 +75,12 @@ def _roi_grids(rois: torch.Tensor, output_size: tuple[int, int], spatial_scale: 
 
 
 # Break-even of the cost model in :func:`separable_roi_align_is_cheaper`: multiply-adds of the matrix
-# products per bilinear tap of torchvision's kernel. Measured on a 2-core AMD EPYC (fp32): 512 RoIs, 10x10
-# bins on a 16x16x64 map (the demo: 4 products per tap) take 14 ms with forward and backward against
-# torchvision's 83, and 8 against 10 ms forward; on 50x76x1024 (COCO's res4: 35 per tap) 4.7 s against
-# 3.4 s and 3.1 against 0.6 s. The backward's gain is larger because torchvision's runs on one thread.
+# products per bilinear tap of torchvision's kernel, from ``bench/cpu_kernels.py`` on a 2-core AMD EPYC
+# (fp32): 512 RoIs, 10x10 bins on a 16x16x64 map (the demo: 4 products per tap) take 12 ms with forward
+# and backward against torchvision's 66, and 6 against 7 ms forward; on 50x76x1024 (COCO's res4: 35 per
+# tap) 4.8 s against 3.9 s, and 2.4 against 0.7 s forward. The backward's gain is larger because
+# torchvision's runs on one thread. On a 2-core Intel Xeon (AMX) the COCO case is 3.0 s against 6.0 s
+# with the backward: there the constants pass up a gain (measured on two machines only).
 SEPARABLE_MACS_PER_TAP = {"train": 16.0, "inference": 4.0}
 
 
