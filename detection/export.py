@@ -51,6 +51,21 @@ def _nms_fake(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -
     return boxes.new_empty(kept, dtype=torch.long)
 
 
+def opaque_size(size):
+    """``size`` as a new symbol of the exported graph (an int stays an int).
+
+    Traced as it is, the resized side is an expression of the input's height and width (the scale's min and
+    max, a float product, a rounding), and every stride-2 layer nests it in one more floor division: a
+    thousand characters per tensor shape by res4, which ``torch.export.load`` parsed with sympy for 24 s
+    before the first image (a width-16 ResNet-18). Read back as a number the value is the same at run time,
+    but the graph knows it only as ``u >= 1``, so the shapes after it stay short (load in 4 s)."""
+    if not isinstance(size, torch.SymInt):
+        return size
+    opaque = torch.scalar_tensor(size, dtype=torch.long).item()
+    torch._check(opaque >= 1)
+    return opaque
+
+
 class DeployableDetector(nn.Module):
     def __init__(self, model: GeneralizedRCNN, min_size: int, max_size: int, size_divisibility: int):
         super().__init__()
@@ -62,7 +77,7 @@ class DeployableDetector(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         height, width = image.shape[-2:]
-        new_h, new_w = resized_shape(height, width, self.min_size, self.max_size)
+        new_h, new_w = (opaque_size(n) for n in resized_shape(height, width, self.min_size, self.max_size))
         model = self.model
         x = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False)
         x = (x - model.pixel_mean) / model.pixel_std
@@ -70,7 +85,9 @@ class DeployableDetector(nn.Module):
         # one-cell map would need a broadcasting branch the exported graph does not have (only images over
         # about 5:1 at the usual sizes are padded more than the data pipeline pads them)
         d, least = self.size_divisibility, self.min_padded_side
-        pad_h, pad_w = torch.sym_max(least, (new_h + d - 1) // d * d), torch.sym_max(least, (new_w + d - 1) // d * d)
+        pad_h, pad_w = (d * opaque_size(torch.sym_max(least // d, (n + d - 1) // d)) for n in (new_h, new_w))
+        torch._check(pad_h >= new_h)  # true by construction; the graph cannot see it through the new symbols
+        torch._check(pad_w >= new_w)
         x = F.pad(x, (0, pad_w - new_w, 0, pad_h - new_h))
         features = model.features(x)
         image_sizes = [(new_h, new_w)]
@@ -93,6 +110,17 @@ def export_program(deployable: DeployableDetector, example: torch.Tensor) -> tor
                                    strict=False)
 
 
+def _roi_pool_onnx(features, rois, spatial_scale: float, pooled_height: int, pooled_width: int):
+    """``torchvision::roi_pool`` as ONNX ``MaxRoiPool`` (Fast R-CNN's RoI pooling, the same quantised bins;
+    rois ``(R, 5)`` as batch index, x1, y1, x2, y2 in both). onnxscript 0.7's own lowering takes the Python
+    API's arguments, not the operator's five, and fails on every RoIPool model (the paper's R101-C4 config).
+    The operator's second output, the argmax for its backward, is never read in inference."""
+    from onnxscript import opset20 as op
+
+    pooled = op.MaxRoiPool(features, rois, pooled_shape=[pooled_height, pooled_width], spatial_scale=spatial_scale)
+    return pooled, op.Constant(value_ints=[0])
+
+
 def save_exported(program: torch.export.ExportedProgram, example: torch.Tensor, path: str, fmt: str,
                   metadata: dict) -> None:
     """Write ``program`` as ``fmt`` with ``metadata`` (class names, sizes, source) inside the file."""
@@ -102,7 +130,8 @@ def save_exported(program: torch.export.ExportedProgram, example: torch.Tensor, 
         import onnx  # the exporter's own dependency (pip install 'resdet[export]')
 
         torch.onnx.export(program, (example,), path, dynamo=True, external_data=False, input_names=["image"],
-                          output_names=["boxes", "scores", "labels"], verbose=False)
+                          output_names=["boxes", "scores", "labels"], verbose=False,
+                          custom_translation_table={torch.ops.torchvision.roi_pool.default: _roi_pool_onnx})
         model = onnx.load(path)
         entry = model.metadata_props.add()
         entry.key, entry.value = "resdet", json.dumps(metadata)

@@ -1,5 +1,6 @@
 """Small shared pieces of the detection tests: random boxes, a slim detector config (as a schema and as tool
-overrides), a two-image batch, the data overrides of a synthetic COCO set."""
+overrides), a two-image batch, the data overrides of a synthetic COCO set, and the pairing of exported detections with
+PyTorch's."""
 import json
 from pathlib import Path
 
@@ -90,3 +91,21 @@ def write_dataset(root: Path, images=None, annotations=None, categories=None, ma
 
 def ann(ann_id, bbox, image_id=1, category_id=1, **extra):
     return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox, **extra}
+
+
+def unmatched_detections(got, expected, score_thresh, box_tol=1.0, score_tol=1e-3):
+    """Pair each expected detection with an exported one of the same label, boxes within ``box_tol`` px and
+    score within ``score_tol`` (by default 1 px and 1e-3, the tolerance torchvision's export tests use for
+    fp32); returns the unmatched expected ones. Extra detections on either side may only be scores within
+    ``score_tol`` of the threshold. Pairs rather than compares in order: near-equal scores may swap."""
+    got_boxes, got_scores, got_labels = (np.asarray(t) for t in got)
+    used, unmatched = set(), []
+    for box, score, label in zip(*(np.asarray(t) for t in expected)):
+        close = [j for j in range(len(got_boxes)) if j not in used and got_labels[j] == label
+                 and np.abs(got_boxes[j] - box).max() <= box_tol and abs(got_scores[j] - score) <= score_tol]
+        if close:
+            used.add(close[0])
+        elif score > score_thresh + score_tol:
+            unmatched.append((box, score, label))
+    extra = [j for j in range(len(got_boxes)) if j not in used and got_scores[j] > score_thresh + score_tol]
+    return unmatched + [(got_boxes[j], got_scores[j], got_labels[j]) for j in extra]

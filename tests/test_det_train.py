@@ -15,7 +15,7 @@ from backbones.engine.config import load_config
 from backbones.engine.imageio import read_image_rgb
 from backbones.resnet import is_channels_last
 from conftest import ROOT, SHARED_DATA, assert_same_weights
-from det_helpers import SLIM, data_overrides
+from det_helpers import SLIM, data_overrides, unmatched_detections
 from detection.config import DetConfig
 from detection.data.coco import CocoDetection
 from detection.data.synthetic import make_synthetic_coco
@@ -283,30 +283,15 @@ def test_plot_curves_draws_a_detection_run(overfit_run, tmp_path):
     assert proc.returncode == 2 and "not both" in proc.stderr
 
 
-def match_detections(got, expected, score_thresh):
-    """Pair each expected detection with an exported one of the same label, boxes within 1 px and score
-    within 1e-3 (the tolerance torchvision's export tests use for fp32); returns the unmatched expected
-    ones. Extra detections on either side may only be scores within 1e-3 of the threshold."""
-    got_boxes, got_scores, got_labels = (np.asarray(t) for t in got)
-    used, unmatched = set(), []
-    for box, score, label in zip(*(np.asarray(t) for t in expected)):
-        close = [j for j in range(len(got_boxes)) if j not in used and got_labels[j] == label
-                 and np.abs(got_boxes[j] - box).max() <= 1.0 and abs(got_scores[j] - score) <= 1e-3]
-        if close:
-            used.add(close[0])
-        elif score > score_thresh + 1e-3:
-            unmatched.append((box, score, label))
-    extra = [j for j in range(len(got_boxes)) if j not in used and got_scores[j] > score_thresh + 1e-3]
-    return unmatched + [(got_boxes[j], got_scores[j], got_labels[j]) for j in extra]
-
-
 def test_exported_onnx_and_program_match_pytorch_and_keep_the_ap(overfit_run, tiny_coco, tmp_path):
     """tools/export.py writes an ONNX file and a torch.export program that take an image of any size and
     return the PyTorch model's detections in that image's pixels; scored with pycocotools, the ONNX file
     keeps the AP that tools/train_det.py measured through the data pipeline."""
     onnx_file, pt2_file = tmp_path / "det.onnx", tmp_path / "det.pt2"
     proc = run("export.py", [overfit_run, "--out", onnx_file])
-    assert "largest difference from PyTorch" in proc.stdout, proc.stdout
+    assert "largest difference from PyTorch" in proc.stdout and "read back in" in proc.stdout, proc.stdout
+    proc = run("export.py", [overfit_run, "--format", "torch_export", "--out", tmp_path / "other.onnx"], check=False)
+    assert proc.returncode == 2 and "must end in .pt2" in proc.stderr and not (tmp_path / "other.onnx").exists()
     run("export.py", [overfit_run, "checkpoint=last", "--format", "torch_export", "--out", pt2_file, "--check", "1"])
 
     cfg = load_config(DetConfig, str(overfit_run / "config.yaml"))
@@ -327,7 +312,7 @@ def test_exported_onnx_and_program_match_pytorch_and_keep_the_ap(overfit_run, ti
                 expected = deployable(chw)
             got = run_file(chw.numpy())
             assert got[0].shape[1:] == (4,) and got[2].dtype == np.int64
-            assert not match_detections(got, expected, score_thresh), (name, image.shape)
+            assert not unmatched_detections(got, expected, score_thresh), (name, image.shape)
             if len(got[0]):
                 assert (got[0] >= 0).all() and (got[0][:, 2] <= image.shape[1]).all() and (
                     got[0][:, 3] <= image.shape[0]).all()
