@@ -30,10 +30,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from backbones.engine.errors import ResdetError
+from backbones.engine.imageio import CorruptImageError, read_image_rgb
+
+from .data.build import build_datasets
 from .data.transforms import resized_shape
 from .modeling.meta_arch import GeneralizedRCNN
 from .modeling.postprocessing import boxes_to_image
@@ -162,3 +168,30 @@ def load_exported(path: str):
         with torch.no_grad():
             return tuple(t.numpy() for t in module(image))
     return run_program, json.loads(extra["resdet.json"] or "{}")
+
+
+def sample_val_images(cfg: DictConfig, limit: int, seed: int = 0) -> list[tuple[str, np.ndarray]]:
+    """``(path, RGB array)`` of up to ``limit`` readable images of the run's val set (any data format), to
+    check an exported file against PyTorch; else one random image at the test size ("random": the val set
+    is not on this machine, or ``limit`` is 0)."""
+    images = []
+    if limit > 0:
+        quick = cfg.copy()  # a few images are read: no need to open every one first
+        OmegaConf.update(quick, "data.verify_images", "none")
+        OmegaConf.update(quick, "data.strict_val", False)
+        try:
+            _, val_set = build_datasets(quick, train=False)
+        except (ResdetError, OSError):
+            val_set = None
+        for record in val_set.records if val_set is not None else []:
+            if len(images) >= limit:
+                break
+            try:
+                images.append((val_set.image_path(record), read_image_rgb(val_set.image_path(record))))
+            except CorruptImageError:
+                continue
+    if not images:
+        size = cfg.data.min_size_test
+        rng = np.random.default_rng(seed)
+        images.append(("random", rng.integers(0, 256, (size, size * 4 // 3, 3), dtype=np.uint8)))
+    return images

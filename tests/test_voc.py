@@ -21,6 +21,7 @@ from detection.data.build import (DataNotFoundError, build_datasets, build_evalu
                                   val_loader)
 from detection.engine import train
 from detection.evaluation.loop import evaluate
+from detection.export import sample_val_images
 from detection.evaluation import format_metrics_table
 from detection.evaluation.voc_eval import (VOCEvaluator, imagenet_iou_thresholds, match_detections,
                                            precision_recall, voc07_ap, voc_ap)
@@ -400,6 +401,14 @@ def test_train_and_eval_on_synthetic_voc(tmp_path, synthetic_voc):
     assert any("val/mAP_07" in r for r in records)
     ckpt = torch.load(out / "checkpoints" / "last.pth", weights_only=True)
     assert ckpt["class_names"] == ["circle", "rectangle", "triangle", "cross"]
+    # tools/export.py checks the exported file on the run's own val images, in the XML formats too
+    checked = sample_val_images(load_config(DetConfig, str(out / "config.yaml")), 2)
+    base = os.path.abspath(synthetic_voc["val_sets"][0].rsplit(":", 1)[0])
+    val_ids = open(os.path.join(base, "ImageSets", "Main", "val.txt")).read().split()
+    assert len(checked) == 2
+    for path, image in checked:
+        assert os.path.dirname(path) == os.path.join(base, "JPEGImages") and image.ndim == 3
+        assert os.path.splitext(os.path.basename(path))[0] in val_ids
 
 
 def test_synthetic_imagenet_det_through_the_engine(tmp_path):

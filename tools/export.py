@@ -24,31 +24,10 @@ import torch
 from backbones.engine.cli import split_checkpoint
 from backbones.engine.config import load_config
 from backbones.engine.errors import ResdetError
-from backbones.engine.imageio import CorruptImageError, is_image_file, read_image_rgb
 from detection.config import DetConfig
 from detection.export import (EXPORT_FORMATS, SUFFIXES, DeployableDetector, export_program, load_exported,
-                              save_exported)
+                              sample_val_images, save_exported)
 from detection.predictor import load_trained_detector
-
-
-def check_images(cfg, limit: int, seed: int = 0) -> list[tuple[str, np.ndarray]]:
-    """Up to ``limit`` readable images of the val folder, else one random image at the test size."""
-    folder = cfg.data.coco.val_images
-    images = []
-    if limit > 0 and os.path.isdir(folder):
-        for root, _, names in sorted(os.walk(folder)):
-            for name in sorted(n for n in names if is_image_file(n)):
-                if len(images) >= limit:
-                    return images
-                try:
-                    images.append((os.path.join(root, name), read_image_rgb(os.path.join(root, name))))
-                except CorruptImageError:
-                    continue
-    if not images:
-        size = cfg.data.min_size_test
-        rng = np.random.default_rng(seed)
-        images.append(("random", rng.integers(0, 256, (size, size * 4 // 3, 3), dtype=np.uint8)))
-    return images
 
 
 def main(argv=None) -> int:
@@ -74,7 +53,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     d = cfg.data
     deployable = DeployableDetector(model, d.min_size_test, d.max_size_test, d.size_divisibility)
-    images = check_images(cfg, args.check)
+    images = sample_val_images(cfg, args.check)
     example = torch.from_numpy(images[0][1]).permute(2, 0, 1).contiguous()
     start = time.time()
     print(f"exporting {path} ({args.format}, test size {d.min_size_test}/{d.max_size_test}) ...", flush=True)

@@ -61,13 +61,13 @@ class CocoDetection(Dataset):
                       "degenerate_boxes_dropped": 0, "images_without_boxes": 0, "empty_images_filtered": 0}
         per_image, kept_annotations = self._parse_annotations(data["annotations"], images)
         bad_paths = self._check_files_exist(images)
-        bad_paths |= verify_images([(self._path(img), img["height"], img["width"], f"image id {img['id']}")
-                                    for img in images.values() if self._path(img) not in bad_paths],
+        bad_paths |= verify_images([(self.image_path(img), img["height"], img["width"], f"image id {img['id']}")
+                                    for img in images.values() if self.image_path(img) not in bad_paths],
                                    self.problems, verify)
         self.problems.finish(strict)
         self.stats["problems"] = self.problems.counts()  # what was dropped (strict=False)
         if bad_paths:
-            images = {i: img for i, img in images.items() if self._path(img) not in bad_paths}
+            images = {i: img for i, img in images.items() if self.image_path(img) not in bad_paths}
         self.records = self._make_records(images, per_image, filter_empty)
         self.stats["boxes"] = sum(len(r["boxes"]) for r in self.records)  # of the images kept
         self.stats["crowd_boxes"] = sum(len(r["crowd_boxes"]) for r in self.records)
@@ -212,7 +212,7 @@ class CocoDetection(Dataset):
             raise DatasetError(f"{self.image_dir}: cannot list the image folder for {self.ann_file} ({exc}); "
                                "fix: point image_dir at the folder holding the images") from exc
         missing = [img for img in images.values()
-                   if img["file_name"] not in present and not os.path.isfile(self._path(img))]
+                   if img["file_name"] not in present and not os.path.isfile(self.image_path(img))]
         for img in missing:
             self.problems.add(f"image file missing from {self.image_dir}", f"{img['file_name']} (image id {img['id']})",
                               "point image_dir at the folder holding the images, or remove their records from the "
@@ -221,7 +221,7 @@ class CocoDetection(Dataset):
             raise DatasetError(f"{self.image_dir}: none of the {len(images)} images listed in {self.ann_file} is "
                                f"there, e.g. {missing[0]['file_name']}; fix: point image_dir at the folder holding "
                                "the images")
-        return {self._path(img) for img in missing}
+        return {self.image_path(img) for img in missing}
 
     def _make_records(self, images: dict[int, dict], per_image: dict, filter_empty: bool) -> list[dict]:
         records = []
@@ -242,7 +242,7 @@ class CocoDetection(Dataset):
 
     # ---- access -----------------------------------------------------------------------------------
 
-    def _path(self, record: dict) -> str:
+    def image_path(self, record: dict) -> str:
         return os.path.join(self.image_dir, record["file_name"])
 
     def __len__(self) -> int:
@@ -277,7 +277,7 @@ class CocoDetection(Dataset):
     def _read(self, record: dict) -> np.ndarray | None:
         """The decoded image, or None (with a warning) when ``skip_corrupt`` and the file cannot be decoded
         or its size disagrees with the json (its boxes could not be trusted either)."""
-        path = self._path(record)
+        path = self.image_path(record)
         try:
             image = read_image_rgb(path)
         except CorruptImageError as exc:

@@ -155,7 +155,7 @@ def write_report(out_dir: str, dataset, results: list[dict], metrics: dict, exam
     example_rows = []
     for kind, (ap, record, dets, boxes) in chosen:
         try:
-            image = read_image_rgb(dataset._path(record))
+            image = read_image_rgb(dataset.image_path(record))
         except CorruptImageError:
             continue
         gt = [{"label": dataset.class_names[int(k) - 1], "box_xyxy": list(map(float, b))}
