@@ -15,7 +15,7 @@ from backbones.engine.config import ConfigError, to_yaml
 from backbones.engine.dist import all_gather_object, init_distributed, is_main_process
 from backbones.engine.errors import DatasetError
 from backbones.engine.loader import SpanningBatchSampler, epoch_and_index, run_loader
-from backbones.engine.precision import check_solver
+from backbones.engine.precision import STEP_HINT, check_solver
 from backbones.engine.run import RunFolder
 from backbones.engine.solver import describe_scaling, lr_multiplier, scaled_lr
 from backbones.engine.trainer import Trainer, distribute, sgd
@@ -27,7 +27,7 @@ from .data.build import build_datasets, build_evaluators, data_source, prepare_d
 from .data.report import class_box_counts
 from .evaluation.loop import evaluate
 from .evaluation.tables import format_metrics_table
-from .modeling.build import build_detector
+from .modeling.build import build_detector, unnormalised_backbone
 from .modeling.test_time import for_testing, options_from_config
 
 
@@ -109,6 +109,8 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     log.info("classes (training boxes): %s", ", ".join(f"{name} ({n})" for name, n in counts.items()))
     if missing := [name for name, n in counts.items() if n == 0]:
         log.warning("classes without a single training box (they cannot be learned): %s", ", ".join(missing))
+    if unnormalised := unnormalised_backbone(cfg.model.backbone):
+        log.warning(unnormalised)
     if train_set.stats.get("degenerate_boxes_dropped"):
         log.info("dropped %d degenerate boxes from %s", train_set.stats["degenerate_boxes_dropped"],
                  data_source(cfg, "train"))
@@ -166,7 +168,8 @@ def train(cfg: DictConfig, run_name: str) -> dict:
                       loader=loader, prepare=prepare, forward=ddp_model, save_state=save_state,
                       checkpoint=run.last_checkpoint, log_period=cfg.log_period, checkpoint_period=cfg.checkpoint_period,
                       params=params, clip_grad_norm=s.clip_grad_norm, debug_stop_at_iter=cfg.debug_stop_at_iter,
-                      log_extra=lambda it: {"skipped_corrupt": trainer.skipped}, desc="train_det")
+                      log_extra=lambda it: {"skipped_corrupt": trainer.skipped}, desc="train_det",
+                      hint=f"{unnormalised}; or {STEP_HINT}" if unnormalised else STEP_HINT)
     trainer.skipped = skipped_total
 
     def periodic_eval(iteration: int) -> None:

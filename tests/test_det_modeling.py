@@ -14,6 +14,7 @@ from detection.modeling import (
     DetectorConfig,
     build_detector,
 )
+from detection.modeling.build import unnormalised_backbone
 from backbones.options import Norm
 from detection.modeling.config import PoolerType
 from detection.modeling.test_time import TestTimeDetector, TestTimeOptions
@@ -290,6 +291,15 @@ def synthetic_shapes(seed=0, sizes=((96, 128), (128, 96), (112, 112), (128, 128)
     for i, im in enumerate(images):
         batch[i, :, : im.shape[0], : im.shape[1]] = torch.from_numpy(im).permute(2, 0, 1)
     return {"images": batch, "image_sizes": [im.shape[:2] for im in images], "targets": targets}
+
+
+def test_frozen_bn_without_weights_is_named_with_its_fix():
+    """The trainer warns at the start (and names it if the loss diverges) when frozen BN has no weights to
+    take its statistics from; with weights, or trainable BN, nothing is said."""
+    cfg = slim_cfg().backbone  # frozen_bn, no weights
+    assert "norm=bn" in unnormalised_backbone(cfg) and "model.backbone.weights=PATH" in unnormalised_backbone(cfg)
+    assert unnormalised_backbone(slim_cfg(weights="backbone.pth").backbone) is None
+    assert unnormalised_backbone(slim_cfg(norm="bn").backbone) is None
 
 
 def test_tiny_c4_detector_overfits_synthetic_shapes():

@@ -6,7 +6,7 @@ import torch
 from torchvision.models.detection import _utils as tv_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import batched_nms, roi_align, roi_pool
 
 from detection.modeling import (
     AnchorGenerator,
@@ -210,6 +210,24 @@ def test_pooler_level_assignment_and_scatter():
         torch.testing.assert_close(out[r:r + 1], ref)
     for kind in ("ROIAlign", "ROIPool"):
         assert ROIPooler(14, [1 / 16], pooler_type=kind)(features[2:3], per_image).shape == (4, 3, 14, 14)
+
+
+def test_roi_pool_takes_bf16_features_under_cpu_autocast():
+    """The paper's RoIPool with bf16 features (solver.amp=bf16 on the CPU): torchvision's CPU kernel has no
+    autocast rule and refused them beside float32 boxes, so the R101-C4 config failed at its first step. A max
+    is exact in any precision: the same values as pooling the bf16 map in float32, gradients included."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 8, 40, 48, generator=g).to(torch.bfloat16).requires_grad_()
+    boxes = [torch.tensor([[10.3, 20.7, 300.2, 410.9], [0.0, 0.0, 640.0, 760.0]]),
+             torch.tensor([[33.3, 5.5, 90.1, 77.7]])]
+    pooler = ROIPooler(14, [1 / 16], pooler_type="ROIPool")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pooler([features], boxes)
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
+    reference = roi_pool(features.detach().float(), rois, 14, 1 / 16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out.float(), reference)
+    out.float().sum().backward()
+    assert features.grad is not None and features.grad.dtype == torch.bfloat16 and features.grad.sum() > 0
 
 
 @pytest.mark.parametrize("aligned", [True, False])

@@ -55,6 +55,20 @@ def _check_arch(cfg, arch: dict, path: str) -> None:
                               + "; ".join(differ) + "); set model.backbone.* to the checkpoint's architecture")
 
 
+def unnormalised_backbone(cfg) -> str | None:
+    """What is wrong with frozen BatchNorm without weights (``cfg``: a ``BackboneConfig``), else None. Frozen
+    BN keeps the statistics of the weights it is loaded with; with none it is the identity, so a random network
+    is not normalised at all: the paper's R101-C4 config from scratch reached a loss of 4e4 at its first step
+    and NaN at its third. Shallower ones may train (speed benches do it on purpose), so the trainer warns and
+    names it when the loss diverges rather than refusing."""
+    if cfg.norm == "frozen_bn" and not cfg.weights:
+        return ("model.backbone.norm=frozen_bn without model.backbone.weights: frozen BatchNorm keeps the loaded "
+                "weights' statistics, and with none a random network is not normalised; fix: "
+                "model.backbone.weights=PATH (python tools/pretrain_backbone.py writes one), or train from scratch "
+                "with model.backbone.norm=bn model.backbone.freeze_at=0")
+    return None
+
+
 def build_backbone(cfg) -> tuple[ResNet, list[float], list[float]]:
     """The ResNet of ``cfg`` (a ``BackboneConfig``), weights loaded, norm and freezing applied, plus the
     pixel mean/std (RGB, 0-255) its weights expect."""

@@ -169,6 +169,11 @@ class ROIPooler(nn.Module):
 
     def pool(self, features: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
         if self.pooler_type == "ROIPool":
+            if features.dtype != rois.dtype:
+                # bf16/fp16 features under autocast: torchvision's CPU kernel wants the rois in their dtype (it
+                # has no autocast rule there), and bf16 would move box corners by pixels at COCO's sizes. A max
+                # is exact in any precision, so pooling in float32 and casting back gives the same values.
+                return roi_pool(features.float(), rois.float(), self.output_size, scale).to(features.dtype)
             return roi_pool(features, rois, self.output_size, scale)
         aligned = self.pooler_type == "ROIAlignV2"
         args = (features, rois, self.output_size, scale, self.sampling_ratio, aligned)
