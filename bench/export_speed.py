@@ -62,9 +62,7 @@ def main() -> None:
         for config in args.configs:
             cfg = load_config(DetConfig, config, ["model.backbone.weights="])
             torch.manual_seed(0)
-            d = cfg.data
-            deployable = DeployableDetector(build_detector(cfg.model, 80), d.min_size_test, d.max_size_test,
-                                            d.size_divisibility)
+            deployable = DeployableDetector.from_config(build_detector(cfg.model, 80), cfg)
             example = torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8)
             start = time.time()
             program = export_program(deployable, example)

@@ -81,6 +81,12 @@ class DeployableDetector(nn.Module):
         coarsest = max(model.rpn.anchor_generator.strides)
         self.min_padded_side = -(-2 * coarsest // self.size_divisibility) * self.size_divisibility
 
+    @classmethod
+    def from_config(cls, model: GeneralizedRCNN, cfg: DictConfig) -> "DeployableDetector":
+        """At the run's test-time sizes (``data.min_size_test``, ``max_size_test``, ``size_divisibility``)."""
+        d = cfg.data
+        return cls(model, d.min_size_test, d.max_size_test, d.size_divisibility)
+
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         height, width = image.shape[-2:]
         new_h, new_w = (opaque_size(n) for n in resized_shape(height, width, self.min_size, self.max_size))

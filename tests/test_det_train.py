@@ -296,7 +296,7 @@ def test_exported_onnx_and_program_match_pytorch_and_keep_the_ap(overfit_run, ti
 
     cfg = load_config(DetConfig, str(overfit_run / "config.yaml"))
     model, _, class_names = load_trained_detector(str(overfit_run), cfg, "last", "cpu")
-    deployable = DeployableDetector(model, cfg.data.min_size_test, cfg.data.max_size_test, cfg.data.size_divisibility)
+    deployable = DeployableDetector.from_config(model, cfg)
     score_thresh = cfg.model.roi_heads.score_thresh
     val = CocoDetection(tiny_coco["val_images"], tiny_coco["val_annotations"])
     paths = [os.path.join(tiny_coco["val_images"], val.coco.imgs[i]["file_name"]) for i in sorted(val.coco.imgs)]

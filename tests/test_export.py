@@ -35,12 +35,14 @@ def longest_shape_expression(program: torch.export.ExportedProgram) -> int:
     return longest
 
 
-@pytest.mark.parametrize("neck", ["none", "fpn"])
-def test_exported_program_takes_any_image_size_and_matches_the_module(neck):
+@pytest.mark.parametrize("neck,roi_heads", [("none", {}), ("fpn", {}), ("none", {"global_context": True})],
+                         ids=["c4", "fpn", "c4-global-context"])
+def test_exported_program_takes_any_image_size_and_matches_the_module(neck, roi_heads):
     """Exported at one size, run at others (portrait, landscape, an extreme 1:8 strip that is padded to two
     cells of the coarsest level): the same detections as the eager module, in the input image's pixels; the
-    graph's shapes stay short expressions."""
-    model = deployable(neck)
+    graph's shapes stay short expressions. With global context too (configs/frcnn_r101_coco_full.yaml): the
+    whole-image box is built from the graph's size symbols."""
+    model = deployable(neck, **roi_heads)
     exported = export_program(model, image(120, 160))
     # The resized and padded sizes enter the graph as new symbols (export.opaque_size): traced as expressions
     # of the input size they nested through every strided layer (325 characters per dimension here, 1627

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                         help="more run folders: their proposals join the union and every head scores them")
     parser.add_argument("--ladder", action="store_true", help="evaluate the appendix-B additions step by step")
     parser.add_argument("--context", metavar="RUN", help="with --ladder: a run trained with global context")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the flags
     checkpoint, overrides = split_checkpoint(args.overrides)
     if args.context and not args.ladder:
         parser.error("--context is a rung of --ladder; evaluate that run on its own otherwise")

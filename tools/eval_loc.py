@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run folder written by tools/train_loc.py")
     parser.add_argument("overrides", nargs="*", help="checkpoint=last|PATH and config key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the flags
     checkpoint, overrides = "last", []
     for o in args.overrides:
         if o.startswith("checkpoint="):

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set eval.box_refinement=true --set eval.flip=true")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the flags
     # the shared grammar: key=value (a config key, never an existing file) after the inputs
     overrides = [a for a in args.inputs if "=" in a and not os.path.exists(a)]
     checkpoint, overrides = split_checkpoint(overrides, args.checkpoint)

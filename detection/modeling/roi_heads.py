@@ -227,9 +227,13 @@ class ROIHeads(nn.Module):
                          ) -> torch.Tensor:
         """(B, C): each whole image pooled as one RoI through the same post-RoI layers (the ResNet paper's
         global context, appendix B)."""
-        whole = [torch.tensor([[0.0, 0.0, float(w), float(h)]]) for h, w in image_sizes]
         device = next(iter(features.values())).device
-        return self.box_features(features, [b.to(device, non_blocking=True) for b in whole])
+        if all(isinstance(side, int) for size in image_sizes for side in size):
+            whole = torch.tensor([[0.0, 0.0, w, h] for h, w in image_sizes]).to(device, non_blocking=True)
+        else:  # sizes are symbols of an exported graph (detection/export.py), which torch.tensor cannot hold
+            whole = torch.stack([torch.scalar_tensor(side, dtype=torch.float32, device=device)
+                                 for h, w in image_sizes for side in (0, 0, w, h)]).view(-1, 4)
+        return self.box_features(features, list(whole.split(1)))
 
     @staticmethod
     def attach_context(region_features: torch.Tensor, context: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
@@ -244,7 +248,8 @@ class ROIHeads(nn.Module):
         """Class logits (N, K+1) and per-class box deltas (N, 4K) for the boxes of each image."""
         x = self.box_features(features, boxes)
         if self.global_context:
-            x = self.attach_context(x, self.context_features(features, image_sizes), [len(b) for b in boxes])
+            # shape[0], not len(): a symbol in the exported graph (len() needs a Python int)
+            x = self.attach_context(x, self.context_features(features, image_sizes), [b.shape[0] for b in boxes])
         return self.box_predictor(x)
 
     def forward(self, features: dict[str, torch.Tensor], proposals: Sequence[torch.Tensor],
