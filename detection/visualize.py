@@ -19,6 +19,11 @@ def draw_detections(image_rgb: np.ndarray, detections: list[dict]) -> np.ndarray
         cv2.rectangle(canvas, (x1, y1), (x2, y2), color, 2)
         text = f"{d['label']} {d['score']:.2f}" if "score" in d else str(d["label"])  # ground truth: no score
         (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
-        cv2.rectangle(canvas, (x1, max(0, y1 - th - 4)), (x1 + tw + 2, y1), color, -1)
-        cv2.putText(canvas, text, (x1 + 1, y1 - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        # above the box, or inside it where the box touches the image's top edge (a label drawn above it
+        # would be cut off); shifted left where it would run off the right edge
+        top = y1 - th - 4 if y1 - th - 4 >= 0 else y1
+        left = max(0, min(x1, canvas.shape[1] - tw - 2))
+        cv2.rectangle(canvas, (left, top), (left + tw + 2, top + th + 4), color, -1)
+        cv2.putText(canvas, text, (left + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
+                    cv2.LINE_AA)
     return canvas

@@ -277,3 +277,23 @@ def test_every_configurable_format_has_an_entry_in_the_format_table():
     for name, fmt in FORMATS.items():
         for job in ("prepare", "build", "source", "evaluators"):
             assert getattr(type(fmt), job) is not getattr(DatasetFormat, job), (name, job)
+
+
+
+@pytest.mark.parametrize("box", [[20, 0, 200, 120], [20, 60, 200, 200], [400, 0, 479, 80]],
+                         ids=["top-edge", "inside", "top-right-corner"])
+def test_drawn_label_stays_in_the_picture(box):
+    """The class name and score are drawn where they can be read: above the box, or inside it where the box
+    touches the top edge (drawn above, the label was cut off), shifted left at the right edge."""
+    from detection.visualize import draw_detections
+    grey = np.full((480, 480, 3), 128, np.uint8)
+    canvas = draw_detections(grey, [{"box_xyxy": box, "label": "circle", "score": 0.99}])
+    assert canvas.shape == grey.shape
+    (tw, th), _ = cv2.getTextSize("circle 0.99", cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+    label_colour = (canvas == np.array([0, 220, 255])).all(-1)  # the first palette colour (BGR)
+    x1, y1, x2, y2 = box
+    outline = np.zeros_like(label_colour)
+    outline[max(0, y1 - 2):y2 + 3, max(0, x1 - 2):x2 + 3] = True
+    outline[y1 + 3:y2 - 2, x1 + 3:x2 - 2] = False
+    # the label's fill (its text is black) away from the box's 2-px outline
+    assert (label_colour & ~outline).sum() >= tw * th // 2, "no legible label in the picture"
