@@ -218,25 +218,28 @@ def test_killed_and_resumed_detector_matches_uninterrupted(tiny_coco, tmp_path):
 
 
 def test_sigterm_writes_a_checkpoint_exits_75_and_resume_auto_matches_uninterrupted(tiny_coco, tmp_path):
-    """What SLURM preemption sends: SIGTERM mid-run. The run checkpoints at the next step boundary and exits
-    with 75; the same command with resume=auto continues it (and on an empty folder simply starts), ending
-    with the same weights as a run never interrupted."""
+    """What SLURM preemption sends: SIGTERM mid-run, to every process of the job, the loader's worker too.
+    The run checkpoints at the next step boundary and exits with 75 (the worker ignores the signal: it
+    used to die of it and take the run down without a checkpoint); the same command with resume=auto
+    continues it (and on an empty folder simply starts), ending with the same weights as a run never
+    interrupted."""
     import signal
     import time
     common = ["configs/frcnn_demo.yaml", "data.synthetic.enabled=false", *data_overrides(tiny_coco), *SLIM,
-              "solver.max_iter=40", "checkpoint_period=1000", "eval.period=0", "log_period=1", "resume=auto"]
+              "solver.max_iter=40", "checkpoint_period=1000", "eval.period=0", "log_period=1", "resume=auto",
+              "data.workers=1"]
     run("train_det.py", [*common, f"output_dir={tmp_path}/straight"])  # resume=auto, nothing there: a fresh start
     out = tmp_path / "preempted"
     proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "train_det.py"), *common, f"output_dir={out}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:  # a few steps in, then the signal
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # its process group: the trainer and its loader worker
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr[-2000:]
     stopped_at = torch.load(out / "checkpoints/last.pth", weights_only=True)["iteration"]

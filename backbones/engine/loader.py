@@ -18,6 +18,8 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
+from .preemption import ignore_stop_signals
+
 # Batches each worker keeps ready: enough to ride out an occasional slow image (a large JPEG, a heavy
 # crop) without holding many batches of full-size detection images in shared memory.
 PREFETCH_FACTOR = 4
@@ -67,4 +69,4 @@ def run_loader(dataset, batch_sampler, collate_fn: Callable, workers: int, devic
     seed, so that building the loader draws nothing from the global generators a checkpoint restores."""
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=workers,
                       pin_memory=device.type == "cuda", prefetch_factor=PREFETCH_FACTOR if workers else None,
-                      generator=generator)
+                      generator=generator, worker_init_fn=ignore_stop_signals)

@@ -27,6 +27,17 @@ PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
 
 
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """Every DataLoader's ``worker_init_fn``: a loader worker leaves SIGTERM and SIGUSR1 to the main process.
+
+    SLURM signals every process of a job step, and ``timeout`` or ``kill -- -PGID`` a whole process group;
+    a worker killed by the signal made the main process fail at its next batch ("DataLoader worker ...
+    is killed by signal: Terminated") instead of writing its checkpoint. A worker still exits when the
+    main process does (the DataLoader's shutdown, or PyTorch's watchdog when the main process is gone)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Preempted(RuntimeError):
     """A termination signal arrived; the run wrote its checkpoint at ``iteration`` and stopped."""
 

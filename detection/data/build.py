@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from backbones.engine.dist import barrier, get_world_size, is_main_process
 from backbones.engine.errors import DataNotFoundError
+from backbones.engine.preemption import ignore_stop_signals
 
 from ..evaluation.coco_eval import COCOEvaluator
 from ..evaluation.voc_eval import VOCEvaluator, ground_truth_from_coco
@@ -230,4 +231,5 @@ def val_loader(cfg: DictConfig, dataset) -> DataLoader:
     sampler = build_batch_sampler(dataset.aspect_ratios(), max(1, cfg.eval.batch_size // world_size),
                                   shuffle=False, seed=0, distributed=world_size > 1, drop_last=False)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
-                      collate_fn=functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility))
+                      collate_fn=functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility),
+                      worker_init_fn=ignore_stop_signals)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from backbones.engine.errors import ConfigError
 from backbones.engine.dist import get_rank, get_world_size, is_main_process, reduce_sum
 from backbones.engine.imageio import CorruptImageError, read_image_rgb
+from backbones.engine.preemption import ignore_stop_signals
 from backbones.engine.run import progress_bar
 from backbones.imagedata import ShardedSampler, normalize
 from detection.modeling.rpn import filter_proposals
@@ -122,7 +123,8 @@ def evaluate_localization(loc_net, classifier, records: Sequence[LocRecord], mod
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     records = list(records)[:limit] if limit else list(records)
     sampler = ShardedSampler(len(records), shuffle=False, rank=get_rank(), world_size=get_world_size(), pad=False)
-    loader = DataLoader(LocEvalDataset(records), batch_size=1, sampler=sampler, num_workers=workers, collate_fn=_first)
+    loader = DataLoader(LocEvalDataset(records), batch_size=1, sampler=sampler, num_workers=workers, collate_fn=_first,
+                        worker_init_fn=ignore_stop_signals)
     counts = {f"{p}{k}": 0 for p in ("", "baseline_", "rcnn_") for k in COUNTS}
     images = skipped = 0
     keep = max(1, getattr(rescorer, "topk", 1)) if rescorer else 1
