@@ -104,3 +104,51 @@ def test_trainer_stops_at_a_non_finite_loss_before_any_checkpoint_holds_its_weig
         trainer.train()
     assert [it for it, _ in saved] == [1, 2, 3]  # the state after iteration 3's step (4) is never written
     assert all(torch.isfinite(w).all() for _, w in saved)
+
+
+def test_a_stop_signal_during_an_evaluation_checkpoints_and_the_resumed_run_makes_the_evaluation_up(tmp_path):
+    """SIGTERM while a training run evaluates (minutes on COCO val, longer than SLURM's grace): the evaluation
+    ends at its next batch, the iteration is checkpointed, the run stops with Preempted; resumed there, the
+    interrupted hooks (the evaluation, then the epoch's end it preceded) run first, and training goes on."""
+    import logging
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    from backbones.engine.preemption import Preempted, catch_stop_signals, interruptible
+    from backbones.engine.trainer import Trainer, sgd
+    layer, _, _ = make()
+    run = SimpleNamespace(logger=logging.getLogger("test"), log_metrics=lambda *a, **k: None)
+    checkpoint = str(tmp_path / "last.pth")
+    saved, evaluated, epochs_ended = [], [], []
+
+    def trainer(signal_at=None):
+        optimizer, scheduler, scaler = sgd(layer.parameters(), 0.1, 0.9, 0.0, lambda it: 1.0, torch.device("cpu"),
+                                           "none")
+        t = Trainer(model=layer, optimizer=optimizer, scheduler=scheduler, scaler=scaler, device=torch.device("cpu"),
+                    amp_dtype=None, run=run, max_iter=10, iters_per_epoch=5,
+                    loader=lambda epoch, offset: range(epoch * 5 + offset, 10), prepare=lambda b, it: (b, 1, 0),
+                    forward=lambda b: {"loss_cls": layer(torch.ones(1, 3)).sum().square()},
+                    save_state=saved.append, checkpoint=checkpoint, log_period=100, checkpoint_period=0)
+
+        def periodic_eval(iteration):
+            if iteration % 5:
+                return
+            for batch in interruptible(range(6), 6):
+                if (iteration, batch) == signal_at:
+                    os.kill(os.getpid(), signal.SIGTERM)  # what SLURM sends, here mid-evaluation
+            evaluated.append(iteration)  # reached only by a complete evaluation
+
+        t.after_step_hooks.append(periodic_eval)
+        t.after_epoch_hooks.append(lambda epoch, iteration: epochs_ended.append((epoch, iteration)))
+        return t
+
+    with catch_stop_signals(), pytest.raises(Preempted, match="stopped by SIGTERM at iteration 5"):
+        trainer(signal_at=(5, 2)).train()
+    assert saved == [5] and evaluated == [] and epochs_ended == []
+    with catch_stop_signals():
+        assert trainer().train(start_iter=5) == 10
+    assert evaluated == [5, 10] and epochs_ended == [(0, 5), (1, 10)]
+    assert saved == [5, 10] and not os.path.exists(checkpoint + ".owed_hooks.json")
+    # outside a training run (tools/eval_det.py) the signal does not end an evaluation
+    assert list(interruptible(range(3), 3)) == [0, 1, 2]

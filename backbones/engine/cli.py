@@ -13,7 +13,7 @@ from typing import Callable, NoReturn
 from .config import config_name, load_config
 from .errors import ResdetError
 from .dist import barrier, cleanup
-from .preemption import PREEMPTED_EXIT_CODE, Preempted, catch_stop_signals
+from .preemption import PREEMPTED_EXIT_CODE, EvaluationInterrupted, Preempted, catch_stop_signals
 
 
 def split_checkpoint(args: list[str], default: str = "last") -> tuple[str, list[str]]:
@@ -52,7 +52,7 @@ def run_training(schema: type, train: Callable, args: argparse.Namespace, defaul
             # every rank done before any tears its process group down: a rank leaving while another still
             # talks to it was seen to abort at exit ("terminate called without an active exception")
             barrier()
-    except Preempted as exc:
+    except (Preempted, EvaluationInterrupted) as exc:  # the latter: in the evaluation after the last step
         print(exc, file=sys.stderr)
         return PREEMPTED_EXIT_CODE, cfg, {}
     except ResdetError as exc:

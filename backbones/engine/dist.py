@@ -78,6 +78,15 @@ def agree(flag: bool, every: bool) -> bool:
     return bool(t.item())
 
 
+def agree_min(value: int) -> int:
+    """The smallest of an integer over all ranks, on the host."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_HOST_GROUP)
+    return int(t.item())
+
+
 def every_rank_has_batch(has_batch: bool) -> bool:
     """Whether every rank holds a usable batch this step (one process: ``has_batch`` itself).
 

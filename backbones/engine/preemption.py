@@ -16,8 +16,9 @@ import logging
 import os
 import signal
 import threading
+from typing import Iterable, Iterator
 
-from .dist import agree
+from .dist import agree, agree_min
 
 logger = logging.getLogger(__name__)
 _ACTIVE: "catch_stop_signals | None" = None  # the one a tool entered, asked by after_step()
@@ -89,6 +90,37 @@ class catch_stop_signals:
         return agree(self.received is not None, every=False)
 
 
+class EvaluationInterrupted(Exception):
+    """A stop signal arrived while a training run evaluated (:func:`interruptible`); the trainer checkpoints the
+    iteration, notes the evaluation as owed, and stops with :class:`Preempted`."""
+
+
+def interruptible(batches: Iterable, count: int) -> Iterator:
+    """The batches of an evaluation that stops at a stop signal when it runs inside a training run.
+
+    A periodic evaluation over COCO val takes minutes, longer than the grace SLURM gives between the signal
+    and the kill; run to its end it lost the checkpoint, and the training since the last one. Here it raises
+    :class:`EvaluationInterrupted` before the next batch instead. Outside training (``tools/eval_det.py``)
+    it changes nothing. Under torchrun the ranks agree before each of the batches every rank has (``count``:
+    this rank's number of batches; shards may differ by one), so none is left waiting in a collective."""
+    if _ACTIVE is None:
+        yield from batches
+        return
+    common = agree_min(count)
+    for index, batch in enumerate(batches):
+        if index < common and _ACTIVE.requested():
+            raise EvaluationInterrupted(
+                f"stopped by {_ACTIVE.signal_name} during an evaluation after training; the last checkpoint "
+                f"holds the trained weights. Run the same command with resume=auto to evaluate "
+                f"(exit code {PREEMPTED_EXIT_CODE})")
+        yield batch
+
+
+def stopped(iteration: int, checkpoint: str) -> Preempted:
+    """The :class:`Preempted` to raise once the checkpoint of ``iteration`` is written."""
+    return Preempted(iteration, _ACTIVE.signal_name if _ACTIVE else "a stop signal", checkpoint)
+
+
 def after_step(iteration: int, save, checkpoint: str, debug_stop_at_iter: int = 0,
                debug_iteration: int | None = None) -> None:
     """What every training loop does after each step, in one place:
@@ -101,4 +133,4 @@ def after_step(iteration: int, save, checkpoint: str, debug_stop_at_iter: int = 
         os._exit(3)
     if _ACTIVE is not None and _ACTIVE.requested():
         save(iteration)
-        raise Preempted(iteration, _ACTIVE.signal_name, checkpoint)
+        raise stopped(iteration, checkpoint)

@@ -10,7 +10,9 @@ A task builds its model, optimizer, schedule and data, and gives the :class:`Tra
   this rank's batch was unreadable (``skipped`` of them counted);
 * ``forward(inputs)``: the loss terms, computed under autocast;
 * ``save_state(iteration)``: write the resumable checkpoint (every rank calls it; it gathers RNG states);
-* hooks: ``after_step(iteration)`` (evaluation, best checkpoint) and ``after_epoch(epoch, iteration)``.
+* hooks: ``after_step(iteration)`` (evaluation, best checkpoint) and ``after_epoch(epoch, iteration)``. A
+  stop signal during one (an evaluation, :func:`~backbones.engine.preemption.interruptible`) checkpoints the
+  iteration and notes the hooks still owed beside the checkpoint; the resumed run runs them first.
 
 The trainer owns what every task did the same way: the order of a step (a step where any rank has no
 batch is skipped by all ranks together, so their collectives stay paired and iterations still map to
@@ -22,16 +24,18 @@ the progress bar, the loss window written to ``metrics.jsonl`` / TensorBoard, an
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 import time
 from typing import Any, Callable, Iterable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .dist import every_rank_has_batch
+from .dist import every_rank_has_batch, is_main_process
 from .precision import STEP_HINT, advance_schedule, non_finite_loss, optimizer_step
-from .preemption import after_step
+from .preemption import EvaluationInterrupted, after_step, stopped
 from .run import LossWindow, RunFolder, get_logger, progress_bar
 
 
@@ -133,15 +137,22 @@ class Trainer:
     def train(self, start_iter: int = 0) -> int:
         """Train from ``start_iter`` to ``max_iter``; returns the last iteration."""
         self.iteration = start_iter
+        window, self.probe = LossWindow(), LossProbe(self.device)
+        owed = self.owed_hooks(start_iter)
+        if owed:  # a stop signal interrupted them (an evaluation) before this checkpoint's run stopped
+            self.run.logger.info("running the %s hooks of iteration %d first (a stop signal interrupted them)",
+                                 owed, start_iter)
+            self.run_hooks(start_iter, window, owed)
+            if is_main_process():
+                os.remove(self.owed_path)
         self.progress = progress = progress_bar(total=self.max_iter, initial=start_iter, desc=self.desc)
         if start_iter < self.max_iter:
-            self.run_batches(self.loader(*divmod(start_iter, self.iters_per_epoch)))
+            self.run_batches(self.loader(*divmod(start_iter, self.iters_per_epoch)), window)
         progress.close()
         return self.iteration
 
-    def run_batches(self, batches: Iterable) -> None:
-        """Step through ``batches`` to ``max_iter``, with the epoch hooks at each epoch's end."""
-        window, self.probe = LossWindow(), LossProbe(self.device)
+    def run_batches(self, batches: Iterable, window: LossWindow) -> None:
+        """Step through ``batches`` to ``max_iter``, with the hooks after each step and each epoch's end."""
         first = self.iteration + 1
         self.model.train()
         for batch in batches:
@@ -152,9 +163,7 @@ class Trainer:
             self.progress.update(1)
             if self.iteration % self.iters_per_epoch == 0:
                 self.record(self.probe.take(), window)  # the hooks may checkpoint
-                for hook in self.after_epoch_hooks:
-                    hook(self.iteration // self.iters_per_epoch - 1, self.iteration)
-                self.model.train()  # the hooks may have evaluated
+            self.run_hooks(self.iteration, window)
             if self.iteration >= self.max_iter:
                 self.record(self.probe.take(), window)
                 return
@@ -175,6 +184,8 @@ class Trainer:
         """``save_state`` once the last step's loss is known to be finite."""
         self.record(self.probe.take(), window)
         self.save_state(iteration)
+        if is_main_process() and os.path.exists(self.owed_path):  # a note about an older checkpoint
+            os.remove(self.owed_path)
 
     def step(self, batch, window: LossWindow) -> None:
         iteration = self.iteration
@@ -196,8 +207,44 @@ class Trainer:
             self.log(window)
         if self.should_checkpoint(iteration):
             self.save_checked(window, iteration)
-        for hook in self.after_step_hooks:
-            hook(iteration)
+
+    @property
+    def owed_path(self) -> str:
+        return self.checkpoint + ".owed_hooks.json"
+
+    def owed_hooks(self, iteration: int) -> str | None:
+        """``"step"`` or ``"epoch"``: the hooks of ``iteration`` a stop signal interrupted, if the checkpoint
+        resumed from is the one written then."""
+        try:
+            with open(self.owed_path) as f:
+                owed = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return owed["hooks"] if owed.get("iteration") == iteration else None
+
+    def run_hooks(self, iteration: int, window: LossWindow, start: str = "step") -> None:
+        """The after-step hooks (from ``start="step"``), then at an epoch's end the after-epoch hooks. On
+        :class:`EvaluationInterrupted`: the checkpoint of ``iteration``, a note of the hooks owed, stop."""
+        stage = start
+        epoch_end = iteration % self.iters_per_epoch == 0
+        if not (self.after_step_hooks and start == "step" or self.after_epoch_hooks and epoch_end):
+            return
+        try:
+            if stage == "step":
+                for hook in self.after_step_hooks:
+                    hook(iteration)
+            if epoch_end:
+                stage = "epoch"
+                for hook in self.after_epoch_hooks:
+                    hook(iteration // self.iters_per_epoch - 1, iteration)
+        except EvaluationInterrupted:
+            self.save_checked(window, iteration)
+            if is_main_process():
+                with open(self.owed_path + ".tmp", "w") as f:
+                    json.dump({"iteration": iteration, "hooks": stage}, f)
+                os.replace(self.owed_path + ".tmp", self.owed_path)
+            raise stopped(iteration, self.checkpoint) from None
+        self.model.train()  # the hooks may have evaluated
 
     def log(self, window: LossWindow) -> None:
         avg, rate = window.flush(self.device)

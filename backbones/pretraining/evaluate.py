@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..engine.dist import get_rank, get_world_size, reduce_sum
-from ..engine.preemption import ignore_stop_signals
+from ..engine.preemption import ignore_stop_signals, interruptible
 from ..imagedata import ShardedSampler, normalize  # noqa: F401 (normalize: re-exported)
 from .data import ImageFolderDataset, center_crop_transform, collate_skip_none, resize_transform
 
@@ -48,7 +48,8 @@ def evaluate_classifier(model, samples, classes, mode: str, device, mean, std, *
         ten = crop if mode == "ten_crop" else 0
         transform = resize_transform(resize) if ten else center_crop_transform(resize, crop)
         ds = ImageFolderDataset(samples, classes, transform, ten_crop=ten)
-        for images, labels, n_skipped in _loader(ds, batch_size if not ten else max(1, batch_size // 10), workers):
+        loader = _loader(ds, batch_size if not ten else max(1, batch_size // 10), workers)
+        for images, labels, n_skipped in interruptible(loader, len(loader)):  # a stop signal in training ends it
             skipped += n_skipped
             if images is None:
                 continue
@@ -63,7 +64,7 @@ def evaluate_classifier(model, samples, classes, mode: str, device, mean, std, *
     elif mode == "multiscale":
         per_scale = [ImageFolderDataset(samples, classes, resize_transform(s)) for s in scales]
         loaders = [_loader(ds, 1, workers) for ds in per_scale]
-        for items in zip(*loaders):
+        for items in interruptible(zip(*loaders), len(loaders[0])):
             if any(images is None for images, _, _ in items):
                 skipped += 1
                 continue

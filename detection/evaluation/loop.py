@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from backbones.engine.dist import is_main_process, reduce_sum
+from backbones.engine.preemption import interruptible
 from backbones.engine.run import progress_bar
 from backbones.engine.state import unwrap
 
@@ -25,7 +26,9 @@ def evaluate(model, loader, evaluators: list, device: torch.device, amp_dtype: t
     was_training = model.training
     model.eval()
     skipped = 0
-    for batch in progress_bar(iterable=loader, desc="eval", disable=not (progress and is_main_process())):
+    # inside a training run, a stop signal ends the evaluation at the next batch (the trainer checkpoints)
+    for batch in progress_bar(iterable=interruptible(loader, len(loader)), total=len(loader), desc="eval",
+                              disable=not (progress and is_main_process())):
         skipped += batch["num_skipped"]
         if not batch["targets"]:
             continue

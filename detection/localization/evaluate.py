@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from backbones.engine.errors import ConfigError
 from backbones.engine.dist import get_rank, get_world_size, is_main_process, reduce_sum
 from backbones.engine.imageio import CorruptImageError, read_image_rgb
-from backbones.engine.preemption import ignore_stop_signals
+from backbones.engine.preemption import ignore_stop_signals, interruptible
 from backbones.engine.run import progress_bar
 from backbones.imagedata import ShardedSampler, normalize
 from detection.modeling.rpn import filter_proposals
@@ -128,7 +128,9 @@ def evaluate_localization(loc_net, classifier, records: Sequence[LocRecord], mod
     counts = {f"{p}{k}": 0 for p in ("", "baseline_", "rcnn_") for k in COUNTS}
     images = skipped = 0
     keep = max(1, getattr(rescorer, "topk", 1)) if rescorer else 1
-    for index, image, gt_boxes in progress_bar(iterable=loader, desc=f"eval {mode}",
+    # inside a training run, a stop signal ends the evaluation at the next image (the trainer checkpoints)
+    for index, image, gt_boxes in progress_bar(iterable=interruptible(loader, len(loader)), total=len(loader),
+                                               desc=f"eval {mode}",
                                                disable=not (progress and is_main_process())):
         if image is None:
             skipped += 1
