@@ -143,7 +143,7 @@ class Trainer:
             self.run.logger.info("running the %s hooks of iteration %d first (a stop signal interrupted them)",
                                  owed, start_iter)
             self.run_hooks(start_iter, window, owed)
-            if is_main_process():
+            if is_main_process() and os.path.exists(self.owed_path):  # made up: the note is spent
                 os.remove(self.owed_path)
         self.progress = progress = progress_bar(total=self.max_iter, initial=start_iter, desc=self.desc)
         if start_iter < self.max_iter:
