@@ -279,7 +279,6 @@ def test_every_configurable_format_has_an_entry_in_the_format_table():
             assert getattr(type(fmt), job) is not getattr(DatasetFormat, job), (name, job)
 
 
-
 @pytest.mark.parametrize("box", [[20, 0, 200, 120], [20, 60, 200, 200], [400, 0, 479, 80]],
                          ids=["top-edge", "inside", "top-right-corner"])
 def test_drawn_label_stays_in_the_picture(box):

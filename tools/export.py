@@ -27,6 +27,7 @@ from backbones.engine.errors import ResdetError
 from detection.config import DetConfig
 from detection.export import (EXPORT_FORMATS, SUFFIXES, DeployableDetector, export_program, load_exported,
                               sample_val_images, save_exported)
+from detection.modeling.test_time import options_from_config
 from detection.predictor import load_trained_detector
 
 
@@ -53,14 +54,12 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     d = cfg.data
     deployable = DeployableDetector.from_config(model, cfg)
-    left_out = {"eval.box_refinement": cfg.eval.box_refinement, "eval.test_scales": list(cfg.eval.test_scales),
-                "eval.flip": cfg.eval.flip}
-    left_out = {key: value for key, value in left_out.items() if value}
-    if left_out:  # e.g. configs/frcnn_r101_coco_full.yaml: its AP counts on them
-        print(f"note: the file holds the plain detector; this run's test-time options "
-              f"{', '.join(f'{k}={v}' for k, v in left_out.items())} are not in the graph (tools/infer.py and "
-              f"Predictor apply them). The file's AP is that of: python tools/eval_det.py {args.run} "
-              f"eval.box_refinement=false eval.test_scales=[] eval.flip=false", file=sys.stderr)
+    if options_from_config(cfg.eval).enabled:  # e.g. configs/frcnn_r101_coco_full.yaml: its AP counts on them
+        e = cfg.eval
+        print(f"note: the file holds the plain detector; this run's test-time options (eval.box_refinement="
+              f"{e.box_refinement}, eval.test_scales={list(e.test_scales)}, eval.flip={e.flip}) are not in the graph "
+              f"(tools/infer.py and Predictor apply them). The file's AP is that of: python tools/eval_det.py "
+              f"{args.run} eval.box_refinement=false eval.test_scales=[] eval.flip=false", file=sys.stderr)
     images = sample_val_images(cfg, args.check)
     example = torch.from_numpy(images[0][1]).permute(2, 0, 1).contiguous()
     start = time.time()

@@ -95,18 +95,19 @@ class EvaluationInterrupted(Exception):
     iteration, notes the evaluation as owed, and stops with :class:`Preempted`."""
 
 
-def interruptible(batches: Iterable, count: int) -> Iterator:
+def interruptible(batches: Iterable, count: int | None = None) -> Iterator:
     """The batches of an evaluation that stops at a stop signal when it runs inside a training run.
 
     A periodic evaluation over COCO val takes minutes, longer than the grace SLURM gives between the signal
     and the kill; run to its end it lost the checkpoint, and the training since the last one. Here it raises
     :class:`EvaluationInterrupted` before the next batch instead. Outside training (``tools/eval_det.py``)
     it changes nothing. Under torchrun the ranks agree before each of the batches every rank has (``count``:
-    this rank's number of batches; shards may differ by one), so none is left waiting in a collective."""
+    this rank's number of batches, ``len(batches)`` by default; shards may differ by one), so none is left
+    waiting in a collective."""
     if _ACTIVE is None:
         yield from batches
         return
-    common = agree_min(count)
+    common = agree_min(len(batches) if count is None else count)
     for index, batch in enumerate(batches):
         if index < common and _ACTIVE.requested():
             raise EvaluationInterrupted(

@@ -49,7 +49,7 @@ def evaluate_classifier(model, samples, classes, mode: str, device, mean, std, *
         transform = resize_transform(resize) if ten else center_crop_transform(resize, crop)
         ds = ImageFolderDataset(samples, classes, transform, ten_crop=ten)
         loader = _loader(ds, batch_size if not ten else max(1, batch_size // 10), workers)
-        for images, labels, n_skipped in interruptible(loader, len(loader)):  # a stop signal in training ends it
+        for images, labels, n_skipped in interruptible(loader):  # a stop signal in training ends it
             skipped += n_skipped
             if images is None:
                 continue

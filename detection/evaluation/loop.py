@@ -27,7 +27,7 @@ def evaluate(model, loader, evaluators: list, device: torch.device, amp_dtype: t
     model.eval()
     skipped = 0
     # inside a training run, a stop signal ends the evaluation at the next batch (the trainer checkpoints)
-    for batch in progress_bar(iterable=interruptible(loader, len(loader)), total=len(loader), desc="eval",
+    for batch in progress_bar(iterable=interruptible(loader), total=len(loader), desc="eval",
                               disable=not (progress and is_main_process())):
         skipped += batch["num_skipped"]
         if not batch["targets"]:

@@ -129,7 +129,7 @@ def evaluate_localization(loc_net, classifier, records: Sequence[LocRecord], mod
     images = skipped = 0
     keep = max(1, getattr(rescorer, "topk", 1)) if rescorer else 1
     # inside a training run, a stop signal ends the evaluation at the next image (the trainer checkpoints)
-    for index, image, gt_boxes in progress_bar(iterable=interruptible(loader, len(loader)), total=len(loader),
+    for index, image, gt_boxes in progress_bar(iterable=interruptible(loader), total=len(loader),
                                                desc=f"eval {mode}",
                                                disable=not (progress and is_main_process())):
         if image is None:
