@@ -89,7 +89,7 @@ def tiny_res5_head(num_classes=3, **kwargs):
     return Res5ROIHeads(resnet.res5, ROIPooler(14, [1 / 16]), predictor, "res4", **kwargs)
 
 
-def test_roi_sampler_hand_made_case():
+def test_roi_sampler_hand_made_case(monkeypatch):
     head = tiny_res5_head(batch_size_per_image=8, positive_fraction=0.25)
     head.generator = torch.Generator().manual_seed(0)
     gt = torch.tensor([[10.0, 10.0, 50.0, 50.0]])
@@ -114,15 +114,17 @@ def test_roi_sampler_hand_made_case():
     assert labels[0].tolist().count(1) == 1 and len(labels[0]) == 4
     assert torch.equal(boxes[0][labels[0] == 1], gt) and (targets[0][labels[0] == 1] == 0).all()
 
-    # background proposals inside a crowd region are not sampled: the RoIs are padded to a fixed count with
-    # label -1, which the losses leave out
+    # background proposals inside a crowd region are not sampled: on a GPU the RoIs are padded to a fixed count
+    # with label -1, which the losses leave out; on the CPU the padding is dropped
     head.batch_size_per_image = 100
     crowd = torch.tensor([[95.0, 0.0, 160.0, 45.0]])
-    boxes, labels, _ = head.label_and_sample_proposals(
-        [torch.tensor(bg)], [{"boxes": gt, "labels": torch.tensor([1]), "crowd_boxes": crowd}])
-    # >= 0.7 of the box inside the crowd box: x1 = 100..130 (x1 = 130: 30/40 = 0.75), not 135..145 (<= 0.625)
-    assert len(boxes[0]) == 1 + len(bg) and (labels[0] == -1).sum() == 7
-    assert sorted(boxes[0][labels[0] >= 0][:, 0].tolist()) == [10, 30, 135, 140, 145]
+    for gpu_path in (True, False):
+        monkeypatch.setattr("detection.modeling.roi_heads.drops_padding", lambda device: not gpu_path)
+        boxes, labels, _ = head.label_and_sample_proposals(
+            [torch.tensor(bg)], [{"boxes": gt, "labels": torch.tensor([1]), "crowd_boxes": crowd}])
+        # >= 0.7 of the box inside the crowd box: x1 = 100..130 (x1 = 130: 30/40 = 0.75), not 135..145 (<= 0.625)
+        assert len(boxes[0]) == (1 + len(bg) if gpu_path else 5) and (labels[0] == -1).sum() == (7 if gpu_path else 0)
+        assert sorted(boxes[0][labels[0] >= 0][:, 0].tolist()) == [10, 30, 135, 140, 145]
 
 
 def test_roi_head_losses_finite():

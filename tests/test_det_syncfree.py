@@ -192,8 +192,11 @@ def test_rpn_and_roi_heads_synchronise_a_fixed_few_times_per_batch(neck, context
     """Training: the RPN's NMS, one per image. Inference: those, and post-processing's candidates
     above the score threshold, its one NMS and the read of the detections per image. The FPN pooler's
     grouping of RoIs by level (a nonzero per level, per batch) remains. Counted on the CPU for CUDA's
-    path: the CPU's own shortcuts (the separable RoIAlign, NMS stopped in chunks) are switched off."""
+    path: the CPU's own shortcuts (the separable RoIAlign, NMS stopped in chunks, proposals and RoI samples
+    without their padding) are switched off."""
     monkeypatch.setattr("detection.modeling.poolers.separable_roi_align_is_cheaper", lambda *args: False)
+    for module in ("rpn", "roi_heads"):
+        monkeypatch.setattr(f"detection.modeling.{module}.drops_padding", lambda device: False)
     monkeypatch.setattr("detection.modeling.box_ops.batched_nms_first",
                         lambda boxes, scores, groups, thresh, count: batched_nms(boxes, scores, groups, thresh)[:count])
     torch.manual_seed(0)
@@ -215,3 +218,45 @@ def test_rpn_and_roi_heads_synchronise_a_fixed_few_times_per_batch(neck, context
     print(f"inference ({neck}, context {context}): {dict(calls)}")
     assert calls == Counter({"torchvision::nms": 3, "aten::nonzero": 1, "Tensor.tolist": 1}) + pooler
     assert len(detections) == 2 and all(len(d["boxes"]) > 0 for d in detections)
+
+
+@pytest.mark.parametrize("neck", ["none", "fpn"])
+def test_cpu_drops_the_padding_of_proposals_and_roi_samples_with_the_same_results(neck, monkeypatch):
+    """On the CPU the RoI heads get only the valid proposals in inference and only the valid RoI samples in
+    training (padding rows would go through res5 or the box head for nothing): the same proposals in the
+    same order, the same detections, the same random draw and the same losses as with the padding."""
+    torch.manual_seed(0)
+    cfg = slim_cfg(neck)
+    # every candidate a row: whatever NMS removes becomes padding, and slots of the RoI sample too
+    cfg.rpn.post_nms_topk_test = cfg.rpn.post_nms_topk_train = 10**4
+    cfg.roi_heads.batch_size_per_image = 10**4
+    model = build_detector(cfg, num_classes=3)
+    batch = two_image_batch()
+    sizes = batch["image_sizes"]
+    rows = []
+    model.roi_heads.box_predictor.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    results = []
+    for drop in (False, True):
+        for module in ("rpn", "roi_heads"):
+            monkeypatch.setattr(f"detection.modeling.{module}.drops_padding", lambda device: drop)
+        model.eval()
+        with torch.no_grad():
+            features = model.features(model.preprocess(batch["images"], sizes))
+            proposals, _ = model.rpn(model.rpn_inputs(features), sizes)
+            detections = model(batch)
+        model.train()
+        model.set_sampling_generator(torch.Generator().manual_seed(0))
+        results.append((proposals, detections, model(batch)))
+    (padded, padded_detections, padded_losses), (dropped, dropped_detections, dropped_losses) = results
+    assert any(len(d) < len(p) for d, p in zip(dropped, padded))  # the untrained RPN leaves padding rows
+    for d, p in zip(dropped, padded):
+        assert len(d) > 0 and torch.equal(d, p[:len(d)]) and (p[len(d):] == 0).all()
+    assert sum(len(d["boxes"]) for d in padded_detections) > 0
+    for a, b in zip(padded_detections, dropped_detections):
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(b["boxes"], a["boxes"], rtol=0, atol=1e-4)
+        torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=1e-6)
+    padded_rows, dropped_rows = rows[1], rows[3]  # (inference, training) per setting
+    assert dropped_rows < padded_rows, rows  # fewer than batch_size_per_image could be sampled
+    for k in padded_losses:
+        torch.testing.assert_close(dropped_losses[k], padded_losses[k], rtol=1e-5, atol=1e-7, msg=k)

@@ -33,7 +33,7 @@ from .box_coder import BoxCoder
 from .box_ops import batched_nms, clip_boxes, crowd_mask, nonempty, smooth_l1
 from .matcher import Matcher
 from .poolers import ROIPooler
-from .sampling import sample_balanced
+from .sampling import drops_padding, sample_balanced
 
 
 class FastRCNNOutputLayers(nn.Module):
@@ -186,8 +186,8 @@ class ROIHeads(nn.Module):
         waiting for the GPU. Where fewer examples can be sampled (ignored proposals: crowd regions, RPN
         padding), the remaining RoIs are padding with label -1: the losses leave them out, sums and
         normalisers alike, but they do pass through the box head (a trainable BatchNorm there would see
-        them). Proposals without area are the RPN's padding (see ``rpn.select_proposals``) and are
-        ignored."""
+        them). On the CPU they are dropped instead (``sampling.drops_padding``). Proposals without area are
+        the RPN's padding (see ``rpn.select_proposals``) and are ignored."""
         sampled_boxes, sampled_labels, sampled_targets = [], [], []
         box_coder = self.box_predictor.box_coder
         for boxes, target in zip(proposals, targets):
@@ -207,6 +207,9 @@ class ROIHeads(nn.Module):
             ignored = padding | ((classes == 0) & crowd_mask(target.get("crowd_boxes"), boxes, self.crowd_ioa_thresh))
             classes = classes.masked_fill(ignored, -1)
             idx, valid = sample_balanced(classes, self.batch_size_per_image, self.positive_fraction, self.generator)
+            if drops_padding(idx.device):  # the valid slots come first
+                count = int(valid.sum())
+                idx, valid = idx[:count], valid[:count]
             labels = classes[idx].masked_fill(~valid, -1)
             sampled_boxes.append(boxes[idx])
             sampled_labels.append(labels)

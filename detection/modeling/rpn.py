@@ -29,7 +29,7 @@ from .anchor_generator import AnchorGenerator
 from .box_coder import BoxCoder
 from .box_ops import batched_nms_per_image, clip_boxes, crowd_mask, nonempty, smooth_l1
 from .matcher import Matcher
-from .sampling import sample_balanced, sampled_labels
+from .sampling import drops_padding, sample_balanced, sampled_labels
 
 
 class RPNHead(nn.Module):
@@ -173,20 +173,25 @@ class RPN(nn.Module):
                           image_sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
         num_images = logits[0].shape[0]
         pre_nms_topk = self.pre_nms_topk[self.training]
-        cand_boxes, cand_scores, cand_levels = [], [], []
+        batch_idx = torch.arange(num_images, device=logits[0].device)[:, None]
+        cand_deltas, cand_anchors, cand_scores, cand_levels = [], [], [], []
         for level, (anchors_l, logits_l, deltas_l) in enumerate(zip(anchors, logits, deltas)):
             k = min(pre_nms_topk, logits_l.shape[1])
             scores, idx = logits_l.float().topk(k, dim=1)  # (N, k)
-            batch_idx = torch.arange(num_images, device=idx.device)[:, None]
-            boxes = self.box_coder.decode(deltas_l[batch_idx, idx].reshape(-1, 4), anchors_l[idx].reshape(-1, 4))
-            cand_boxes.append(boxes.view(num_images, k, 4))
+            cand_deltas.append(deltas_l[batch_idx, idx])
+            cand_anchors.append(anchors_l[idx])
             cand_scores.append(scores)
             cand_levels.append(torch.full((k,), level, dtype=torch.int64, device=idx.device))
-        boxes = torch.cat(cand_boxes, dim=1)
+        # one decode for every level's candidates: its two dozen element-wise kernels run once, not per level
+        # (each is a launch the host pays for on a GPU)
+        boxes = self.box_coder.decode(torch.cat(cand_deltas, dim=1).reshape(-1, 4),
+                                      torch.cat(cand_anchors, dim=1).reshape(-1, 4)).view(num_images, -1, 4)
         scores = torch.cat(cand_scores, dim=1)
         levels = torch.cat(cand_levels)
-        boxes, _, _ = select_proposals(boxes, scores, levels, image_sizes, self.nms_thresh,
-                                       self.post_nms_topk[self.training], self.min_size)
+        boxes, _, valid = select_proposals(boxes, scores, levels, image_sizes, self.nms_thresh,
+                                           self.post_nms_topk[self.training], self.min_size)
+        if not self.training and drops_padding(boxes.device):
+            return [b[:n] for b, n in zip(boxes, valid.sum(dim=1).tolist())]
         return list(boxes.unbind(0))
 
     # -- training -------------------------------------------------------------------------------
