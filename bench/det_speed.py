@@ -5,11 +5,13 @@
   (``FasterRCNN`` with a res4 trunk, 14x14 RoIAlign and res5 as the box head);
 * our R50-FPN against torchvision's ``fasterrcnn_resnet50_fpn``.
 
-resdet appears twice or three times: the plain path (frozen BN as separate layers, NCHW), the fast path
-(the defaults: frozen BN folded into the convolutions, and channels-last) and, with ``--compile``, the fast
-path with its trunk, neck and box head compiled (inductor). Training img/s, inference ms/img, peak GPU
-memory and, on CUDA, the host synchronisations one training step and one inference make (blocking CUDA
-runtime calls, counted by the profiler).
+resdet appears several times: the plain path (frozen BN as separate layers, NCHW), the fast path (the
+defaults: frozen BN folded into the convolutions, and channels-last) and, with ``--variants compile``, the
+fast path with its trunk, neck, RPN convolutions and box head compiled (inductor), or with ``compile-ro``
+compiled in ``mode="reduce-overhead"`` (CUDA graphs of those parts). Training img/s, inference ms/img, peak
+GPU memory, and what one training step and one inference cost the host: on CUDA the synchronisations
+(blocking CUDA runtime calls) and kernel launches the profiler counts, on the CPU the operators dispatched
+(views left out; on a GPU about one launch each).
 
     python bench/det_speed.py                                     # CPU: small images, few steps
     python bench/det_speed.py --device cuda --batch 8 --height 800 --width 1216 --amp bf16 --iters 20 --variants plain,fast,compile,torchvision
@@ -26,6 +28,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn  # noqa: E402
 from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: E402
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor  # noqa: E402
@@ -52,9 +55,9 @@ def make_inputs(batch, height, width, device, seed=0):
     return images.to(device), targets
 
 
-def ours(depth, neck, fast=True, compile=False):
+def ours(depth, neck, fast=True, compile=None):
     """resdet's detector: ``fast`` the defaults (frozen BN folded) in channels-last, else the plain layers in
-    NCHW; ``compile``: its dense parts compiled."""
+    NCHW; ``compile``: its dense parts compiled in this mode of ``torch.compile``."""
     cfg = OmegaConf.structured(DetConfig)
     cfg.model.backbone.depth = depth
     cfg.model.backbone.fold_frozen_bn = fast
@@ -68,7 +71,7 @@ def ours(depth, neck, fast=True, compile=False):
     if fast:
         model.to(memory_format=torch.channels_last)
     if compile:
-        model.compile_parts()
+        model.compile_parts(mode=compile)
     return model
 
 
@@ -125,20 +128,44 @@ def run_tv(model, images, targets, train):
 
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+VIEW_OPS = {"view", "_unsafe_view", "_reshape_alias", "reshape", "unsqueeze", "squeeze", "permute", "transpose",
+            "t", "expand", "select", "slice", "as_strided", "alias", "unbind", "split", "split_with_sizes", "chunk",
+            "detach", "narrow", "unfold", "lift_fresh"}
 
 
-def count_syncs(device, fn) -> int | str:
-    """Host synchronisations while ``fn`` runs: the CUDA runtime calls that block the host, as the profiler
-    records them (a copy to the host through pageable memory is a memcpy plus a stream synchronisation)."""
+class OpCounter(TorchDispatchMode):
+    """Operators dispatched to a kernel, views left out (they launch nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ not in VIEW_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def count_host_calls(device, fn, compiled: bool = False) -> tuple[int | str, int | str]:
+    """What ``fn`` costs the host: on CUDA its synchronisations (the runtime calls that block the host, as
+    the profiler records them: a copy to the host through pageable memory is a memcpy plus a stream
+    synchronisation) and its kernel launches (a CUDA graph's replay counts once); on the CPU no
+    synchronisations and the operators it dispatches (not for a ``compiled`` model: the counting mode would
+    send its compiled parts back to eager)."""
     if device.type != "cuda":
-        return "n/a"
+        if compiled:
+            return "n/a", "n/a"
+        with OpCounter() as counter:
+            fn()
+        return "n/a", counter.count
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         fn()
         torch.cuda.synchronize()
     # the last event is the synchronize above, which is the measurement's, not fn's
-    return max(0, sum(e.name in SYNC_CALLS for e in prof.events()) - 1)
+    events = prof.events()
+    return (max(0, sum(e.name in SYNC_CALLS for e in events) - 1), sum(e.name in LAUNCH_CALLS for e in events))
 
 
 def train_step_of(model, runner, images, targets, device, amp):
@@ -147,6 +174,7 @@ def train_step_of(model, runner, images, targets, device, amp):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
     def train_step():
+        torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (compile-ro); else a no-op
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss = runner(model, images, targets, True)
         opt.zero_grad(set_to_none=True)
@@ -155,19 +183,23 @@ def train_step_of(model, runner, images, targets, device, amp):
     return train_step
 
 
-def step_syncs(model, runner, images, targets, device, amp) -> str:
-    """Host synchronisations of one training step and one inference, after one of each to warm up. Run after
-    every timing: the profiler leaves the host slower once it has run (on an H100 it doubled a later bs-1
-    inference)."""
-    train_step = train_step_of(model, runner, images, targets, device, amp)
-    train_step()
-    train_syncs = count_syncs(device, train_step)
+def host_calls(model, runner, images, targets, device, amp, compiled: bool = False) -> tuple[str, str]:
+    """Host synchronisations and kernel launches (CPU: operators) of one training step and one inference,
+    as ``"train / inference"``, after one of each to warm up. Run after every timing: the profiler leaves the
+    host slower once it has run (on an H100 it doubled a later bs-1 inference)."""
+    try:
+        train_step = train_step_of(model, runner, images, targets, device, amp)
+        train_step()
+        train = count_host_calls(device, train_step, compiled)
+    except Exception as exc:  # noqa: BLE001 - the row says so and the inference column still comes
+        print(f"training failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        train = ("failed", "failed")
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         runner(model, images[:1], None, False)
-        infer_syncs = count_syncs(device, lambda: runner(model, images[:1], None, False))
+        infer = count_host_calls(device, lambda: runner(model, images[:1], None, False), compiled)
     model.to("cpu")
-    return f"{train_syncs} / {infer_syncs}"
+    return f"{train[0]} / {infer[0]}", f"{train[1]} / {infer[1]}"
 
 
 def measure(model, runner, images, targets, device, amp, iters, warmup):
@@ -180,14 +212,18 @@ def measure(model, runner, images, targets, device, amp, iters, warmup):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(warmup):
-        train_step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        train_step()
-    sync()
-    train_ips = len(images) * iters / (time.perf_counter() - t0)
+    try:
+        for _ in range(warmup):
+            train_step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            train_step()
+        sync()
+        train_ips = len(images) * iters / (time.perf_counter() - t0)
+    except Exception as exc:  # noqa: BLE001 - a variant that cannot train (compile-ro) still gets its inference
+        print(f"training failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        train_ips = float("nan")
     model.eval()
     one = images[:1]
     with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -215,7 +251,8 @@ def main():
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     parser.add_argument("--models", default="r50c4,r101c4,r50fpn")
     parser.add_argument("--variants", default="plain,fast,torchvision",
-                        help="of plain, fast, compile (fast + compiled parts, inductor), torchvision")
+                        help="of plain, fast, compile (fast + compiled parts, inductor), compile-ro (the same in "
+                             "mode reduce-overhead: CUDA graphs), torchvision")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -228,15 +265,18 @@ def main():
         variants = {
             "plain": (f"resdet {label}, plain", functools.partial(ours, depth, neck, False), run_ours),
             "fast": (f"resdet {label}, fast (default)", functools.partial(ours, depth, neck, True), run_ours),
-            "compile": (f"resdet {label}, fast + compile", functools.partial(ours, depth, neck, True, True), run_ours),
+            "compile": (f"resdet {label}, fast + compile", functools.partial(ours, depth, neck, True, "default"),
+                        run_ours),
+            "compile-ro": (f"resdet {label}, fast + compile reduce-overhead",
+                           functools.partial(ours, depth, neck, True, "reduce-overhead"), run_ours),
             "torchvision": ("torchvision fasterrcnn_resnet50_fpn", functools.partial(torchvision_fpn, args.height,
                                                                                    args.width), run_tv)
             if neck == "fpn" else
             (f"torchvision parts {label}", functools.partial(torchvision_c4, depth, args.height, args.width), run_tv)}
-        pairs[key] = [variants[v] for v in args.variants.split(",")]
+        pairs[key] = [(*variants[v], v.startswith("compile")) for v in args.variants.split(",")]
     rows = []
     for key in args.models.split(","):
-        for name, make, runner in pairs[key]:
+        for name, make, runner, _ in pairs[key]:
             torch.manual_seed(0)
             row = (name, *measure(calm_residual_branches(make()), runner, images, targets, device, amp, args.iters,
                                   args.warmup))
@@ -244,19 +284,20 @@ def main():
             print("{}: {:.2f} img/s train, {:.1f} ms/img inference, peak {:.1f} GiB".format(*row), flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    syncs = ["n/a / n/a"] * len(rows)
-    if device.type == "cuda":  # after every timing: see step_syncs()
-        makes = [(make, runner) for key in args.models.split(",") for _, make, runner in pairs[key]]
-        for i, (make, runner) in enumerate(makes):
+    calls = []  # after every timing: see host_calls()
+    for key in args.models.split(","):
+        for _, make, runner, compiled in pairs[key]:
             torch.manual_seed(0)
-            syncs[i] = step_syncs(calm_residual_branches(make()), runner, images, targets, device, amp)
-            torch.cuda.empty_cache()
+            calls.append(host_calls(calm_residual_branches(make()), runner, images, targets, device, amp, compiled))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     print(f"\ndevice {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), batch {args.batch}, "
           f"{args.height}x{args.width}, amp {args.amp}, torch {torch.__version__}, 80 classes, 8 boxes/image")
-    print("| model | train img/s | inference ms/img | peak GPU mem (GiB) | host syncs: train step / inference |\n"
-          "|---|---|---|---|---|")
-    for (name, ips, ms, peak), sync_counts in zip(rows, syncs):
-        print(f"| {name} | {ips:.2f} | {ms:.1f} | {peak:.1f} | {sync_counts} |")
+    launches = "kernel launches" if device.type == "cuda" else "operators dispatched"
+    print(f"| model | train img/s | inference ms/img | peak GPU mem (GiB) | host syncs: train step / inference "
+          f"| {launches}: train step / inference |\n|---|---|---|---|---|---|")
+    for (name, ips, ms, peak), (syncs, counts) in zip(rows, calls):
+        print(f"| {name} | {ips:.2f} | {ms:.1f} | {peak:.1f} | {syncs} | {counts} |")
 
 if __name__ == "__main__":
     main()

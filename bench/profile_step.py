@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from det_speed import SYNC_CALLS, calm_residual_branches, make_inputs, ours  # noqa: E402
+from det_speed import LAUNCH_CALLS, SYNC_CALLS, calm_residual_branches, make_inputs, ours  # noqa: E402
 
 MODELS = {"r50c4": (50, "none"), "r101c4": (101, "none"), "r50fpn": (50, "fpn")}
 
@@ -24,7 +24,7 @@ def summarise(prof, steps: int, wall: float, label: str, top: int) -> None:
     events = prof.events()
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_ms = sum(e.device_time for e in kernels) / 1000 / steps  # overlapping kernels would count twice
-    launches = sum(e.name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel") for e in events) / steps
+    launches = sum(e.name in LAUNCH_CALLS for e in events) / steps
     syncs = sum(e.name in SYNC_CALLS for e in events) / steps
     print(f"\n== {label}: {1000 * wall / steps:.1f} ms wall per step, GPU kernels {busy_ms:.1f} ms "
           f"({100 * busy_ms / (1000 * wall / steps):.0f}% busy), {launches:.0f} kernel launches, "
@@ -37,7 +37,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="r101c4", choices=sorted(MODELS))
-    parser.add_argument("--variant", default="fast", choices=["plain", "fast", "compile"])
+    parser.add_argument("--variant", default="fast", choices=["plain", "fast", "compile", "compile-ro"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1216)
@@ -49,7 +49,8 @@ def main():
     amp = torch.bfloat16 if args.amp == "bf16" else None
     depth, neck = MODELS[args.model]
     torch.manual_seed(0)
-    model = calm_residual_branches(ours(depth, neck, args.variant != "plain", args.variant == "compile")).to(device)
+    mode = {"compile": "default", "compile-ro": "reduce-overhead"}.get(args.variant)
+    model = calm_residual_branches(ours(depth, neck, args.variant != "plain", mode)).to(device)
     images, targets = make_inputs(args.batch, args.height, args.width, device)
     batch = {"images": images, "image_sizes": [tuple(images.shape[-2:])] * len(images), "targets": targets}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
@@ -59,6 +60,7 @@ def main():
             torch.cuda.synchronize()
 
     def train_step():
+        torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (compile-ro); else a no-op
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss = sum(model(batch).values())
         optimizer.zero_grad(set_to_none=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from backbones.engine.config import Choice, RunConfig
-from backbones.engine.solver import IterationSolverConfig
+from backbones.engine.solver import CompileMode, IterationSolverConfig
 
 from .data.problems import VerifyImages
 from .modeling.config import DetectorConfig
@@ -130,9 +130,13 @@ class DetEvalConfig:
     box_voting_iou: float = 0.5  # box voting after refinement; 0 = off
     test_scales: list[int] = field(default_factory=list)  # multi-scale testing (paper: 200..1000); [] = off
     flip: bool = False  # horizontal-flip testing
-    # torch.compile the trunk, neck and box head for evaluation, eval_det.py and Predictor (a training run
-    # with solver.compile evaluates its compiled model either way)
+    # torch.compile the trunk, neck, RPN convolutions and box head for evaluation, eval_det.py and Predictor (a
+    # training run with solver.compile evaluates its compiled model either way)
     compile: bool = False
+    # with compile: reduce_overhead adds CUDA graphs (a GPU's latency at batch 1 is mostly kernel launches),
+    # one per input size, each holding its outputs until the next call, so not with the test-time options
+    # above (they keep several views' features at once); max_autotune searches kernels (long to compile)
+    compile_mode: CompileMode = CompileMode.default
 
 
 @dataclass

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from backbones.engine.errors import CheckpointError
+from backbones.engine.errors import CheckpointError, ConfigError
 from backbones.engine.config import load_config
 from backbones.engine.imageio import read_image_rgb
 from backbones.engine.state import load_checkpoint
@@ -31,10 +31,15 @@ def load_trained_detector(run_dir: str, cfg: DictConfig, which: str, device, com
     """Rebuild the run's detector and load its weights (the backbone file is not needed any more), in the
     memory format it was trained and evaluated in (``solver.channels_last``: faster on CUDA, and under bf16
     the other layout rounds differently, so the run's own AP would not be reproduced exactly);
-    ``compile``: torch.compile its dense parts (``GeneralizedRCNN.compile_parts``).
+    ``compile``: torch.compile its dense parts (``GeneralizedRCNN.compile_parts``) in ``eval.compile_mode``.
 
     Returns ``(model, checkpoint path, class names)``; the class names travel in the checkpoint.
     """
+    if compile and cfg.eval.compile_mode == "reduce-overhead" and options_from_config(cfg.eval).enabled:
+        raise ConfigError("eval.compile_mode=reduce_overhead keeps one set of features per image size (CUDA "
+                          "graphs reuse their outputs), and the test-time options (eval.box_refinement, "
+                          "eval.test_scales, eval.flip) need several at once: turn them off, or use "
+                          "eval.compile_mode=default")
     path = resolve_checkpoint(run_dir, which)
     state = load_checkpoint(path)
     class_names = list(state["class_names"])
@@ -44,7 +49,7 @@ def load_trained_detector(run_dir: str, cfg: DictConfig, which: str, device, com
     if cfg.solver.channels_last:
         model.to(memory_format=torch.channels_last)
     if compile:
-        model.compile_parts()
+        model.compile_parts(mode=str(cfg.eval.compile_mode))
     return model.to(device).eval(), path, class_names
 
 

@@ -103,7 +103,8 @@ def test_fast_path_matches_the_plain_path_and_shares_its_checkpoints(neck):
     fast = build_detector(slim_cfg(neck, fold_frozen_bn=True), num_classes=3)
     fast.load_state_dict(plain.state_dict())
     fast.to(memory_format=torch.channels_last)
-    assert fast.compile_parts(backend="aot_eager") == ["trunk", "neck", "box head"][:: 1 if neck == "fpn" else 2]
+    parts = ["trunk", "neck", "RPN head", "box head"] if neck == "fpn" else ["trunk", "RPN head", "box head"]
+    assert fast.compile_parts(backend="aot_eager") == parts
     batch = two_image_batch()
     losses = []
     for model in (plain, fast):
@@ -121,6 +122,26 @@ def test_fast_path_matches_the_plain_path_and_shares_its_checkpoints(neck):
         torch.testing.assert_close(b["scores"], a["scores"], rtol=1e-4, atol=1e-5)
     assert list(fast.state_dict()) == list(plain.state_dict())
     plain.load_state_dict(fast.state_dict())
+
+
+@pytest.mark.parametrize("option", ["eval.flip=true", "eval.test_scales=[400,600]", "eval.box_refinement=true"])
+def test_cuda_graph_compile_mode_refuses_the_test_time_options_before_loading(option, tmp_path):
+    """eval.compile_mode=reduce_overhead (CUDA graphs reuse their outputs) cannot serve the test-time options,
+    which keep several views' features: a clear error before any weights are read, and without the option
+    the load goes on (here to the missing checkpoint)."""
+    from backbones.engine.errors import ConfigError
+    from detection.config import DetConfig
+    from detection.predictor import load_trained_detector
+
+    cfg = OmegaConf.structured(DetConfig)
+    OmegaConf.update(cfg, "eval.compile_mode", "reduce_overhead")
+    tested = OmegaConf.merge(cfg, OmegaConf.from_dotlist([option]))
+    with pytest.raises(ConfigError, match=r"eval.compile_mode=reduce_overhead .*eval.flip"):
+        load_trained_detector(str(tmp_path), tested, "last", "cpu", compile=True)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_trained_detector(str(tmp_path), cfg, "last", "cpu", compile=True)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):  # not compiled: the options are fine
+        load_trained_detector(str(tmp_path), tested, "last", "cpu", compile=False)
 
 
 def torchvision_twin(model, cfg, num_classes):

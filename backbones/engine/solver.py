@@ -22,6 +22,13 @@ class Amp(Choice):
     fp16 = "fp16"  # with a GradScaler
 
 
+class CompileMode(Choice):
+    """``torch.compile``'s modes, by their names in PyTorch's documentation."""
+    default = "default"
+    reduce_overhead = "reduce-overhead"  # and CUDA graphs: one replay instead of a launch per kernel
+    max_autotune = "max-autotune"  # and a search over kernel variants: much longer compilation
+
+
 class Schedule(Choice):
     step = "step"
     cosine = "cosine"

@@ -47,12 +47,15 @@ class GeneralizedRCNN(nn.Module):
         self.rpn.generator = self.roi_heads.generator = generator
 
     def compile_parts(self, **options) -> list[str]:
-        """``torch.compile`` the dense parts in place: the trunk, the neck and the box head's layers (res5 per
-        RoI in C4). ``nn.Module.compile`` keeps parameter names, so checkpoints stay interchangeable. The RPN's
-        and RoI heads' bookkeeping stays eager: its sizes depend on the data. Shapes are left to PyTorch's
-        automatic dynamism: a second image size (or RoI count) recompiles once with symbolic sizes instead
-        of once per size. ``options`` go to ``torch.compile``. Returns the names of the parts compiled."""
-        parts = {"trunk": self.trunk, "neck": self.neck, "box head": self.roi_heads.dense_layers()}
+        """``torch.compile`` the dense parts in place: the trunk, the neck, the RPN's convolutions and the box
+        head's layers (res5 per RoI in C4). ``nn.Module.compile`` keeps parameter names, so checkpoints stay
+        interchangeable. The RPN's and RoI heads' bookkeeping stays eager: its sizes depend on the data.
+        Shapes are left to PyTorch's automatic dynamism: a second image size (or RoI count) recompiles once
+        with symbolic sizes instead of once per size. ``options`` go to ``torch.compile`` (``mode=
+        "reduce-overhead"``: CUDA graphs of the compiled parts, one per input size). Returns the names of the
+        parts compiled."""
+        parts = {"trunk": self.trunk, "neck": self.neck, "RPN head": self.rpn.head,
+                 "box head": self.roi_heads.dense_layers()}
         for part in parts.values():
             if part is not None:
                 part.compile(**options)
