@@ -25,7 +25,7 @@ timeout ${DET_TIMEOUT:-120} $PY bench/det_speed.py $DET 2>&1 | tee "$OUT/det_spe
 # fine-tuning's set-up (frozen BN from res2 up) on real COCO images, the C4 config's own sizes and bf16
 timeout ${TRAINER_TIMEOUT:-80} $PY bench/trainer_speed.py det --device cuda --iters 80 --workers "$WORKERS" \
     --coco128 "$COCO128" model.backbone.norm=frozen_bn model.backbone.freeze_at=2 2>&1 | tee "$OUT/trainer_det.txt"
-timeout ${COMPILE_TIMEOUT:-200} $PY bench/det_speed.py $DET --variants compile-ro,compile 2>&1 \
+timeout ${COMPILE_TIMEOUT:-240} $PY bench/det_speed.py $DET --variants compile-ro,compile 2>&1 \
     | tee "$OUT/det_speed_compile.txt"
 timeout ${PRETRAIN_TIMEOUT:-70} $PY bench/trainer_speed.py pretrain --device cuda --images 1900 --epochs 6 \
     --workers "$WORKERS" 2>&1 | tee "$OUT/trainer_pretrain.txt"
