@@ -61,9 +61,13 @@ def train_lines(metrics: str) -> list[dict]:
         return [r for r in map(json.loads, f) if "train/img_per_s" in r]
 
 
-def run_trainer(cmd: list[str], metrics: str, device: torch.device, timeout: float) -> tuple[float, str, float]:
-    """Run a training tool; its steady-state img/s (median over logged windows, the first left out: it holds
-    the start-up), the mean GPU utilisation past the first window, and the wall time."""
+def run_trainer(cmd: list[str], metrics: str, device: torch.device, timeout: float, batch_size: int
+                ) -> tuple[float, str, float]:
+    """Run a training tool; its steady-state img/s, the mean GPU utilisation past the first logged window,
+    and the wall time. The rate is the images of the steps between the first logged line and the last over
+    the time between them: the start-up before the first line is left out, and the windows weigh by their
+    length (an epoch's end cuts one short: pretraining's 7-iteration epochs log windows of 1 to 7 steps,
+    whose median said little)."""
     lines = lambda: len(train_lines(metrics))  # noqa: E731
     sampler = UtilisationSampler(lambda: lines() >= 1 and proc.poll() is None)
     start = time.perf_counter()
@@ -74,9 +78,12 @@ def run_trainer(cmd: list[str], metrics: str, device: torch.device, timeout: flo
     sampler.stop.set()
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
-    rates = [r["train/img_per_s"] for r in train_lines(metrics) if r["train/img_per_s"] is not None]
-    steady = rates[1:] or rates
-    return statistics.median(steady), sampler.mean(), time.perf_counter() - start
+    logged = [r for r in train_lines(metrics) if r["train/img_per_s"] is not None]
+    if len(logged) < 2 or logged[-1]["time"] <= logged[0]["time"]:
+        sys.exit(f"{' '.join(cmd)}: fewer than two timed log lines in {metrics}; train longer or log more often")
+    first, last = logged[0], logged[-1]
+    rate = batch_size * (last["step"] - first["step"]) / (last["time"] - first["time"])
+    return rate, sampler.mean(), time.perf_counter() - start
 
 
 def timed(step, iters: int, warmup: int, device: torch.device) -> float:
@@ -108,10 +115,10 @@ def detection(args, overrides: list[str], out: str) -> list[tuple[str, str]]:
                        f"solver.max_iter={args.iters}", f"solver.steps=[{args.iters * 10}]", "checkpoint_period=0",
                        f"log_period={args.log_period}", f"output_dir={out}/det_run"] + overrides
     metrics = os.path.join(out, "det_run", "metrics.jsonl")
-    trainer_ips, util, wall = run_trainer([sys.executable, "tools/train_det.py", args.config, *settings], metrics,
-                                          torch.device(args.device), args.timeout)
-
     cfg = load_config(DetConfig, os.path.join(ROOT, args.config), settings)
+    trainer_ips, util, wall = run_trainer([sys.executable, "tools/train_det.py", args.config, *settings], metrics,
+                                          torch.device(args.device), args.timeout, cfg.solver.batch_size)
+
     device = torch.device(args.device)
     prepare_data_paths(cfg)
     train_set, _ = build_datasets(cfg)
@@ -172,9 +179,9 @@ def pretraining(args, overrides: list[str], out: str) -> list[tuple[str, str]]:
                 "eval.period=0", "eval.ten_crop=false", "eval.multiscale_sizes=[]",
                 f"log_period={args.log_period}", f"output_dir={out}/pretrain_run"] + overrides
     metrics = os.path.join(out, "pretrain_run", "metrics.jsonl")
-    trainer_ips, util, wall = run_trainer([sys.executable, "tools/pretrain_backbone.py", args.pretrain_config, *settings],
-                                          metrics, torch.device(args.device), args.timeout)
     cfg = load_config(PretrainConfig, os.path.join(ROOT, args.pretrain_config), settings)
+    trainer_ips, util, wall = run_trainer([sys.executable, "tools/pretrain_backbone.py", args.pretrain_config, *settings],
+                                          metrics, torch.device(args.device), args.timeout, cfg.solver.batch_size)
     device = torch.device(args.device)
     s = cfg.solver
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as the trainer
