@@ -110,11 +110,13 @@ class BasicBlock(nn.Module):
         return self.bn2
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        # in place: each result is a fresh tensor that no backward pass needs (conv and BN keep their
+        # inputs), so the ReLU and the sum write over it instead of allocating another map
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
         if self.shortcut is not None:
-            out = out + self.shortcut(x)
-        return F.relu(out)
+            out += self.shortcut(x)
+        return F.relu(out, inplace=True)
 
 
 class Bottleneck(nn.Module):
@@ -138,12 +140,13 @@ class Bottleneck(nn.Module):
         return self.bn3
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        # in place, as in BasicBlock
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(out))
         if self.shortcut is not None:
-            out = out + self.shortcut(x)
-        return F.relu(out)
+            out += self.shortcut(x)
+        return F.relu(out, inplace=True)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
