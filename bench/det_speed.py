@@ -146,6 +146,11 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def report_failure(what: str, exc: Exception) -> None:
+    """One line for a variant that fails part of the bench (compile-ro may not train); the row goes on."""
+    print(f"{what} failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+
+
 def count_host_calls(device, fn, compiled: bool = False) -> tuple[int | str, int | str]:
     """What ``fn`` costs the host: on CUDA its synchronisations (the runtime calls that block the host, as
     the profiler records them: a copy to the host through pageable memory is a memcpy plus a stream
@@ -192,7 +197,7 @@ def host_calls(model, runner, images, targets, device, amp, compiled: bool = Fal
         train_step()
         train = count_host_calls(device, train_step, compiled)
     except Exception as exc:  # noqa: BLE001 - the row says so and the inference column still comes
-        print(f"training failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        report_failure("training", exc)
         train = ("failed", "failed")
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -222,7 +227,7 @@ def measure(model, runner, images, targets, device, amp, iters, warmup):
         sync()
         train_ips = len(images) * iters / (time.perf_counter() - t0)
     except Exception as exc:  # noqa: BLE001 - a variant that cannot train (compile-ro) still gets its inference
-        print(f"training failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        report_failure("training", exc)
         train_ips = float("nan")
     model.eval()
     one = images[:1]

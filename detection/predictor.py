@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from backbones.engine.errors import CheckpointError, ConfigError
+from backbones.engine.solver import CompileMode
 from backbones.engine.config import load_config
 from backbones.engine.imageio import read_image_rgb
 from backbones.engine.state import load_checkpoint
@@ -35,7 +36,7 @@ def load_trained_detector(run_dir: str, cfg: DictConfig, which: str, device, com
 
     Returns ``(model, checkpoint path, class names)``; the class names travel in the checkpoint.
     """
-    if compile and cfg.eval.compile_mode == "reduce-overhead" and options_from_config(cfg.eval).enabled:
+    if compile and cfg.eval.compile_mode == CompileMode.reduce_overhead and options_from_config(cfg.eval).enabled:
         raise ConfigError("eval.compile_mode=reduce_overhead keeps one set of features per image size (CUDA "
                           "graphs reuse their outputs), and the test-time options (eval.box_refinement, "
                           "eval.test_scales, eval.flip) need several at once: turn them off, or use "

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .dist import every_rank_has_batch, is_main_process
 from .precision import STEP_HINT, advance_schedule, non_finite_loss, optimizer_step
 from .preemption import EvaluationInterrupted, after_step, stopped
-from .run import LossWindow, RunFolder, get_logger, progress_bar
+from .run import LossWindow, RunFolder, get_logger, progress_bar, write_json_atomic
 
 
 def distribute(model: torch.nn.Module, device: torch.device, world_size: int, channels_last: bool = False,
@@ -143,8 +143,7 @@ class Trainer:
             self.run.logger.info("running the %s hooks of iteration %d first (a stop signal interrupted them)",
                                  owed, start_iter)
             self.run_hooks(start_iter, window, owed)
-            if is_main_process() and os.path.exists(self.owed_path):  # made up: the note is spent
-                os.remove(self.owed_path)
+            self.forget_owed_hooks()  # made up: the note is spent
         self.progress = progress = progress_bar(total=self.max_iter, initial=start_iter, desc=self.desc)
         if start_iter < self.max_iter:
             self.run_batches(self.loader(*divmod(start_iter, self.iters_per_epoch)), window)
@@ -184,8 +183,7 @@ class Trainer:
         """``save_state`` once the last step's loss is known to be finite."""
         self.record(self.probe.take(), window)
         self.save_state(iteration)
-        if is_main_process() and os.path.exists(self.owed_path):  # a note about an older checkpoint
-            os.remove(self.owed_path)
+        self.forget_owed_hooks()  # a note about an older checkpoint
 
     def step(self, batch, window: LossWindow) -> None:
         iteration = self.iteration
@@ -222,6 +220,10 @@ class Trainer:
             return None
         return owed["hooks"] if owed.get("iteration") == iteration else None
 
+    def forget_owed_hooks(self) -> None:
+        if is_main_process() and os.path.exists(self.owed_path):
+            os.remove(self.owed_path)
+
     def run_hooks(self, iteration: int, window: LossWindow, start: str = "step") -> None:
         """The after-step hooks (from ``start="step"``), then at an epoch's end the after-epoch hooks. On
         :class:`EvaluationInterrupted`: the checkpoint of ``iteration``, a note of the hooks owed, stop."""
@@ -240,9 +242,7 @@ class Trainer:
         except EvaluationInterrupted:
             self.save_checked(window, iteration)
             if is_main_process():
-                with open(self.owed_path + ".tmp", "w") as f:
-                    json.dump({"iteration": iteration, "hooks": stage}, f)
-                os.replace(self.owed_path + ".tmp", self.owed_path)
+                write_json_atomic(self.owed_path, {"iteration": iteration, "hooks": stage})
             raise stopped(iteration, self.checkpoint) from None
         self.model.train()  # the hooks may have evaluated
 
