@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Pretraining speed, side by side in one run: training img/s of our ResNet-50 (paper layout and
 torchvision layout) and of torchvision's resnet50 on the same batch and settings, and the img/s of
-our data pipeline (OpenCV decode + albumentations augmentation) in one worker.
+our data pipelines: OpenCV decode + albumentations augmentation in one worker, and data.decode=device's
+worker and device halves.
 
     python bench/pretrain_speed.py                                   # CPU, small batch
     python bench/pretrain_speed.py --device cuda --batch 256 --amp bf16 --channels-last
@@ -23,6 +24,7 @@ import torchvision  # noqa: E402
 import backbones  # noqa: E402
 from backbones.engine.imageio import read_image_rgb  # noqa: E402
 from backbones.pretraining.data import train_transform  # noqa: E402
+from backbones.pretraining.device_decode import EncodedImageFolderDataset, augment_on_device, collate_encoded  # noqa: E402
 
 
 def sync(device):
@@ -57,8 +59,11 @@ def train_speed(model, device, batch, size, iters, warmup, amp_dtype, channels_l
     return batch * iters / (time.perf_counter() - start)
 
 
-def pipeline_speed(n_images: int) -> float:
-    """Decode + scale augmentation + crop + flip + PCA lighting of ImageNet-sized JPEGs, one process."""
+def pipeline_speeds(n_images: int, device: torch.device) -> list[tuple[str, str]]:
+    """Images/s of the two input paths on ImageNet-sized JPEGs (500x375, shorter side in [256, 480], 224 crop,
+    flip, PCA lighting): the workers' (OpenCV decode + albumentations, one process) and ``data.decode=device``'s
+    two halves, one worker reading the bytes, header and draws, and the device decoding and augmenting the
+    images as one batch."""
     rng = np.random.default_rng(0)
     transform = train_transform([256, 480], 224, True, 0.1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +76,20 @@ def pipeline_speed(n_images: int) -> float:
         start = time.perf_counter()
         for p in paths:
             transform(image=read_image_rgb(p))
-        return n_images / (time.perf_counter() - start)
+        workers = n_images / (time.perf_counter() - start)
+        encoded = EncodedImageFolderDataset([(p, 0) for p in paths], [256, 480], 224, True, 0.1)
+        start = time.perf_counter()
+        batch = collate_encoded([encoded[(0, i)] for i in range(n_images)])
+        reading = n_images / (time.perf_counter() - start)
+        augment_on_device(batch, 224, device)  # warm-up (nvJPEG's handles, the kernels)
+        sync(device)
+        start = time.perf_counter()
+        augment_on_device(batch, 224, device)
+        sync(device)
+        on_device = n_images / (time.perf_counter() - start)
+    return [("data pipeline, 1 worker (decode+augment, 500x375 JPEG)", f"{workers:.1f}"),
+            ("data.decode=device: 1 worker (read, header, draws)", f"{reading:.1f}"),
+            (f"data.decode=device: decode+augment on {device.type} (one batch of {n_images})", f"{on_device:.1f}")]
 
 
 def main():
@@ -83,7 +101,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--pipeline-images", type=int, default=64)
+    parser.add_argument("--pipeline-images", type=int, default=128)
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -98,7 +116,7 @@ def main():
         rows.append((name, f"{speed:.1f}"))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    rows.append(("data pipeline, 1 worker (decode+augment, 500x375 JPEG)", f"{pipeline_speed(args.pipeline_images):.1f}"))
+    rows += pipeline_speeds(args.pipeline_images, device)
     print(f"\ndevice {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
           f"batch {args.batch}, {args.size}px, amp {args.amp}, channels_last {args.channels_last}, "
           f"torch {torch.__version__}")

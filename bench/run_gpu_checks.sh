@@ -4,9 +4,11 @@
 #   0. bench/cuda_check.py: the detector on CUDA gives the CPU's losses and detections (float32, plain and fast)
 #   1. bench/det_speed.py: R101-C4 and R50-FPN, resdet's plain and fast paths against torchvision (same inputs)
 #   2. bench/trainer_speed.py det: tools/train_det.py on coco128 against the same detector alone
-#   3. bench/det_speed.py, both models' fast path compiled, and compiled with CUDA graphs (mode reduce-overhead:
-#      the bs-1 inference targets); compile time is in the first steps, each row is printed when it is done
-#   4. bench/trainer_speed.py pretrain: tools/pretrain_backbone.py (ResNet-50) on 500x375 JPEGs against the model alone
+#   3. bench/trainer_speed.py pretrain: tools/pretrain_backbone.py (ResNet-50) on 500x375 JPEGs against the model
+#      alone, with the workers decoding and with data.decode=device (nvJPEG)
+#   4. bench/det_speed.py, both models' fast path compiled, and compiled with CUDA graphs (mode reduce-overhead:
+#      the bs-1 inference targets); compile time is in the first steps, each row is printed when it is done. Last:
+#      the longest and least certain step, the one a slow start cuts short
 #   OUT=bench_out COCO128=../shared/data/coco128 bash bench/run_gpu_checks.sh
 set -uo pipefail
 OUT=${OUT:-bench_out}
@@ -25,12 +27,12 @@ timeout ${DET_TIMEOUT:-120} $PY bench/det_speed.py $DET 2>&1 | tee "$OUT/det_spe
 # fine-tuning's set-up (frozen BN from res2 up) on real COCO images, the C4 config's own sizes and bf16
 timeout ${TRAINER_TIMEOUT:-80} $PY bench/trainer_speed.py det --device cuda --iters 80 --workers "$WORKERS" \
     --coco128 "$COCO128" model.backbone.norm=frozen_bn model.backbone.freeze_at=2 2>&1 | tee "$OUT/trainer_det.txt"
+timeout ${PRETRAIN_TIMEOUT:-110} $PY bench/trainer_speed.py pretrain --device cuda --images 1900 --epochs 5 \
+    --workers "$WORKERS" --decode workers,device 2>&1 | tee "$OUT/trainer_pretrain.txt"
 timeout ${COMPILE_TIMEOUT:-240} $PY bench/det_speed.py $DET --variants compile-ro,compile 2>&1 \
     | tee "$OUT/det_speed_compile.txt"
-timeout ${PRETRAIN_TIMEOUT:-70} $PY bench/trainer_speed.py pretrain --device cuda --images 1900 --epochs 6 \
-    --workers "$WORKERS" 2>&1 | tee "$OUT/trainer_pretrain.txt"
 echo "== tables"
 grep -E "vs CPU|worst" "$OUT/cuda_check.txt"
-for f in det_speed det_speed_compile trainer_det trainer_pretrain; do
+for f in det_speed trainer_det trainer_pretrain det_speed_compile; do
     echo "-- $f"; grep -E "^\||^device|^det:|^pretrain:|^resdet|^torchvision|failed" "$OUT/$f.txt"
 done

@@ -12,7 +12,7 @@
                                         # CPU smoke test, under a minute (the default R50-C4 at 608 px
                                         # takes minutes per 10 steps on 2 cores)
     python bench/trainer_speed.py det --device cuda --iters 120 model.backbone.norm=frozen_bn
-    python bench/trainer_speed.py pretrain --device cuda --images 1900 --epochs 3
+    python bench/trainer_speed.py pretrain --device cuda --images 1900 --epochs 3 --decode workers,device
 
 Extra ``key=value`` arguments go to the tool and to the model-only side alike.
 """
@@ -177,11 +177,16 @@ def pretraining(args, overrides: list[str], out: str) -> list[tuple[str, str]]:
     settings = [f"data.train_dir={images}", "data.val_dir=", "data.val_fraction=0.05", "data.synthetic=false",
                 f"data.workers={args.workers}", f"device={args.device}", f"solver.epochs={args.epochs}",
                 "eval.period=0", "eval.ten_crop=false", "eval.multiscale_sizes=[]",
-                f"log_period={args.log_period}", f"output_dir={out}/pretrain_run"] + overrides
-    metrics = os.path.join(out, "pretrain_run", "metrics.jsonl")
+                f"log_period={args.log_period}"] + overrides
     cfg = load_config(PretrainConfig, os.path.join(ROOT, args.pretrain_config), settings)
-    trainer_ips, util, wall = run_trainer([sys.executable, "tools/pretrain_backbone.py", args.pretrain_config, *settings],
-                                          metrics, torch.device(args.device), args.timeout, cfg.solver.batch_size)
+    trainer_rows = []
+    for decode in args.decode.split(","):
+        run = os.path.join(out, f"pretrain_{decode}")
+        trainer_ips, util, wall = run_trainer(
+            [sys.executable, "tools/pretrain_backbone.py", args.pretrain_config, *settings, f"data.decode={decode}",
+             f"output_dir={run}"], os.path.join(run, "metrics.jsonl"), torch.device(args.device), args.timeout,
+            cfg.solver.batch_size)
+        trainer_rows.append((decode, trainer_ips, util, wall))
     device = torch.device(args.device)
     s = cfg.solver
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as the trainer
@@ -190,9 +195,12 @@ def pretraining(args, overrides: list[str], out: str) -> list[tuple[str, str]]:
         model.compile()
     model_ips = train_speed(model, device, s.batch_size, cfg.data.crop_size, max(3, args.iters // 4), args.warmup,
                             {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[str(s.amp)], s.channels_last)
-    return [(f"trainer (tools/pretrain_backbone.py, workers {args.workers})", f"{trainer_ips:.1f}", util),
-            ("model only (one batch, on the device)", f"{model_ips:.1f}", ""),
-            ("trainer / model only", f"{trainer_ips / model_ips:.0%}", f"trainer wall {wall:.0f} s")]
+    rows = [(f"trainer (tools/pretrain_backbone.py, workers {args.workers}, data.decode={decode})", f"{ips:.1f}", util)
+            for decode, ips, util, _ in trainer_rows]
+    rows.append(("model only (one batch, on the device)", f"{model_ips:.1f}", ""))
+    rows += [(f"trainer / model only, data.decode={decode}", f"{ips / model_ips:.0%}", f"trainer wall {wall:.0f} s")
+             for decode, ips, _, wall in trainer_rows]
+    return rows
 
 
 def main():
@@ -206,6 +214,8 @@ def main():
     parser.add_argument("--iters", type=int, default=60, help="detection: trainer iterations")
     parser.add_argument("--epochs", type=int, default=3, help="pretraining: trainer epochs")
     parser.add_argument("--images", type=int, default=1900, help="pretraining: JPEGs to write")
+    parser.add_argument("--decode", default="workers",
+                        help="pretraining: data.decode values to run the trainer with, comma-separated (workers,device)")
     parser.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--log-period", type=int, default=10)

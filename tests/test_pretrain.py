@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -91,6 +92,42 @@ def test_augmentation_is_reproducible_per_sample(tiny_shapes):
     assert not torch.equal(a, ds[(1, 5)][0])  # a new epoch draws new crops
 
 
+def coordinate_crops(pipeline: str, tmp_path, draws: int = 600) -> torch.Tensor:
+    """``draws`` augmented crops (epochs 0..draws-1 of one sample) of an image whose red channel is its
+    x coordinate and green its y, through one of the training pipelines (no colour augmentation)."""
+    from backbones.pretraining.device_decode import EncodedImageFolderDataset, augment_on_device, collate_encoded
+    from detection.localization.data import LocRecord, LocTrainDataset, loc_train_transform
+    y, x = np.mgrid[0:224, 0:224]
+    path = str(tmp_path / "coords.png")
+    cv2.imwrite(path, np.stack([np.full_like(x, 128), y, x], -1).astype(np.uint8))  # BGR
+    if pipeline == "workers":
+        ds = ImageFolderDataset([(path, 0)], ["c"], train_transform([112, 160], 112, True, 0.0))
+        return torch.stack([ds[(e, 0)][0] for e in range(draws)]).float()
+    if pipeline == "device":
+        ds = EncodedImageFolderDataset([(path, 0)], [112, 160], 112, True, 0.0)
+        return augment_on_device(collate_encoded([ds[(e, 0)] for e in range(draws)]), 112, torch.device("cpu"))[0].float()
+    record = LocRecord(path=path, label=0, width=224, height=224, boxes=np.array([[20, 20, 200, 200]], np.float32),
+                       box_labels=np.array([0]))
+    ds = LocTrainDataset([record], loc_train_transform([112, 160], 112, True, 0.0, 0.0))
+    return torch.stack([ds[(e, 0)][0] for e in range(draws)]).float()
+
+
+@pytest.mark.parametrize("pipeline", ["workers", "device", "localization"])
+def test_augmentation_draws_scale_position_and_flip_independently(pipeline, tmp_path):
+    # Found in resdet: albumentations' Compose.set_random_seed seeds every transform alike, and the flip,
+    # the crop's vertical position and the scale were one draw (flip vs position correlation -0.85).
+    crops = coordinate_crops(pipeline, tmp_path)
+    slope = (crops[:, 0, :, -1] - crops[:, 0, :, 0]).mean(1) / 111  # source pixels per crop pixel, < 0: flipped
+    flipped, zoom = (slope < 0).float(), slope.abs()
+    centre_x, centre_y = crops[:, 0].mean((1, 2)), crops[:, 1].mean((1, 2))
+    pairs = {"flip, y": (flipped, centre_y), "flip, x": (flipped, centre_x), "scale, y": (zoom, centre_y),
+             "scale, x": (zoom, centre_x), "flip, scale": (flipped, zoom)}
+    correlations = {k: round(float(np.corrcoef(a.numpy(), b.numpy())[0, 1]), 3) for k, (a, b) in pairs.items()}
+    assert all(abs(r) < 0.15 for r in correlations.values()), correlations  # 600 independent draws: |r| ~ 0.04
+    assert 0.4 < flipped.mean() < 0.6 and zoom.min() < 1.5 < zoom.max()  # scales 112/160 .. 112/112 of 224
+    assert abs(float(centre_y.mean()) - 111.5) < 3 and abs(float(centre_x.mean()) - 111.5) < 3
+
+
 def test_pca_lighting_shifts_along_imagenet_components():
     img = np.full((4, 4, 3), 128, np.uint8)
     out = PCALighting(std=0.5, p=1.0)(image=img)["image"].astype(int) - 128
@@ -171,7 +208,8 @@ def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path):
     assert "2 ranks" in (out / "log.txt").read_text()
 
 
-def test_ddp_rank_with_an_all_corrupt_batch_stays_in_step(tiny_shapes, tmp_path):
+@pytest.mark.parametrize("decode", ["workers", "device"])
+def test_ddp_rank_with_an_all_corrupt_batch_stays_in_step(tiny_shapes, tmp_path, decode):
     # One image per rank per step and one unreadable file: at that step one rank has no batch at all.
     # Alone it would skip backward's all-reduce and pair every later collective with the wrong one.
     data = tmp_path / "data"
@@ -182,7 +220,7 @@ def test_ddp_rank_with_an_all_corrupt_batch_stays_in_step(tiny_shapes, tmp_path)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519", TOOL,
            *tiny_overrides(data, out, "eval.ten_crop=false", "eval.multiscale_sizes=[]", "solver.batch_size=2",
-                           "solver.epochs=1", "eval.period=0",
+                           "solver.epochs=1", "eval.period=0", f"data.decode={decode}",
                            # 64 px: res5 keeps 2x2 cells, so BatchNorm sees more than one value per channel
                            "data.scale_range=[64,72]", "data.crop_size=64", "data.test_resize=64")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120,

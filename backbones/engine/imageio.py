@@ -26,11 +26,19 @@ class CorruptImageError(ResdetError, RuntimeError):
 
 def read_image_rgb(path: str | os.PathLike) -> np.ndarray:
     """Decode ``path`` to an HxWx3 uint8 RGB array, or raise CorruptImageError naming the file."""
-    path = os.fspath(path)
+    return decode_image_rgb(read_bytes(path), path)
+
+
+def read_bytes(path: str | os.PathLike) -> np.ndarray:
+    """The file's bytes as a uint8 array, or CorruptImageError naming the file."""
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        return np.fromfile(os.fspath(path), dtype=np.uint8)
     except OSError as exc:
-        raise CorruptImageError(f"{path}: cannot read file ({exc})") from exc
+        raise CorruptImageError(f"{os.fspath(path)}: cannot read file ({exc})") from exc
+
+
+def decode_image_rgb(data: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """Decode a file's bytes (``path`` names it in the error) to HxWx3 uint8 RGB."""
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise CorruptImageError(f"{path}: not a decodable image ({data.size} bytes)")

@@ -7,9 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..engine.config import RunConfig
+from ..engine.config import Choice, RunConfig
 from ..engine.solver import Schedule, SolverConfig
 from ..options import Norm, Shortcut
+
+
+class Decode(Choice):
+    """Where training images are decoded and augmented (evaluation always uses the workers)."""
+    workers = "workers"  # OpenCV and albumentations in the DataLoader workers: every recipe
+    device = "device"  # nvJPEG and the augmentation on the GPU (device_decode.py): for hosts short of cores
 
 
 @dataclass
@@ -43,6 +49,9 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     workers: int = 2  # DataLoader processes per rank
+    # device: the workers only read the files; decoding, resize, crop, flip and colour run on the GPU
+    # (the ImageNet recipe; not with crop_padding). Worth it when the workers cannot keep up.
+    decode: Decode = Decode.workers
     skip_corrupt: bool = True  # false: a corrupt image is an error instead of skipped and counted
 
 

@@ -17,7 +17,7 @@ from ..engine.loader import epoch_and_index
 from ..engine.run import get_logger
 # shared with localization (backbones/imagedata.py); re-exported under their old names here
 from ..imagedata import (EXPECTED_LAYOUT, DatasetError, PCALighting, ShardedSampler,  # noqa: F401
-                         scan_image_folder, split_holdout)
+                         scan_image_folder, seed_augmentation, split_holdout)
 
 def train_transform(scale_range, crop_size: int, flip: bool, pca_std: float, crop_padding: int = 0) -> A.Compose:
     lo, hi = scale_range
@@ -67,7 +67,7 @@ class ImageFolderDataset(Dataset):
                 raise
             get_logger().warning("skipping corrupt image: %s", exc)
             return None
-        self.transform.set_random_seed(hash((self.seed, epoch, index)) % 2**32)
+        seed_augmentation(self.transform, hash((self.seed, epoch, index)) % 2**32)
         image = self.transform(image=image)["image"]
         if self.ten_crop:
             crops = ten_crops(image, self.ten_crop)

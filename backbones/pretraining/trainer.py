@@ -19,8 +19,11 @@ from ..engine.trainer import Trainer, distribute, sgd
 from ..engine.state import (atomic_save, keyed_generator, restore_training_state, rng_state, seed_everything,
                             should_resume, training_state)
 from ..resnet import build_resnet
+from .config import Decode
 from .data import (DatasetError, ImageFolderDataset, ShardedSampler, collate_skip_none, scan_image_folder,
                    split_holdout, train_transform)
+from .device_decode import (EncodedBatch, EncodedImageFolderDataset, augment_on_device, check_device_decode,
+                            collate_encoded)
 from .evaluate import evaluate_classifier, normalize
 from .synthetic import make_synthetic_shapes
 
@@ -67,6 +70,9 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     if cfg.device == "cpu":
         device = torch.device("cpu")
     amp_dtype = check_solver(cfg.solver, world_size)
+    on_device = cfg.data.decode == Decode.device
+    if on_device:
+        check_device_decode(cfg.data)
     output_dir = cfg.output_dir or os.path.join("runs", run_name)
     classes, train_samples, val_samples = prepare_data(cfg)
     run = RunFolder(output_dir, cfg)
@@ -84,8 +90,13 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     ddp_model = distribute(model, device, world_size, s.channels_last, compile=s.compile)
 
     per_rank_batch = s.batch_size // world_size
-    train_set = ImageFolderDataset(train_samples, classes, train_transform(d.scale_range, d.crop_size, d.flip,
-                                   d.pca_lighting_std, d.crop_padding), seed=cfg.seed, skip_corrupt=d.skip_corrupt)
+    if on_device:
+        train_set = EncodedImageFolderDataset(train_samples, d.scale_range, d.crop_size, d.flip, d.pca_lighting_std,
+                                              seed=cfg.seed, skip_corrupt=d.skip_corrupt)
+    else:
+        train_set = ImageFolderDataset(train_samples, classes, train_transform(
+            d.scale_range, d.crop_size, d.flip, d.pca_lighting_std, d.crop_padding), seed=cfg.seed,
+            skip_corrupt=d.skip_corrupt)
     sampler = ShardedSampler(len(train_set), shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size)
     iters_per_epoch = len(sampler) // per_rank_batch
     if iters_per_epoch == 0:
@@ -107,6 +118,9 @@ def train(cfg: DictConfig, run_name: str) -> dict:
              cfg.model.shortcut, cfg.model.base_width, len(classes), len(train_samples), len(val_samples),
              world_size, s.batch_size, lr, total_iters)
     log.info(describe_scaling(s, world_size))
+    if on_device and device.type != "cuda":
+        log.warning("data.decode=device on %s: the main process decodes and augments every image, slower than the "
+                    "workers (data.decode=workers); the option is for GPUs whose host has too few cores", device.type)
 
     mean_t = torch.tensor(d.mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(d.std, device=device).view(1, 3, 1, 1)
@@ -132,11 +146,15 @@ def train(cfg: DictConfig, run_name: str) -> dict:
 
     def loader(epoch: int, offset: int) -> DataLoader:
         batches = SpanningBatchSampler(sampler, iters_per_epoch, epoch, offset, total_iters, per_rank_batch)
-        return run_loader(train_set, batches, collate_skip_none, d.workers, device,
-                          keyed_generator(cfg.seed, epoch, rank))
+        return run_loader(train_set, batches, collate_encoded if on_device else collate_skip_none, d.workers,
+                          device, keyed_generator(cfg.seed, epoch, rank))
 
     def prepare(batch, iteration: int):
-        images, labels, n_skipped = batch
+        if isinstance(batch, EncodedBatch):  # data.decode=device: the images are decoded and augmented here
+            images, labels, n_failed = augment_on_device(batch, d.crop_size, device, d.skip_corrupt)
+            images, n_skipped = (images if len(labels) else None), batch.skipped + n_failed
+        else:
+            images, labels, n_skipped = batch
         if images is None:
             return None, 0, n_skipped
         images = normalize(images.to(device, non_blocking=True), mean_t, std_t, s.channels_last)

@@ -20,7 +20,7 @@ from backbones.engine.errors import DatasetError
 from backbones.engine.imageio import CorruptImageError, is_image_file, read_image_rgb
 from backbones.engine.loader import epoch_and_index
 from backbones.engine.run import get_logger
-from backbones.imagedata import PCALighting, scan_image_folder, split_holdout
+from backbones.imagedata import PCALighting, scan_image_folder, seed_augmentation, split_holdout
 from detection.data.problems import DataProblems, verify_images
 from detection.data.voc import read_xml_annotation
 
@@ -310,7 +310,7 @@ class LocTrainDataset(Dataset):
             return None
         keep = record.box_labels == record.label
         boxes = image_boxes(record, image)[keep]
-        self.transform.set_random_seed(hash((self.seed, epoch, index)) % 2**32)
+        seed_augmentation(self.transform, hash((self.seed, epoch, index)) % 2**32)
         out = self.transform(image=image, bboxes=boxes, box_labels=record.box_labels[keep])
         boxes = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
         image = torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1).contiguous()
