@@ -8,11 +8,15 @@ every pretrained weight file in this field are RGB.
 from __future__ import annotations
 
 import os
+from typing import Callable, TypeVar
 
 import cv2
 import numpy as np
 
 from .errors import ResdetError
+from .run import get_logger
+
+T = TypeVar("T")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -43,6 +47,18 @@ def decode_image_rgb(data: np.ndarray, path: str | os.PathLike) -> np.ndarray:
     if image is None:
         raise CorruptImageError(f"{path}: not a decodable image ({data.size} bytes)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_or_skip(read: Callable[[], T], skip_corrupt: bool) -> T | None:
+    """``read()``; where it raises CorruptImageError, ``None`` and a warning naming the file when
+    ``skip_corrupt`` (training skips the image and counts it), else the error."""
+    try:
+        return read()
+    except CorruptImageError as exc:
+        if not skip_corrupt:
+            raise
+        get_logger().warning("skipping corrupt image: %s", exc)
+        return None
 
 
 def is_image_file(name: str) -> bool:

@@ -12,9 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..engine.imageio import CorruptImageError, read_image_rgb
+from ..engine.imageio import read_image_rgb, read_or_skip
 from ..engine.loader import epoch_and_index
-from ..engine.run import get_logger
 # shared with localization (backbones/imagedata.py); re-exported under their old names here
 from ..imagedata import (EXPECTED_LAYOUT, DatasetError, PCALighting, ShardedSampler,  # noqa: F401
                          scan_image_folder, seed_augmentation, split_holdout)
@@ -60,12 +59,8 @@ class ImageFolderDataset(Dataset):
         """``key``: ``(epoch, index)`` in training (augmentation seeded by both), or an index."""
         epoch, index = epoch_and_index(key)
         path, label = self.samples[index]
-        try:
-            image = read_image_rgb(path)
-        except CorruptImageError as exc:
-            if not self.skip_corrupt:
-                raise
-            get_logger().warning("skipping corrupt image: %s", exc)
+        image = read_or_skip(lambda: read_image_rgb(path), self.skip_corrupt)
+        if image is None:
             return None
         seed_augmentation(self.transform, hash((self.seed, epoch, index)) % 2**32)
         image = self.transform(image=image)["image"]

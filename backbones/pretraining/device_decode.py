@@ -33,9 +33,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
 from ..engine.errors import ConfigError
-from ..engine.imageio import CorruptImageError, decode_image_rgb, read_bytes
+from ..engine.imageio import decode_image_rgb, read_bytes, read_or_skip
 from ..engine.loader import epoch_and_index
-from ..engine.run import get_logger
 from ..imagedata import pca_lighting_offset
 
 EXIF_ORIENTATION = 0x0112
@@ -98,14 +97,10 @@ class EncodedImageFolderDataset(Dataset):
     def __getitem__(self, key):
         epoch, index = epoch_and_index(key)
         path, label = self.samples[index]
-        try:
-            data = read_bytes(path)
-            payload, height, width = self._payload(data, path)
-        except CorruptImageError as exc:
-            if not self.skip_corrupt:
-                raise
-            get_logger().warning("skipping corrupt image: %s", exc)
+        read = read_or_skip(lambda: self._payload(read_bytes(path), path), self.skip_corrupt)
+        if read is None:
             return None
+        payload, height, width = read
         rng = np.random.default_rng(hash((self.seed, epoch, index)) % 2**32)
         shorter_side = int(rng.integers(self.scale_range[0], self.scale_range[1] + 1))
         u, v = rng.random(2)
@@ -168,14 +163,10 @@ def decode_on_device(payloads: list[torch.Tensor], paths: list[str], device: tor
                 decoded.append(None)
     for i, image in zip(jpegs, decoded):
         if image is None:  # nvJPEG refused it: OpenCV on the host, as the workers' path
-            try:
-                image = torch.from_numpy(decode_image_rgb(payloads[i].numpy(), paths[i]))
-            except CorruptImageError as exc:
-                if not skip_corrupt:
-                    raise
-                get_logger().warning("skipping corrupt image: %s", exc)
+            pixels = read_or_skip(lambda: decode_image_rgb(payloads[i].numpy(), paths[i]), skip_corrupt)
+            if pixels is None:
                 continue
-            image = image.to(device).permute(2, 0, 1)
+            image = torch.from_numpy(pixels).to(device).permute(2, 0, 1)
         images[i] = image
     for i, p in enumerate(payloads):
         if p.dim() == 3:

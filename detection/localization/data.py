@@ -17,9 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from backbones.engine.errors import DatasetError
-from backbones.engine.imageio import CorruptImageError, is_image_file, read_image_rgb
+from backbones.engine.imageio import is_image_file, read_image_rgb, read_or_skip
 from backbones.engine.loader import epoch_and_index
-from backbones.engine.run import get_logger
 from backbones.imagedata import PCALighting, scan_image_folder, seed_augmentation, split_holdout
 from detection.data.problems import DataProblems, verify_images
 from detection.data.voc import read_xml_annotation
@@ -301,12 +300,8 @@ class LocTrainDataset(Dataset):
     def __getitem__(self, key):
         epoch, index = epoch_and_index(key)
         record = self.records[index]
-        try:
-            image = read_image_rgb(record.path)
-        except CorruptImageError as exc:
-            if not self.skip_corrupt:
-                raise
-            get_logger().warning("skipping corrupt image: %s", exc)
+        image = read_or_skip(lambda: read_image_rgb(record.path), self.skip_corrupt)
+        if image is None:
             return None
         keep = record.box_labels == record.label
         boxes = image_boxes(record, image)[keep]
