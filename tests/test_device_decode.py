@@ -85,7 +85,7 @@ def write(path, data: bytes):
     return str(path)
 
 
-def test_files_nvjpeg_should_not_get_travel_as_pixels_and_unreadable_ones_are_skipped(tmp_path):
+def test_files_the_gpu_engines_should_not_get_travel_as_pixels_and_unreadable_ones_are_skipped(tmp_path):
     rgb = photo(60, 80)
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
@@ -98,22 +98,26 @@ def test_files_nvjpeg_should_not_get_travel_as_pixels_and_unreadable_ones_are_sk
     exif[dd.EXIF_ORIENTATION] = 6  # stored sideways: OpenCV turns it upright
     Image.fromarray(rgb).save(buf, format="JPEG", exif=exif)
     rotated = write(tmp_path / "rotated.jpg", buf.getvalue())
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", progressive=True)  # nvJPEG: Huffman on the training thread
+    progressive = write(tmp_path / "progressive.jpg", buf.getvalue())
+    grey = write(tmp_path / "grey.jpg", cv2.imencode(".jpg", rgb[:, :, 0])[1].tobytes())
     plain = write(tmp_path / "plain.jpg", jpeg_bytes(rgb).tobytes())
     corrupt = write(tmp_path / "corrupt.jpg", b"\xff\xd8\xff not a jpeg after all")
-    samples = [(p, 0) for p in (png_named_jpeg, cmyk, rotated, plain, corrupt)]
+    samples = [(p, 0) for p in (png_named_jpeg, cmyk, rotated, progressive, grey, plain, corrupt)]
     dataset = EncodedImageFolderDataset(samples, (64, 64), 48, flip=False, pca_std=0.0)
     items = [dataset[i] for i in range(len(samples))]
-    assert items[4] is None  # skipped (and counted by the collate)
-    for item, (path, _) in zip(items[:3], samples):
-        assert item[0].dim() == 3 and torch.equal(item[0], torch.from_numpy(read_image_rgb(path)))
+    assert items[-1] is None  # skipped (and counted by the collate)
+    for item, (path, _) in zip(items[:5], samples):
+        assert item[0].dim() == 3 and torch.equal(item[0], torch.from_numpy(read_image_rgb(path))), path
     assert items[2][0].shape[:2] == (80, 60)  # turned upright
-    assert items[3][0].dim() == 1  # bytes for the device
+    assert items[5][0].dim() == 1  # bytes for the device
     batch = collate_encoded(items)
-    assert batch.skipped == 1 and len(batch.payloads) == 4
+    assert batch.skipped == 1 and len(batch.payloads) == 6
     images, labels, failed = augment_on_device(batch, 48, CPU)
-    assert images.shape == (4, 3, 48, 48) and failed == 0
+    assert images.shape == (6, 3, 48, 48) and failed == 0
     with pytest.raises(CorruptImageError, match="corrupt.jpg"):
-        EncodedImageFolderDataset(samples, (64, 64), 48, False, 0.0, skip_corrupt=False)[4]
+        EncodedImageFolderDataset(samples, (64, 64), 48, False, 0.0, skip_corrupt=False)[6]
 
 
 def test_a_jpeg_the_device_refuses_is_decoded_on_the_host_and_one_nothing_decodes_is_skipped(monkeypatch):

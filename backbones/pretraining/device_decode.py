@@ -14,10 +14,13 @@ come from another generator, and the resize is bilinear sampling of the decoded 
 centres (``roi_align`` with one sample per output pixel), which equals OpenCV's bilinear resize up to its
 fixed-point rounding (a test holds it to that) without resizing the parts of the image the crop throws away.
 
-A file nvJPEG should not get travels as pixels decoded by OpenCV in the worker: not a JPEG (ImageNet has a
-few PNGs named ``.JPEG``), CMYK (22 in ImageNet's train set), or with an EXIF orientation other than
-upright (OpenCV applies it; nvJPEG would not). A JPEG the device fails to decode is decoded on the host;
-one that nothing decodes is skipped and counted, as in the workers' path.
+The batch goes to the GPU's JPEG engines (A100, H100: torchvision uses nvJPEG's hardware backend for
+baseline JPEGs); any other JPEG torchvision decodes one by one with its Huffman stage on the calling
+thread, the training loop's. So a file travels as pixels decoded by OpenCV in the worker unless it is a
+baseline colour JPEG: not a JPEG (ImageNet has a few PNGs named ``.JPEG``), progressive, grayscale or
+CMYK (22 in ImageNet's train set), or with an EXIF orientation other than upright (OpenCV applies it;
+nvJPEG would not). A JPEG the device fails to decode is decoded on the host; one that nothing decodes is
+skipped and counted, as in the workers' path.
 """
 from __future__ import annotations
 
@@ -114,7 +117,7 @@ class EncodedImageFolderDataset(Dataset):
         """The JPEG's bytes when the device can take them, else the pixels OpenCV decodes here."""
         try:  # PIL reads the header only: format, size, colour mode, EXIF
             with Image.open(io.BytesIO(data.tobytes())) as header:
-                device_ready = (header.format == "JPEG" and header.mode in ("RGB", "L")
+                device_ready = (header.format == "JPEG" and header.mode == "RGB" and not header.info.get("progressive")
                                 and header.getexif().get(EXIF_ORIENTATION, 1) == 1)
                 width, height = header.size
         except Exception:  # not something PIL knows: OpenCV has the last word (and names the file if it fails)
