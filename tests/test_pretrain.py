@@ -175,8 +175,10 @@ def test_pretrain_run_writes_run_folder_and_backbone(tiny_shapes, tmp_path):
     out = tmp_path / "run"
     run_tool(tiny_overrides(tiny_shapes, out))
     for name in ("config.yaml", "log.txt", "metrics.jsonl", "summary.json", "checkpoints/last.pth",
-                 "checkpoints/best.pth", "checkpoints/backbone.pth"):
+                 "checkpoints/best.pth", "checkpoints/backbone.pth", "train_batch.jpg"):
         assert (out / name).is_file(), name
+    grid = cv2.imread(str(out / "train_batch.jpg"))
+    assert grid.shape == (2 + 34, 2 + 8 * 34, 3)  # the first batch: 8 crops of 32 px, 2 px apart
     assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["val"]) == {"center", "ten_crop", "multiscale"}

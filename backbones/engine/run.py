@@ -106,6 +106,18 @@ class RunFolder:
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self.tensorboard.add_scalar(f"{prefix}{k}", v, step)
 
+    def write_image_grid(self, name: str, images, per_row: int = 8) -> str | None:
+        """``images`` (uint8 Nx3xHxW RGB, any device) as one JPEG ``name`` in the run folder (rank 0); its path."""
+        if not self.main:
+            return None
+        import cv2
+        from torchvision.utils import make_grid
+
+        grid = make_grid(images.detach().cpu(), nrow=per_row, padding=2).permute(1, 2, 0).numpy()
+        path = os.path.join(self.dir, name)
+        cv2.imwrite(path, grid[:, :, ::-1])
+        return path
+
     def write_summary(self, summary: dict) -> dict:
         """Write summary.json (rank 0) and return the summary with the run folder and wall time added."""
         summary = dict(summary, output_dir=self.dir, wall_time_s=round(time.time() - self.started, 1))

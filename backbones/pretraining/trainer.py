@@ -149,6 +149,8 @@ def train(cfg: DictConfig, run_name: str) -> dict:
         return run_loader(train_set, batches, collate_encoded if on_device else collate_skip_none, d.workers,
                           device, keyed_generator(cfg.seed, epoch, rank))
 
+    first_batch = True
+
     def prepare(batch, iteration: int):
         if isinstance(batch, EncodedBatch):  # data.decode=device: the images are decoded and augmented here
             images, labels, n_failed = augment_on_device(batch, d.crop_size, device, d.skip_corrupt)
@@ -157,6 +159,12 @@ def train(cfg: DictConfig, run_name: str) -> dict:
             images, labels, n_skipped = batch
         if images is None:
             return None, 0, n_skipped
+        nonlocal first_batch
+        if first_batch:  # what the network sees, once, whichever decode path made it
+            first_batch = False
+            path = run.write_image_grid("train_batch.jpg", images[:32])
+            if path:
+                log.info("the first training batch, augmented (up to 32 images): %s", path)
         images = normalize(images.to(device, non_blocking=True), mean_t, std_t, s.channels_last)
         return (images, labels.to(device, non_blocking=True)), labels.numel(), n_skipped
 
