@@ -28,6 +28,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -38,6 +39,7 @@ from torchvision.ops import roi_align
 from ..engine.errors import ConfigError
 from ..engine.imageio import decode_image_rgb, read_bytes, read_or_skip
 from ..engine.loader import epoch_and_index
+from ..engine.run import get_logger
 from ..imagedata import pca_lighting_offset
 
 EXIF_ORIENTATION = 0x0112
@@ -54,6 +56,17 @@ def check_device_decode(data_cfg) -> None:
     if problems:
         raise ConfigError("data.decode=device does not support " + "; ".join(problems)
                           + ". Use data.decode=workers for these settings.")
+
+
+def check_device_decoder(device: torch.device) -> None:
+    """Decode one small JPEG on ``device`` now, so that a torchvision built without nvJPEG (or a device it
+    cannot use) stops the run before training with the fix, not with every batch failing later."""
+    probe = torch.from_numpy(cv2.imencode(".jpg", np.zeros((16, 16, 3), np.uint8))[1].ravel().copy())
+    try:
+        decode_jpegs([probe], device)
+    except RuntimeError as exc:
+        raise ConfigError(f"data.decode=device: torchvision cannot decode JPEGs on {device} here ({exc}). "
+                          "Use data.decode=workers.") from exc
 
 
 def resized_crop_box(height: int, width: int, shorter_side: int, crop_size: int, u: float, v: float) -> list[float]:
@@ -157,7 +170,8 @@ def decode_on_device(payloads: list[torch.Tensor], paths: list[str], device: tor
     jpegs = [i for i, p in enumerate(payloads) if p.dim() == 1]
     try:
         decoded = decode_jpegs([payloads[i] for i in jpegs], device) if jpegs else []
-    except RuntimeError:  # one bad file fails the whole call: find it (rare, so the slow way is fine)
+    except RuntimeError as exc:  # one bad file fails the whole call: find it (rare, so the slow way is fine)
+        get_logger().warning("decoding the batch on %s failed (%s); decoding its images one by one", device, exc)
         decoded = []
         for i in jpegs:
             try:
