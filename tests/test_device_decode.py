@@ -143,14 +143,14 @@ def test_a_jpeg_the_device_refuses_is_decoded_on_the_host_and_one_nothing_decode
 
 
 def test_a_device_that_cannot_decode_jpegs_stops_the_run_with_the_fix(monkeypatch):
-    dd.check_device_decoder(CPU)  # torchvision decodes on the CPU: fine
+    dd.probe_device_decoder(CPU)  # torchvision decodes on the CPU: fine
 
     def unavailable(datas, device):
         raise RuntimeError("decode_jpegs_cuda: torchvision not compiled with nvJPEG support")
 
     monkeypatch.setattr(dd, "decode_jpegs", unavailable)
     with pytest.raises(ConfigError, match="cannot decode JPEGs on cpu here .*nvJPEG.*Use data.decode=workers"):
-        dd.check_device_decoder(CPU)
+        dd.probe_device_decoder(CPU)
 
 
 def test_draws_are_a_function_of_seed_epoch_and_index(tiny_shapes):

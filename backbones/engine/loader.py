@@ -31,6 +31,12 @@ def epoch_and_index(key: int | tuple[int, int]) -> tuple[int, int]:
     return key if isinstance(key, tuple) else (0, key)
 
 
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one item's augmentation in one epoch: a function of the run's seed, the epoch and the
+    index alone, so no worker, rank or resume changes what an item sees."""
+    return hash((seed, epoch, index)) % 2**32
+
+
 class SpanningBatchSampler(Sampler[list[tuple[int, int]]]):
     """The batches of a run from batch ``offset`` of ``start_epoch`` up to iteration ``max_iter``, each a
     list of ``(epoch, index)`` pairs.

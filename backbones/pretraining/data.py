@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..engine.imageio import read_image_rgb, read_or_skip
-from ..engine.loader import epoch_and_index
+from ..engine.loader import epoch_and_index, item_seed
 # shared with localization (backbones/imagedata.py); re-exported under their old names here
 from ..imagedata import (EXPECTED_LAYOUT, DatasetError, PCALighting, ShardedSampler,  # noqa: F401
                          scan_image_folder, seed_augmentation, split_holdout)
@@ -62,7 +62,7 @@ class ImageFolderDataset(Dataset):
         image = read_or_skip(lambda: read_image_rgb(path), self.skip_corrupt)
         if image is None:
             return None
-        seed_augmentation(self.transform, hash((self.seed, epoch, index)) % 2**32)
+        seed_augmentation(self.transform, item_seed(self.seed, epoch, index))
         image = self.transform(image=image)["image"]
         if self.ten_crop:
             crops = ten_crops(image, self.ten_crop)

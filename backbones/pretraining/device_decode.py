@@ -38,7 +38,7 @@ from torchvision.ops import roi_align
 
 from ..engine.errors import ConfigError
 from ..engine.imageio import decode_image_rgb, read_bytes, read_or_skip
-from ..engine.loader import epoch_and_index
+from ..engine.loader import epoch_and_index, item_seed
 from ..engine.run import get_logger
 from ..imagedata import pca_lighting_offset
 
@@ -58,7 +58,7 @@ def check_device_decode(data_cfg) -> None:
                           + ". Use data.decode=workers for these settings.")
 
 
-def check_device_decoder(device: torch.device) -> None:
+def probe_device_decoder(device: torch.device) -> None:
     """Decode one small JPEG on ``device`` now, so that a torchvision built without nvJPEG (or a device it
     cannot use) stops the run before training with the fix, not with every batch failing later."""
     probe = torch.from_numpy(cv2.imencode(".jpg", np.zeros((16, 16, 3), np.uint8))[1].ravel().copy())
@@ -117,7 +117,7 @@ class EncodedImageFolderDataset(Dataset):
         if read is None:
             return None
         payload, height, width = read
-        rng = np.random.default_rng(hash((self.seed, epoch, index)) % 2**32)
+        rng = np.random.default_rng(item_seed(self.seed, epoch, index))
         shorter_side = int(rng.integers(self.scale_range[0], self.scale_range[1] + 1))
         u, v = rng.random(2)
         flip = bool(self.flip and rng.random() < 0.5)

@@ -23,7 +23,7 @@ from .config import Decode
 from .data import (DatasetError, ImageFolderDataset, ShardedSampler, collate_skip_none, scan_image_folder,
                    split_holdout, train_transform)
 from .device_decode import (EncodedBatch, EncodedImageFolderDataset, augment_on_device, check_device_decode,
-                            check_device_decoder, collate_encoded)
+                            collate_encoded, probe_device_decoder)
 from .evaluate import evaluate_classifier, normalize
 from .synthetic import make_synthetic_shapes
 
@@ -71,8 +71,10 @@ def train(cfg: DictConfig, run_name: str) -> dict:
         device = torch.device("cpu")
     amp_dtype = check_solver(cfg.solver, world_size)
     on_device = cfg.data.decode == Decode.device
-    if on_device:
+    if on_device:  # what the device path cannot do, and whether this device decodes at all: before any work
         check_device_decode(cfg.data)
+        if device.type == "cuda":
+            probe_device_decoder(device)
     output_dir = cfg.output_dir or os.path.join("runs", run_name)
     classes, train_samples, val_samples = prepare_data(cfg)
     run = RunFolder(output_dir, cfg)
@@ -118,8 +120,6 @@ def train(cfg: DictConfig, run_name: str) -> dict:
              cfg.model.shortcut, cfg.model.base_width, len(classes), len(train_samples), len(val_samples),
              world_size, s.batch_size, lr, total_iters)
     log.info(describe_scaling(s, world_size))
-    if on_device and device.type == "cuda":
-        check_device_decoder(device)
     if on_device and device.type != "cuda":
         log.warning("data.decode=device on %s: the main process decodes and augments every image, slower than the "
                     "workers (data.decode=workers); the option is for GPUs whose host has too few cores", device.type)

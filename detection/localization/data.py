@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from backbones.engine.errors import DatasetError
 from backbones.engine.imageio import is_image_file, read_image_rgb, read_or_skip
-from backbones.engine.loader import epoch_and_index
+from backbones.engine.loader import epoch_and_index, item_seed
 from backbones.imagedata import PCALighting, scan_image_folder, seed_augmentation, split_holdout
 from detection.data.problems import DataProblems, verify_images
 from detection.data.voc import read_xml_annotation
@@ -305,7 +305,7 @@ class LocTrainDataset(Dataset):
             return None
         keep = record.box_labels == record.label
         boxes = image_boxes(record, image)[keep]
-        seed_augmentation(self.transform, hash((self.seed, epoch, index)) % 2**32)
+        seed_augmentation(self.transform, item_seed(self.seed, epoch, index))
         out = self.transform(image=image, bboxes=boxes, box_labels=record.box_labels[keep])
         boxes = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
         image = torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1).contiguous()
