@@ -54,6 +54,9 @@ class XmlDataConfig:
     # without one every wnid in the sets sorted (imagenet_det)
     class_names: list[str] = field(default_factory=list)
     synsets_file: str = ""  # imagenet_det: "wnid [index] name" lines (devkit data/map_det.txt): class names
+    # imagenet_det: the devkit's data/ILSVRC2015_det_validation_blacklist.txt ("<val.txt index> <wnid>"
+    # lines): each listed class is not scored in that val image, as the devkit's eval_detection; "" = none
+    val_blacklist: str = ""
     # VOC difficult objects in training: ignore (like crowd) | train | drop
     train_difficult: Difficult = Difficult.ignore
 

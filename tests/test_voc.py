@@ -23,8 +23,9 @@ from detection.engine import train
 from detection.evaluation.loop import evaluate
 from detection.export import sample_val_images
 from detection.evaluation import format_metrics_table
-from detection.evaluation.voc_eval import (VOCEvaluator, imagenet_iou_thresholds, match_detections,
-                                           precision_recall, voc07_ap, voc_ap)
+from detection.evaluation.coco_eval import COCOEvaluator
+from detection.evaluation.voc_eval import (VOCEvaluator, ground_truth_from_coco, imagenet_iou_thresholds,
+                                           match_detections, precision_recall, voc07_ap, voc_ap)
 from detection.modeling.postprocessing import detections_to_image
 
 SYNTH = dict(num_train=12, num_val=6, image_size=96, seed=3, min_obj=10, max_obj=48, objects_per_image=(1, 3))
@@ -425,3 +426,98 @@ def test_synthetic_imagenet_det_through_the_engine(tmp_path):
     assert (voc.protocol, voc.metric, coco.name) == ("imagenet", "area", "coco")
     with pytest.raises(ConfigError, match="eval.voc_metric"):
         prepare_data_paths(load_config(DetConfig, None, ["data.format=voc", "eval.voc_metric=07"]))
+
+
+# ---- ImageNet DET's validation blacklist --------------------------------------------------------------
+
+def _blacklist_cfg(tmp_path, *extra):
+    return load_config(DetConfig, None, ["data.synthetic.enabled=true", "data.format=imagenet_det",
+                                         f"data.synthetic.root={tmp_path / 'shapes'}", "data.synthetic.num_train=4",
+                                         "data.synthetic.num_val=8", "data.synthetic.image_size=96", *extra])
+
+
+def _score(dataset, detections):
+    """(VOC-protocol metrics, pycocotools metrics) of ``detections`` (image id -> (boxes, scores, labels))."""
+    voc = VOCEvaluator(ground_truth_from_coco(dataset.coco, dataset.cat_id_to_contiguous), dataset.class_names,
+                       protocol="imagenet", metric="area")
+    coco = COCOEvaluator(dataset.coco, dataset.contiguous_to_cat_id, dataset.class_names)
+    for evaluator in (voc, coco):
+        for image_id, (boxes, scores, labels) in detections.items():
+            evaluator.process([{"image_id": image_id}], [{"boxes": torch.tensor(boxes, dtype=torch.float32),
+                                                          "scores": torch.tensor(scores), "labels": torch.tensor(labels)}])
+    return voc.evaluate(), coco.evaluate()
+
+
+def test_imagenet_det_blacklist_leaves_the_listed_classes_unscored(tmp_path):
+    """The devkit's eval_detection with its blacklist: in a listed (val.txt index, wnid) pair's image that class
+    is no positive and its detections are neither right nor wrong. Detections: every object of the full set
+    (score 0.9) plus, in the listed image, a box of the listed class on nothing (score 1.0). Without the
+    blacklist that false positive costs the class its AP; with it every AP is 1, for both evaluators."""
+    cfg = _blacklist_cfg(tmp_path)
+    prepare_data_paths(cfg)
+    _, full = build_datasets(cfg, train=False)
+    base = cfg.data.xml.val_sets[0].rsplit(":", 1)[0]
+    index_of = dict(line.split() for line in open(os.path.join(base, "ImageSets", "DET", "val.txt")))
+    image_id = next(i for i in sorted(full.coco.imgs) if full.coco.imgToAnns[i])
+    label = full.cat_id_to_contiguous[full.coco.imgToAnns[image_id][0]["category_id"]]
+    wnid, name = full.xml_class_names[label - 1], full.image_names[image_id]
+    mine = [a for a in full.coco.imgToAnns[image_id] if full.cat_id_to_contiguous[a["category_id"]] == label]
+    in_image, positives = len(mine), sum(not a["difficult"] for a in mine)  # difficult: no positive anyway
+    blacklist = tmp_path / "ILSVRC2015_det_validation_blacklist.txt"
+    blacklist.write_text(f"{index_of[name]} {wnid}\n99999 {wnid}\n")  # the second pair's image is not in the set
+
+    detections = {}
+    for i in full.coco.imgs:
+        anns = full.coco.imgToAnns[i]
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]
+        labels = [full.cat_id_to_contiguous[a["category_id"]] for a in anns]
+        scores = [0.9] * len(anns)
+        if i == image_id:
+            boxes, scores, labels = boxes + [[0, 0, 2, 2]], scores + [1.0], labels + [label]
+        detections[i] = (np.reshape(boxes, (-1, 4)), scores, labels)
+    voc_full, coco_full = _score(full, detections)
+    assert voc_full["per_class"][full.class_names[label - 1]]["AP"] < 0.999 and coco_full["AP50"] < 0.999
+
+    cfg = _blacklist_cfg(tmp_path, f"data.xml.val_blacklist={blacklist}")
+    prepare_data_paths(cfg)
+    _, listed = build_datasets(cfg, train=False)
+    assert listed.coco.imgs[image_id]["unscored_category_ids"] == [listed.contiguous_to_cat_id[label]]
+    assert sum("unscored_category_ids" in img for img in listed.coco.imgs.values()) == 1
+    assert listed.stats["blacklisted_pairs"] == 1 and listed.stats["blacklisted_objects"] == in_image
+    assert len(listed.coco.anns) == len(full.coco.anns) - in_image
+    voc, coco = _score(listed, detections)
+    cls = full.class_names[label - 1]
+    assert voc["per_class"][cls]["num_gt"] == voc_full["per_class"][cls]["num_gt"] - positives
+    assert all(c["AP"] == pytest.approx(1.0) for c in voc["per_class"].values() if c["num_gt"])
+    assert coco["AP50"] == pytest.approx(1.0) and coco["AP"] == pytest.approx(1.0)
+    # build_evaluators scores with the same ground truth (the engine's and tools/eval_det.py's path)
+    assert build_evaluators(cfg, listed)[0].ground_truth[image_id]["unscored"] == {label}
+
+
+def test_imagenet_det_blacklist_errors_name_the_file_and_the_fix(tmp_path):
+    cfg = _blacklist_cfg(tmp_path)
+    prepare_data_paths(cfg)
+    val_sets, synsets = list(cfg.data.xml.val_sets), cfg.data.xml.synsets_file
+    bad = tmp_path / "bad.txt"
+    bad.write_text("12 n90000001\nn90000001 12\n3\n")
+    with pytest.raises(DatasetError, match=r"bad.txt: 2 line\(s\) are not '<image index> <wnid>' \(line 2.*line 3"):
+        VocDetection(val_sets, "imagenet_det", synsets_file=synsets, blacklist=str(bad))
+    bad.write_text("1 n12345678\n")
+    with pytest.raises(DatasetError, match=r"wnids \['n12345678'\] are not among the 4 classes"):
+        VocDetection(val_sets, "imagenet_det", synsets_file=synsets, blacklist=str(bad))
+    with pytest.raises(DatasetError, match="blacklist file not found; fix: set data.xml.val_blacklist"):
+        VocDetection(val_sets, "imagenet_det", synsets_file=synsets, blacklist=str(tmp_path / "none.txt"))
+    base = val_sets[0].rsplit(":", 1)[0]  # a split listed without val.txt's numbers
+    names = [line.split()[0] for line in open(os.path.join(base, "ImageSets", "DET", "val.txt"))]
+    with open(os.path.join(base, "ImageSets", "DET", "val_names.txt"), "w") as f:
+        f.writelines(n + "\n" for n in names)
+    bad.write_text("1 n90000001\n")
+    with pytest.raises(DatasetError, match=r"val_names.txt: 8 image\(s\) listed without the index"):
+        VocDetection([f"{base}:val_names"], "imagenet_det", synsets_file=synsets, blacklist=str(bad))
+    # before any file is read: a missing file, and a blacklist on VOC data
+    with pytest.raises(DataNotFoundError, match="missing.txt"):
+        prepare_data_paths(load_config(DetConfig, None, [
+            "data.format=imagenet_det", f"data.xml.train_sets={val_sets}", f"data.xml.val_sets={val_sets}",
+            f"data.xml.val_blacklist={tmp_path / 'missing.txt'}"]))
+    with pytest.raises(ConfigError, match="ImageNet DET's validation blacklist; fix: data.xml.val_blacklist=''"):
+        prepare_data_paths(load_config(DetConfig, None, ["data.format=voc", f"data.xml.val_blacklist={bad}"]))

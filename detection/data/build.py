@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from backbones.engine.dist import barrier, get_world_size, is_main_process
-from backbones.engine.errors import DataNotFoundError
+from backbones.engine.errors import ConfigError, DataNotFoundError
 from backbones.engine.preemption import ignore_stop_signals
 
 from ..evaluation.coco_eval import COCOEvaluator
@@ -137,6 +137,9 @@ class XmlFormat(DatasetFormat):
 
     def prepare(self, cfg: DictConfig) -> None:
         xml, synthetic = cfg.data.xml, cfg.data.synthetic
+        if xml.val_blacklist and self.layout != "imagenet_det":
+            raise ConfigError(f"data.xml.val_blacklist={xml.val_blacklist!r} is ImageNet DET's validation blacklist; "
+                              f"fix: data.xml.val_blacklist='' for data.format={self.layout}")
         if synthetic.enabled:
             paths = _materialise(functools.partial(
                 make_synthetic_voc, f"{synthetic.root}_{self.layout}", num_train=synthetic.num_train,
@@ -157,8 +160,11 @@ class XmlFormat(DatasetFormat):
             for folder in (image_set.image_set_dir, image_set.annotation_dir, image_set.image_dir):
                 if not os.path.isdir(folder) and folder not in missing:
                     missing.append(folder)
+        if xml.val_blacklist and not os.path.isfile(xml.val_blacklist):
+            missing.append(xml.val_blacklist)
         if missing:
-            raise _not_found(missing, f"{layout}\n  (or set data.xml.train_sets / data.xml.val_sets)\n{DEMO_HINT}")
+            raise _not_found(missing, f"{layout}\n  (or set data.xml.train_sets / data.xml.val_sets"
+                             f"{' / data.xml.val_blacklist' if xml.val_blacklist else ''})\n{DEMO_HINT}")
 
     def _load(self, cfg: DictConfig, sets, transform, train: bool, class_names=None) -> VocDetection:
         d, xml = cfg.data, cfg.data.xml
@@ -166,7 +172,8 @@ class XmlFormat(DatasetFormat):
                             synsets_file=xml.synsets_file, difficult=xml.train_difficult if train else "ignore",
                             transform=transform, skip_corrupt=d.skip_corrupt,
                             filter_empty=train and d.filter_empty_train,
-                            strict=d.strict_train if train else d.strict_val, verify=d.verify_images)
+                            strict=d.strict_train if train else d.strict_val, verify=d.verify_images,
+                            blacklist="" if train else xml.val_blacklist)
 
     def build(self, cfg: DictConfig, train: bool = True):
         xml = cfg.data.xml

@@ -27,6 +27,13 @@ box becomes ``x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax`` (0-based, exc
 ``xmax - xmin + 1`` as the devkit counts it). :mod:`detection.evaluation.voc_eval` relies on this: the
 plain IoU of such boxes equals the devkit's IoU with its ``+ 1`` on the inclusive coordinates.
 
+ImageNet DET's validation blacklist (``blacklist``: the devkit's
+``data/ILSVRC2015_det_validation_blacklist.txt``, ``<index> <wnid>`` lines, the index being the number on
+the image's line in ``val.txt``) names (image, class) pairs whose labels are too ambiguous to score. The
+devkit's ``eval_detection`` leaves such a class out of that image: its ground truth is no positive and a
+detection of it is neither right nor wrong. Here the ground truth of the pair is left out of the set and
+the image records the class under ``unscored_category_ids``, which both evaluators honour for detections.
+
 Difficult objects (``<difficult>1</difficult>``) are kept with a flag. For training, ``difficult``
 chooses: ``ignore`` (default) makes them ignore regions like COCO crowd boxes, so anchors and
 proposals lying mostly inside one are neither positive nor negative (they are hard or ambiguous
@@ -144,6 +151,44 @@ def read_image_set(image_set: XmlImageSet) -> list[str]:
     return list(names)
 
 
+def read_image_indices(image_set: XmlImageSet) -> dict[str, int]:
+    """Image name -> the number on its ``name number`` line (ImageNet DET's ``val.txt``: the index the
+    devkit's blacklist and result files refer to; the val1/val2 halves of R-CNN's split keep those numbers).
+    Names listed without a number are left out."""
+    indices: dict[str, int] = {}
+    for path in image_set.image_set_files():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                tokens = line.split()
+                if len(tokens) == 2 and tokens[1].lstrip("-").isdigit() and int(tokens[1]) >= 0:
+                    indices.setdefault(tokens[0], int(tokens[1]))
+    return indices
+
+
+def read_det_blacklist(path: str) -> list[tuple[int, str]]:
+    """The ``(image index, wnid)`` pairs of an ILSVRC DET validation blacklist (``<index> <wnid>`` lines, the
+    devkit's ``data/ILSVRC2015_det_validation_blacklist.txt``)."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: blacklist file not found; fix: set data.xml.val_blacklist to the ILSVRC "
+                           "devkit's data/ILSVRC2015_det_validation_blacklist.txt, or to '' to score every image "
+                           "and class")
+    pairs, bad = [], []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            if len(tokens) != 2 or not tokens[0].isdigit():
+                bad.append(f"line {line_no}: {line.strip()!r}")
+                continue
+            pairs.append((int(tokens[0]), tokens[1]))
+    if bad:
+        raise DatasetError(f"{path}: {len(bad)} line(s) are not '<image index> <wnid>' ({'; '.join(bad[:5])}"
+                           f"{' ...' if len(bad) > 5 else ''}); fix: one pair per line, as in the devkit's "
+                           "data/ILSVRC2015_det_validation_blacklist.txt")
+    return pairs
+
+
 def read_synsets_file(path: str) -> dict[str, str]:
     """wnid -> name from a mapping file whose lines are ``wnid [index] name words`` (the ILSVRC devkit's
     ``map_det.txt``: ``n02672831 1 accordion``; or ``n01440764 tench, Tinca tinca``). The file defines the
@@ -170,7 +215,7 @@ def read_synsets_file(path: str) -> dict[str, str]:
 
 
 def voc_to_coco_dict(sets, layout: str = "voc", class_names=None, synsets_file: str = "",
-                     difficult: str = "ignore", problems: DataProblems | None = None) -> dict:
+                     difficult: str = "ignore", problems: DataProblems | None = None, blacklist: str = "") -> dict:
     """Read the XML sets (``"ROOT:SPLIT"`` strings, concatenated in order) into a COCO-style dict.
 
     ``class_names``: the XML ``<name>`` values in label order (labels 1..K). Default: the 20 VOC classes
@@ -181,6 +226,8 @@ def voc_to_coco_dict(sets, layout: str = "voc", class_names=None, synsets_file: 
     plus ``xml_id`` (the image-set name) and ``xml_set``; annotations carry ``difficult`` (0/1).
     ``problems``: where per-file problems go (a missing or broken XML or image file, an unknown class
     name), all of them, the offending image or object left out; without it the first one raises.
+    ``blacklist``: an ImageNet DET validation blacklist (see the module docstring): the ground truth of each
+    listed (image, class) is left out and the image's ``unscored_category_ids`` lists the class.
     """
     collect = problems if problems is not None else DataProblems(" + ".join(map(str, sets)))
     if difficult not in DIFFICULT_MODES:
@@ -201,12 +248,16 @@ def voc_to_coco_dict(sets, layout: str = "voc", class_names=None, synsets_file: 
                 collect.add("bad XML annotation file", where, fix or "repair the file")
     keys, display = _resolve_classes(layout, class_names, synsets_file, parsed)
     label_of = {key: label for label, key in enumerate(keys, start=1)}
-    images, annotations = [], []
+    unscored = _unscored_classes(blacklist, layout, image_sets, parsed, label_of) if blacklist else {}
+    images, annotations, left_out = [], [], 0
     for image_set, name, width, height, objects in parsed:
         image_id = len(images) + 1
         images.append({"id": image_id, "file_name": os.path.abspath(os.path.join(image_set.image_dir,
                                                                                  name + image_set.image_ext)),
                        "width": width, "height": height, "xml_id": name, "xml_set": image_set.spec})
+        not_scored = unscored.get((image_set.spec, name), set())
+        if not_scored:
+            images[-1]["unscored_category_ids"] = sorted(label_of[w] for w in not_scored)
         xml_path = os.path.join(image_set.annotation_dir, name + ".xml")
         for n, (cls, (x1, y1, x2, y2), is_difficult) in enumerate(objects, 1):
             if cls not in label_of:
@@ -219,6 +270,9 @@ def voc_to_coco_dict(sets, layout: str = "voc", class_names=None, synsets_file: 
                 continue
             if is_difficult and difficult == "drop":
                 continue
+            if cls in not_scored:
+                left_out += 1
+                continue
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label_of[cls],
                                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
                                 "iscrowd": int(is_difficult and difficult == "ignore"),
@@ -226,8 +280,42 @@ def voc_to_coco_dict(sets, layout: str = "voc", class_names=None, synsets_file: 
     if problems is None:
         collect.finish(strict=True)
     categories = [{"id": label, "name": display[key], "xml_name": key} for key, label in label_of.items()]
-    return {"info": {"description": f"{layout} sets {list(sets)} (difficult: {difficult})"},
-            "images": images, "annotations": annotations, "categories": categories}
+    info = {"description": f"{layout} sets {list(sets)} (difficult: {difficult})"}
+    if blacklist:
+        info["blacklist"] = {"file": os.path.abspath(blacklist), "image_class_pairs": sum(map(len, unscored.values())),
+                             "objects_left_out": left_out}
+    return {"info": info, "images": images, "annotations": annotations, "categories": categories}
+
+
+def _unscored_classes(blacklist: str, layout: str, image_sets: list[XmlImageSet], parsed: list,
+                      label_of: dict[str, int]) -> dict[tuple[str, str], set[str]]:
+    """(set spec, image name) -> the wnids the blacklist leaves unscored in that image, for the images of
+    these sets that it lists (by their ``val.txt`` number)."""
+    if layout != "imagenet_det":
+        raise DatasetError(f"data.xml.val_blacklist={blacklist!r} is ImageNet DET's (data.format=imagenet_det); "
+                           "fix: set it to '' for data.format=voc")
+    pairs = read_det_blacklist(blacklist)
+    unknown = sorted({w for _, w in pairs if w not in label_of})
+    if unknown:
+        raise DatasetError(f"{blacklist}: wnids {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are not among "
+                           f"the {len(label_of)} classes; fix: the blacklist of the same devkit as the class list "
+                           "(data.xml.synsets_file)")
+    by_index: dict[int, set[str]] = {}
+    for index, wnid in pairs:
+        by_index.setdefault(index, set()).add(wnid)
+    out: dict[tuple[str, str], set[str]] = {}
+    for image_set in image_sets:
+        names = [name for s, name, *_ in parsed if s is image_set]
+        indices = read_image_indices(image_set)
+        unnumbered = [n for n in names if n not in indices]
+        if unnumbered:
+            raise DatasetError(f"{', '.join(image_set.image_set_files())}: {len(unnumbered)} image(s) listed without "
+                               f"the index the blacklist refers to (e.g. {unnumbered[0]!r}); fix: lines 'name index' "
+                               "as in the devkit's val.txt, or data.xml.val_blacklist=''")
+        for name in names:
+            if indices[name] in by_index:
+                out[(image_set.spec, name)] = by_index[indices[name]]
+    return out
 
 
 def _resolve_classes(layout: str, class_names, synsets_file: str, parsed: list) -> tuple[list[str], dict[str, str]]:
@@ -338,19 +426,23 @@ class VocDetection(CocoDetection):
     """A :class:`CocoDetection` over PASCAL VOC or ImageNet DET XML sets (see :func:`voc_to_coco_dict`).
 
     ``image_names`` maps image id -> the image-set name (``000005``), for devkit-style result files.
+    ``blacklist``: ImageNet DET's validation blacklist, for a val set (see :func:`voc_to_coco_dict`).
     """
 
     def __init__(self, sets, layout: str = "voc", class_names=None, synsets_file: str = "", difficult: str = "ignore",
                  transform=None, skip_corrupt: bool = True, filter_empty: bool = False, strict: bool = True,
-                 verify: str = "header"):
+                 verify: str = "header", blacklist: str = ""):
         self.sets, self.layout = [str(s) for s in sets], layout
         problems = DataProblems(" + ".join(self.sets))
-        data = voc_to_coco_dict(self.sets, layout, class_names, synsets_file, difficult, problems)
+        data = voc_to_coco_dict(self.sets, layout, class_names, synsets_file, difficult, problems, blacklist)
         super().__init__("", " + ".join(self.sets), transform=transform, skip_corrupt=skip_corrupt,
                          filter_empty=filter_empty, data=data, strict=strict, verify=verify, problems=problems)
         self.xml_class_names = [c["xml_name"] for c in data["categories"]]
         self.image_names = {img["id"]: img["xml_id"] for img in data["images"]}
         self.stats["difficult"] = sum(a["difficult"] for a in data["annotations"])
+        if "blacklist" in data["info"]:  # (image, class) pairs left unscored, and their objects left out
+            self.stats["blacklisted_pairs"] = data["info"]["blacklist"]["image_class_pairs"]
+            self.stats["blacklisted_objects"] = data["info"]["blacklist"]["objects_left_out"]
 
     def _check_files_exist(self, images) -> set[str]:
         """Done per set by :func:`voc_to_coco_dict`, with the image-set file named in the message."""

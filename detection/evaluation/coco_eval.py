@@ -41,6 +41,9 @@ class COCOEvaluator:
     ``class_agnostic=True`` also scores the boxes with every class merged (pycocotools' ``useCats=0``),
     under ``metrics["class_agnostic"]``: how well objects are found and boxed whatever their label, which
     tells box errors from classification errors.
+
+    An image's ``unscored_category_ids`` (ImageNet DET's validation blacklist, :mod:`detection.data.voc`)
+    are classes not scored in it: its detections of them are dropped (their ground truth is not in the set).
     """
 
     name = "coco"  # the key its metrics take when it runs beside another evaluator
@@ -54,6 +57,8 @@ class COCOEvaluator:
         self.output_dir = output_dir
         self.only_processed = only_processed
         self.class_agnostic = class_agnostic
+        self.unscored = {img_id: set(img["unscored_category_ids"]) for img_id, img in self.coco_gt.imgs.items()
+                         if img.get("unscored_category_ids")}
         self.reset()
 
     def reset(self) -> None:
@@ -67,10 +72,11 @@ class COCOEvaluator:
             image_id = int(target["image_id"])
             boxes = _to_numpy(det["boxes"]).reshape(-1, 4).astype(np.float64)
             scores, labels = _to_numpy(det["scores"]).reshape(-1), _to_numpy(det["labels"]).reshape(-1)
+            cat_ids, unscored = [self.contiguous_to_cat_id[int(label)] for label in labels], self.unscored.get(image_id, ())
             self._results[image_id] = [
-                {"image_id": image_id, "category_id": self.contiguous_to_cat_id[int(label)],
+                {"image_id": image_id, "category_id": cat_id,
                  "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "score": float(score)}
-                for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels)
+                for (x1, y1, x2, y2), score, cat_id in zip(boxes, scores, cat_ids) if cat_id not in unscored
             ]
 
     def evaluate(self) -> dict:

@@ -154,12 +154,16 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
 
 
 def ground_truth_from_coco(data, cat_id_to_contiguous: dict[int, int]) -> dict[int, dict]:
-    """Per image id: ``{"boxes": K x 4 xyxy, "labels": K (1..K), "difficult": K bool}`` from a COCO-style
-    dict (or pycocotools ``COCO``) as :func:`detection.data.voc.voc_to_coco_dict` makes it. Annotations
-    without a ``difficult`` key use ``iscrowd`` instead (a crowd region is scored like a difficult box)."""
+    """Per image id: ``{"boxes": K x 4 xyxy, "labels": K (1..K), "difficult": K bool, "unscored": labels}``
+    from a COCO-style dict (or pycocotools ``COCO``) as :func:`detection.data.voc.voc_to_coco_dict` makes
+    it. Annotations without a ``difficult`` key use ``iscrowd`` instead (a crowd region is scored like a
+    difficult box). ``unscored``: the labels not scored in that image (its ``unscored_category_ids``,
+    ImageNet DET's validation blacklist)."""
     data = getattr(data, "dataset", data)
     per_image: dict[int, dict[str, list]] = {img["id"]: {"boxes": [], "labels": [], "difficult": []}
                                             for img in data["images"]}
+    unscored = {img["id"]: {cat_id_to_contiguous[c] for c in img.get("unscored_category_ids", ())}
+                for img in data["images"]}
     for ann in data["annotations"]:
         x, y, w, h = ann["bbox"]
         entry = per_image[ann["image_id"]]
@@ -167,7 +171,8 @@ def ground_truth_from_coco(data, cat_id_to_contiguous: dict[int, int]) -> dict[i
         entry["labels"].append(cat_id_to_contiguous[ann["category_id"]])
         entry["difficult"].append(bool(ann.get("difficult", ann.get("iscrowd", 0))))
     return {image_id: {"boxes": np.asarray(e["boxes"], np.float64).reshape(-1, 4),
-                       "labels": np.asarray(e["labels"], np.int64), "difficult": np.asarray(e["difficult"], bool)}
+                       "labels": np.asarray(e["labels"], np.int64), "difficult": np.asarray(e["difficult"], bool),
+                       "unscored": unscored[image_id]}
             for image_id, e in per_image.items()}
 
 
@@ -178,6 +183,8 @@ class VOCEvaluator:
     :func:`ground_truth_from_coco`); ``class_names[k - 1]`` names label k. ``metric`` picks which mAP
     is the headline ``"AP"`` (``voc07``: VOC2007 test's 11-point; ``area``: VOC2010+ and ImageNet DET).
     ``image_names``: image id -> the dataset's image name, for the devkit result files.
+    A label in an image's ``unscored`` set is left out of that image's scoring, ground truth and detections
+    alike (ILSVRC's ``eval_detection`` with its validation blacklist).
     Every image of ``ground_truth`` is scored; one never processed (unreadable) counts as an image
     without detections (``num_unprocessed`` says how many). ``only_processed=True`` scores just the
     processed images, for a deliberate subset.
@@ -264,6 +271,8 @@ class VOCEvaluator:
         ids, scores, boxes = [], [], []
         for image_id in image_ids:
             g = self.ground_truth[image_id]
+            if label in g.get("unscored", ()):  # the devkit's blacklist: neither positives nor detections
+                continue
             keep = g["labels"] == label
             gt[image_id] = (g["boxes"][keep], g["difficult"][keep])
             det_boxes, det_scores, det_labels = results[image_id]
