@@ -333,3 +333,58 @@ def test_box_voting_prefers_what_several_views_agree_on():
     new_boxes, new_scores = vote(boxes, scores, num_views=3)
     assert int(new_scores.argmax()) in (0, 1, 2) and new_scores[3] == pytest.approx(0.3)
     assert new_boxes[0].tolist() == pytest.approx([1 / 3, 1 / 3, 31 / 3, 31 / 3])  # score-weighted mean
+
+
+# -- the CLS-LOC validation blacklist -------------------------------------------------------------------
+
+def test_clsloc_val_blacklist_scores_classification_only(tmp_path, monkeypatch):
+    """The devkit's eval_localization leaves the blacklisted val images out; its classification keeps them.
+    Four val images; a stand-in localizer guesses class 1 with a right box, except on image 3 (blacklisted),
+    where it guesses a wrong class and box: the localization errors stay 0 over the 3 scored images, the
+    classification errors are 1/4, and without the blacklist image 3 is a localization error too."""
+    import cv2
+    from detection.localization import evaluate as loc_eval
+    from detection.localization.config import LocEvalConfig
+    from detection.localization.data import LocRecord, apply_val_blacklist
+    box = np.array([[4.0, 4.0, 20.0, 20.0]], np.float32)
+    records = []
+    for n in (1, 2, 3, 4):
+        path = str(tmp_path / f"ILSVRC2012_val_{n:08d}.JPEG")
+        cv2.imwrite(path, np.zeros((32, 32, 3), np.uint8))
+        records.append(LocRecord(path, 1, box, np.array([1]), 32, 32))
+
+    def stand_in(loc_net, classifier, image, mode, eval_cfg, crop_size, device, mean_t, std_t, extra, **kw):
+        blacklisted = not image.any() and image.shape[0] == 33  # image 3 is written 33 px high, below
+        guess, hit = (0, torch.tensor([[25.0, 25.0, 31.0, 31.0]])) if blacklisted else (1, torch.tensor(box))
+        return None, [guess], {c: (hit, torch.ones(1)) for c in {guess, *extra}}
+
+    cv2.imwrite(records[2].path, np.zeros((33, 32, 3), np.uint8))
+    records[2].height = 33
+    monkeypatch.setattr(loc_eval, "localize_image", stand_in)
+    listed = tmp_path / "ILSVRC2015_clsloc_validation_blacklist.txt"
+    listed.write_text("3\n7\n")
+    assert apply_val_blacklist(records, str(listed)) == 1 and [r.loc_scored for r in records] == [True, True, False, True]
+    eval_cfg = load_config(LocEvalConfig, None, [])
+    args = (nn.Identity(), nn.Identity(), records, "center", eval_cfg, 32, torch.device("cpu"), [0, 0, 0], [1, 1, 1])
+    m = loc_eval.evaluate_localization(*args, workers=0, progress=False)
+    assert (m["images"], m["loc_images"]) == (4, 3)
+    assert m["loc_top1_err"] == m["loc_top5_err"] == m["oracle_err"] == 0.0
+    assert m["cls_top1_err"] == m["cls_top5_err"] == 0.25
+    assert "boxes scored on 3, the rest blacklisted" in loc_eval.format_errors("center", m)
+    records[2].loc_scored = True
+    m = loc_eval.evaluate_localization(*args, workers=0, progress=False)
+    assert (m["images"], m["loc_images"]) == (4, 4) and m["loc_top1_err"] == 0.25 and m["cls_top1_err"] == 0.25
+
+
+def test_clsloc_val_blacklist_errors_name_the_file_and_the_fix(tmp_path):
+    from detection.localization.data import LocRecord, apply_val_blacklist
+    records = [LocRecord(str(tmp_path / "n01_1.JPEG"), 0, np.zeros((1, 4), np.float32), np.array([0]), 8, 8)]
+    with pytest.raises(LocDataError, match="blacklist file not found; fix: set data.val_blacklist"):
+        apply_val_blacklist(records, str(tmp_path / "none.txt"))
+    listed = tmp_path / "blacklist.txt"
+    listed.write_text("36\n36 n01\nx\n")
+    with pytest.raises(LocDataError, match=r"2 line\(s\) are not one val image number \(line 2: '36 n01'; line 3"):
+        apply_val_blacklist(records, str(listed))
+    listed.write_text("36\n")
+    with pytest.raises(LocDataError, match=r"none of the 1 val images is named ILSVRC2012_val_<N>.*data.val_blacklist=''"):
+        apply_val_blacklist(records, str(listed))

@@ -58,6 +58,9 @@ class LocDataConfig:
     synthetic_root: str = "datasets/synthetic_loc"
     synthetic_per_class: int = 100
     synthetic_image_size: int = 64
+    # The devkit's data/ILSVRC2015_clsloc_validation_blacklist.txt (one N of ILSVRC2012_val_<N> per line):
+    # those val images count for the classification errors only, as the devkit scores them; "" = none
+    val_blacklist: str = ""
     skip_unannotated_train: bool = True  # ILSVRC: most train images have no boxes; skip (and count) them
     clip_boxes: bool = False  # true: clip boxes that leave the image instead of stopping with an error
     # Every problem of both splits is listed in one pass at load. strict: then stop; false: drop the records

@@ -2,12 +2,19 @@
 CLS-LOC layout or from an ImageFolder plus a folder of XML files (the same PASCAL VOC style XML).
 
 Every annotation is checked when the dataset is loaded, so a bad file stops the run before any
-training with the file, the field and the fix. Class indices are those of the classifier the run
+training with the file, the field and the fix.
+
+``data.val_blacklist``: the ILSVRC devkit's CLS-LOC validation blacklist (``data/ILSVRC2015_clsloc_
+validation_blacklist.txt``, one number ``N`` of ``ILSVRC2012_val_<N>.JPEG`` per line: 1,762 of the 50,000
+val images, whose boxes the organisers judged unsatisfactory). The devkit's localization evaluation leaves
+them out and its classification evaluation keeps them; here such a record is ``loc_scored=False``: it counts
+for the classification errors only. Class indices are those of the classifier the run
 starts from (its ``class_names``, the pretraining's ImageFolder order = sorted wnids), matched by name.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import albumentations as A
@@ -57,6 +64,42 @@ class LocRecord:
     box_labels: np.ndarray
     width: int
     height: int
+    loc_scored: bool = True  # False: listed in the CLS-LOC val blacklist (classification errors only)
+
+
+ILSVRC_VAL_NAME = re.compile(r"ILSVRC2012_val_0*(\d+)$")
+
+
+def apply_val_blacklist(records: list[LocRecord], path: str) -> int:
+    """Mark the val records the CLS-LOC blacklist at ``path`` lists (by ``N`` of ``ILSVRC2012_val_<N>``) as not
+    scored for localization; returns how many. Raises when the file is unreadable or names no image the way
+    ILSVRC's val images are named."""
+    if not os.path.isfile(path):
+        raise LocDataError(f"{path}: blacklist file not found; fix: set data.val_blacklist to the ILSVRC devkit's "
+                           "data/ILSVRC2015_clsloc_validation_blacklist.txt, or to '' to score every val image")
+    listed, bad = set(), []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            tokens = line.split()
+            if len(tokens) == 1 and tokens[0].isdigit():
+                listed.add(int(tokens[0]))
+            elif tokens:
+                bad.append(f"line {line_no}: {line.strip()!r}")
+    if bad:
+        raise LocDataError(f"{path}: {len(bad)} line(s) are not one val image number ({'; '.join(bad[:5])}"
+                           f"{' ...' if len(bad) > 5 else ''}); fix: one N of ILSVRC2012_val_<N>.JPEG per line, as "
+                           "in the devkit's data/ILSVRC2015_clsloc_validation_blacklist.txt")
+    numbered = 0
+    for r in records:
+        match = ILSVRC_VAL_NAME.match(os.path.splitext(os.path.basename(r.path))[0])
+        numbered += match is not None
+        if match and int(match.group(1)) in listed:
+            r.loc_scored = False
+    if records and not numbered:
+        raise LocDataError(f"{path}: the blacklist numbers ILSVRC2012 val images, but none of the {len(records)} val "
+                           f"images is named ILSVRC2012_val_<N> (e.g. {records[0].path}); fix: "
+                           "data.val_blacklist='' for other images")
+    return sum(not r.loc_scored for r in records)
 
 
 def parse_annotation(xml_path: str) -> tuple[int, int, list[tuple[str, list[float]]]]:

@@ -126,7 +126,7 @@ def evaluate_localization(loc_net, classifier, records: Sequence[LocRecord], mod
     loader = DataLoader(LocEvalDataset(records), batch_size=1, sampler=sampler, num_workers=workers, collate_fn=_first,
                         worker_init_fn=ignore_stop_signals)
     counts = {f"{p}{k}": 0 for p in ("", "baseline_", "rcnn_") for k in COUNTS}
-    images = skipped = 0
+    images = loc_images = skipped = 0
     keep = max(1, getattr(rescorer, "topk", 1)) if rescorer else 1
     # inside a training run, a stop signal ends the evaluation at the next image (the trainer checkpoints)
     for index, image, gt_boxes in progress_bar(iterable=interruptible(loader), total=len(loader),
@@ -146,10 +146,11 @@ def evaluate_localization(loc_net, classifier, records: Sequence[LocRecord], mod
         base = centre_box(w, h, baseline_fraction).to(device)
         base_hits = image_hits(top, {c: base for c in per_class}, record.label, gt_boxes, gt_labels,
                                eval_cfg.iou_thresh, eval_cfg.topk)
-        for k in COUNTS:
+        scored = [k for k in COUNTS if record.loc_scored or k.startswith("cls")]  # the blacklist: cls only
+        for k in scored:
             counts[k] += hits[k]
             counts[f"baseline_{k}"] += base_hits[k]
-        if rescorer is not None:
+        if rescorer is not None and record.loc_scored:
             refined = {}
             for c, (boxes, _) in per_class.items():
                 if len(boxes):
@@ -161,16 +162,18 @@ def evaluate_localization(loc_net, classifier, records: Sequence[LocRecord], mod
             for k in COUNTS:
                 counts[f"rcnn_{k}"] += r_hits[k]
         images += 1
-    totals = reduce_sum(dict(counts, images=images, skipped=skipped), device)
-    n = int(totals["images"])
-    out = errors_from_counts(totals, n)
+        loc_images += record.loc_scored
+    totals = reduce_sum(dict(counts, images=images, loc_images=loc_images, skipped=skipped), device)
+    n, m = int(totals["images"]), int(totals["loc_images"])
+    out = errors_from_counts(totals, n, m)
     out["skipped_corrupt"] = int(totals["skipped"])
+    only_loc = ("images", "loc_images")
     out["baseline_center_box"] = {k: v for k, v in errors_from_counts(
-        {k: totals[f"baseline_{k}"] for k in COUNTS}, n).items() if k != "images" and not k.startswith("cls")}
+        {k: totals[f"baseline_{k}"] for k in COUNTS}, n, m).items() if k not in only_loc and not k.startswith("cls")}
     out["baseline_center_box"]["box_fraction_wh"] = [round(float(f), 4) for f in baseline_fraction]
     if rescorer is not None:
-        out["rcnn"] = {k: v for k, v in errors_from_counts({k: totals[f"rcnn_{k}"] for k in COUNTS}, n).items()
-                       if k != "images" and not k.startswith("cls")}
+        out["rcnn"] = {k: v for k, v in errors_from_counts({k: totals[f"rcnn_{k}"] for k in COUNTS}, n, m).items()
+                       if k not in only_loc and not k.startswith("cls")}
     loc_net.train(was_training)
     return out
 
@@ -208,7 +211,10 @@ def best_centre_fraction(records: Sequence[LocRecord], max_records: int = 20000)
 def format_errors(mode: str, m: dict) -> str:
     lines = [f"{mode:>6}: loc err top-1 {100 * m['loc_top1_err']:.2f}%  top-5 {100 * m['loc_top5_err']:.2f}%  "
              f"GT-class {100 * m['oracle_err']:.2f}%  | cls err top-1 {100 * m['cls_top1_err']:.2f}%  "
-             f"top-5 {100 * m['cls_top5_err']:.2f}%  ({m['images']} images)"]
+             f"top-5 {100 * m['cls_top5_err']:.2f}%  ({m['images']} images"
+             + (f"; boxes scored on {m['loc_images']}, the rest blacklisted"
+                if m.get("loc_images", m["images"]) != m["images"] else "")
+             + ")"]
     b = m["baseline_center_box"]
     lines.append(f"{'':>6}  centre-box baseline: loc err top-1 {100 * b['loc_top1_err']:.2f}%  top-5 "
                  f"{100 * b['loc_top5_err']:.2f}%  GT-class {100 * b['oracle_err']:.2f}%")

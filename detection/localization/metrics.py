@@ -38,9 +38,13 @@ def image_hits(guessed_classes: Sequence[int], class_boxes: dict[int, torch.Tens
     }
 
 
-def errors_from_counts(counts: dict, images: int) -> dict:
-    n = max(images, 1)
-    return {"images": int(images), **{f"{k}_err": 1.0 - counts.get(k, 0) / n for k in COUNTS}}
+def errors_from_counts(counts: dict, images: int, loc_images: int | None = None) -> dict:
+    """Errors from right-guess counts: the classification ones over ``images``, the localization ones over
+    ``loc_images`` (the images whose boxes are scored: all but the CLS-LOC blacklist's; default all)."""
+    loc_images = images if loc_images is None else loc_images
+    n, m = max(images, 1), max(loc_images, 1)
+    return {"images": int(images), "loc_images": int(loc_images),
+            **{f"{k}_err": 1.0 - counts.get(k, 0) / (n if k.startswith("cls") else m) for k in COUNTS}}
 
 
 def centre_box(width: int, height: int, fraction: tuple[float, float]) -> torch.Tensor:

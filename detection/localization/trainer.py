@@ -25,8 +25,8 @@ from backbones.engine.state import (atomic_save, keyed_generator, restore_traini
                                     should_resume, training_state)
 from backbones.imagedata import ShardedSampler, normalize
 
-from .data import (LAYOUTS, LocDataError, LocTrainDataset, collate_loc, load_ilsvrc, load_imagefolder,
-                   loc_train_transform, read_synset_mapping)
+from .data import (LAYOUTS, LocDataError, LocTrainDataset, apply_val_blacklist, collate_loc, load_ilsvrc,
+                   load_imagefolder, loc_train_transform, read_synset_mapping)
 from .evaluate import MODES, best_centre_fraction, evaluate_localization, format_errors
 from .model import build_localization_net, load_classifier
 from .synthetic import make_synthetic_loc
@@ -79,11 +79,15 @@ SYNTHETIC_CLASSIFIER = "runs/pretrain_demo/checkpoints/backbone.pth"
 def load_data(cfg: DictConfig, class_names: list[str]):
     d = cfg.data
     if d.layout == "ilsvrc":
-        return load_ilsvrc(d, class_names)
-    if not d.train_images or not d.train_annotations:
+        train_records, val_records, stats = load_ilsvrc(d, class_names)
+    elif not d.train_images or not d.train_annotations:
         raise LocDataError("data.train_images and data.train_annotations must be set for the imagefolder layout "
                            "(<images>/<wnid>/*.JPEG and <annotations>/<stem>.xml)")
-    return load_imagefolder(d, class_names)
+    else:
+        train_records, val_records, stats = load_imagefolder(d, class_names)
+    if d.val_blacklist:
+        stats["val_blacklisted"] = apply_val_blacklist(val_records, d.val_blacklist)
+    return train_records, val_records, stats
 
 
 def prepare(cfg: DictConfig):
@@ -149,10 +153,10 @@ def train(cfg: DictConfig, run_name: str) -> dict:
         start_iter, skipped_total = state["iteration"], state["skipped_corrupt"]
         log.info("resumed from %s at iteration %d", run.last_checkpoint, start_iter)
 
-    log.info("per-class RPN on %s (%s, %d classes): %d train images (%d unannotated skipped), %d val, %d ranks, "
-             "batch %d, lr %.4f, %d iterations", cfg.model.classifier, cfg.model.feature_stage, len(class_names),
-             len(train_records), stats.get("train_unannotated_skipped", 0), len(val_records), world_size,
-             s.batch_size, lr, s.max_iter)
+    log.info("per-class RPN on %s (%s, %d classes): %d train images (%d unannotated skipped), %d val (%d of them "
+             "blacklisted: classification only), %d ranks, batch %d, lr %.4f, %d iterations", cfg.model.classifier,
+             cfg.model.feature_stage, len(class_names), len(train_records), stats.get("train_unannotated_skipped", 0),
+             len(val_records), stats.get("val_blacklisted", 0), world_size, s.batch_size, lr, s.max_iter)
     log.info(describe_scaling(s, world_size))
 
     def save_state(iteration: int) -> None:
@@ -214,7 +218,8 @@ def train(cfg: DictConfig, run_name: str) -> dict:
         log.info("final\n%s", format_errors(mode, final[mode]))
     summary = {"task": "localization", "iterations": iteration, "class_names": class_names,
                "classifier": os.path.abspath(cfg.model.classifier), "train_images": len(train_records),
-               "val_images": len(val_records), "train_unannotated_skipped": stats.get("train_unannotated_skipped", 0),
+               "val_images": len(val_records), "val_blacklisted": stats.get("val_blacklisted", 0),
+               "train_unannotated_skipped": stats.get("train_unannotated_skipped", 0),
                "skipped_corrupt_train": trainer.skipped, "val": final, "last_checkpoint": run.last_checkpoint,
                # records dropped at load (data.strict_train / strict_val false), per kind of problem
                "data_problems": stats.get("problems", {})}
