@@ -363,7 +363,8 @@ def test_clsloc_val_blacklist_scores_classification_only(tmp_path, monkeypatch):
     monkeypatch.setattr(loc_eval, "localize_image", stand_in)
     listed = tmp_path / "ILSVRC2015_clsloc_validation_blacklist.txt"
     listed.write_text("3\n7\n")
-    assert apply_val_blacklist(records, str(listed)) == 1 and [r.loc_scored for r in records] == [True, True, False, True]
+    assert apply_val_blacklist(records, str(listed)) == 1
+    assert [r.loc_scored for r in records] == [True, True, False, True]
     eval_cfg = load_config(LocEvalConfig, None, [])
     args = (nn.Identity(), nn.Identity(), records, "center", eval_cfg, 32, torch.device("cpu"), [0, 0, 0], [1, 1, 1])
     m = loc_eval.evaluate_localization(*args, workers=0, progress=False)
@@ -386,5 +387,5 @@ def test_clsloc_val_blacklist_errors_name_the_file_and_the_fix(tmp_path):
     with pytest.raises(LocDataError, match=r"2 line\(s\) are not one val image number \(line 2: '36 n01'; line 3"):
         apply_val_blacklist(records, str(listed))
     listed.write_text("36\n")
-    with pytest.raises(LocDataError, match=r"none of the 1 val images is named ILSVRC2012_val_<N>.*data.val_blacklist=''"):
+    with pytest.raises(LocDataError, match=r"none of the 1 val images is named ILSVRC2012_val_<N>.*val_blacklist=''"):
         apply_val_blacklist(records, str(listed))

@@ -443,8 +443,9 @@ def _score(dataset, detections):
     coco = COCOEvaluator(dataset.coco, dataset.contiguous_to_cat_id, dataset.class_names)
     for evaluator in (voc, coco):
         for image_id, (boxes, scores, labels) in detections.items():
-            evaluator.process([{"image_id": image_id}], [{"boxes": torch.tensor(boxes, dtype=torch.float32),
-                                                          "scores": torch.tensor(scores), "labels": torch.tensor(labels)}])
+            found = {"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.tensor(scores),
+                     "labels": torch.tensor(labels)}
+            evaluator.process([{"image_id": image_id}], [found])
     return voc.evaluate(), coco.evaluate()
 
 

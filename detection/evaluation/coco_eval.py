@@ -72,7 +72,8 @@ class COCOEvaluator:
             image_id = int(target["image_id"])
             boxes = _to_numpy(det["boxes"]).reshape(-1, 4).astype(np.float64)
             scores, labels = _to_numpy(det["scores"]).reshape(-1), _to_numpy(det["labels"]).reshape(-1)
-            cat_ids, unscored = [self.contiguous_to_cat_id[int(label)] for label in labels], self.unscored.get(image_id, ())
+            cat_ids = [self.contiguous_to_cat_id[int(label)] for label in labels]
+            unscored = self.unscored.get(image_id, ())
             self._results[image_id] = [
                 {"image_id": image_id, "category_id": cat_id,
                  "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "score": float(score)}

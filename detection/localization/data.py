@@ -2,14 +2,14 @@
 CLS-LOC layout or from an ImageFolder plus a folder of XML files (the same PASCAL VOC style XML).
 
 Every annotation is checked when the dataset is loaded, so a bad file stops the run before any
-training with the file, the field and the fix.
+training with the file, the field and the fix. Class indices are those of the classifier the run
+starts from (its ``class_names``, the pretraining's ImageFolder order = sorted wnids), matched by name.
 
 ``data.val_blacklist``: the ILSVRC devkit's CLS-LOC validation blacklist (``data/ILSVRC2015_clsloc_
 validation_blacklist.txt``, one number ``N`` of ``ILSVRC2012_val_<N>.JPEG`` per line: 1,762 of the 50,000
 val images, whose boxes the organisers judged unsatisfactory). The devkit's localization evaluation leaves
 them out and its classification evaluation keeps them; here such a record is ``loc_scored=False``: it counts
-for the classification errors only. Class indices are those of the classifier the run
-starts from (its ``class_names``, the pretraining's ImageFolder order = sorted wnids), matched by name.
+for the classification errors only.
 """
 from __future__ import annotations
 

@@ -167,13 +167,15 @@ def evaluate_localization(loc_net, classifier, records: Sequence[LocRecord], mod
     n, m = int(totals["images"]), int(totals["loc_images"])
     out = errors_from_counts(totals, n, m)
     out["skipped_corrupt"] = int(totals["skipped"])
-    only_loc = ("images", "loc_images")
-    out["baseline_center_box"] = {k: v for k, v in errors_from_counts(
-        {k: totals[f"baseline_{k}"] for k in COUNTS}, n, m).items() if k not in only_loc and not k.startswith("cls")}
+
+    def loc_errors(prefix: str) -> dict:  # the localization errors of another guesser's boxes
+        errors = errors_from_counts({k: totals[f"{prefix}{k}"] for k in COUNTS}, n, m)
+        return {k: v for k, v in errors.items() if k.endswith("_err") and not k.startswith("cls")}
+
+    out["baseline_center_box"] = loc_errors("baseline_")
     out["baseline_center_box"]["box_fraction_wh"] = [round(float(f), 4) for f in baseline_fraction]
     if rescorer is not None:
-        out["rcnn"] = {k: v for k, v in errors_from_counts({k: totals[f"rcnn_{k}"] for k in COUNTS}, n, m).items()
-                       if k not in only_loc and not k.startswith("cls")}
+        out["rcnn"] = loc_errors("rcnn_")
     loc_net.train(was_training)
     return out
 
