@@ -16,6 +16,7 @@ from backbones.engine.config import ConfigError, load_config
 from detection.config import DetConfig
 from detection.data.coco import CocoDetection, DatasetError
 from detection.data.synthetic import make_synthetic_coco, make_synthetic_voc
+from detection.data.report import dataset_report, format_report
 from detection.data.voc import VOC_CLASSES, VocDetection, voc_to_coco_dict
 from detection.data.build import (DataNotFoundError, build_datasets, build_evaluators, prepare_data_paths,
                                   val_loader)
@@ -485,6 +486,8 @@ def test_imagenet_det_blacklist_leaves_the_listed_classes_unscored(tmp_path):
     assert listed.coco.imgs[image_id]["unscored_category_ids"] == [listed.contiguous_to_cat_id[label]]
     assert sum("unscored_category_ids" in img for img in listed.coco.imgs.values()) == 1
     assert listed.stats["blacklisted_pairs"] == 1 and listed.stats["blacklisted_objects"] == in_image
+    assert (f"val blacklist: 1 (image, class) pairs not scored, their {in_image} objects left out"
+            in format_report("val", dataset_report(listed)))  # what tools/check_data.py prints
     assert len(listed.coco.anns) == len(full.coco.anns) - in_image
     voc, coco = _score(listed, detections)
     cls = full.class_names[label - 1]
@@ -500,11 +503,9 @@ def test_imagenet_det_blacklist_errors_name_the_file_and_the_fix(tmp_path):
     prepare_data_paths(cfg)
     val_sets, synsets = list(cfg.data.xml.val_sets), cfg.data.xml.synsets_file
     bad = tmp_path / "bad.txt"
-    bad.write_text("12 n90000001\nn90000001 12\n3\n")
-    with pytest.raises(DatasetError, match=r"bad.txt: 2 line\(s\) are not '<image index> <wnid>' \(line 2.*line 3"):
-        VocDetection(val_sets, "imagenet_det", synsets_file=synsets, blacklist=str(bad))
-    bad.write_text("1 n12345678\n")
-    with pytest.raises(DatasetError, match=r"wnids \['n12345678'\] are not among the 4 classes"):
+    bad.write_text("12 n90000001\nn90000001 12\n3\n1 n12345678\n")  # every problem in one error
+    with pytest.raises(DatasetError, match=r"(?s)bad.txt: 2 line\(s\) are not '<image index> <wnid>' \(line 2.*line 3"
+                                           r".*wnids \['n12345678'\] are not among the 4 classes"):
         VocDetection(val_sets, "imagenet_det", synsets_file=synsets, blacklist=str(bad))
     with pytest.raises(DatasetError, match="blacklist file not found; fix: set data.xml.val_blacklist"):
         VocDetection(val_sets, "imagenet_det", synsets_file=synsets, blacklist=str(tmp_path / "none.txt"))

@@ -79,6 +79,9 @@ def dataset_report(dataset, anchor_generator=None, short_side: int = 600, max_si
         "training_scale": f"shorter side {short_side}, longer at most {max_size}",
         "problems": dict(dataset.stats.get("problems", {})),
     }
+    if "blacklisted_pairs" in dataset.stats:  # ImageNet DET's val blacklist (detection/data/voc.py)
+        report["blacklist"] = {"image_class_pairs": dataset.stats["blacklisted_pairs"],
+                               "objects_left_out": dataset.stats["blacklisted_objects"]}
     if anchor_generator is not None:
         report["anchor_coverage"] = anchor_coverage(dataset.records, anchor_generator, short_side, max_size)
     return report
@@ -100,6 +103,9 @@ def format_report(name: str, report: dict) -> str:
                      f"anchor at IoU >= 0.7 and {a['below_0.5']} none at IoU >= 0.5 (median best IoU "
                      f"{a['median_best_iou']:.2f}); many below 0.5: add anchor sizes or ratios "
                      "(model.rpn.anchor_sizes / aspect_ratios) or change the image scale")
+    if "blacklist" in report:
+        lines.append(f"val blacklist: {report['blacklist']['image_class_pairs']} (image, class) pairs not scored, their "
+                     f"{report['blacklist']['objects_left_out']} objects left out")
     if report["problems"]:
         lines.append("dropped at load: " + ", ".join(f"{k}: {v}" for k, v in report["problems"].items()))
     return "\n".join(lines)

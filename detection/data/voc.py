@@ -165,9 +165,10 @@ def read_image_indices(image_set: XmlImageSet) -> dict[str, int]:
     return indices
 
 
-def read_det_blacklist(path: str) -> list[tuple[int, str]]:
+def read_det_blacklist(path: str, wnids) -> list[tuple[int, str]]:
     """The ``(image index, wnid)`` pairs of an ILSVRC DET validation blacklist (``<index> <wnid>`` lines, the
-    devkit's ``data/ILSVRC2015_det_validation_blacklist.txt``)."""
+    devkit's ``data/ILSVRC2015_det_validation_blacklist.txt``). Malformed lines and wnids not in ``wnids``
+    (the class list) are reported together in one error."""
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: blacklist file not found; fix: set data.xml.val_blacklist to the ILSVRC "
                            "devkit's data/ILSVRC2015_det_validation_blacklist.txt, or to '' to score every image "
@@ -182,10 +183,18 @@ def read_det_blacklist(path: str) -> list[tuple[int, str]]:
                 bad.append(f"line {line_no}: {line.strip()!r}")
                 continue
             pairs.append((int(tokens[0]), tokens[1]))
+    problems = []
     if bad:
-        raise DatasetError(f"{path}: {len(bad)} line(s) are not '<image index> <wnid>' ({'; '.join(bad[:5])}"
-                           f"{' ...' if len(bad) > 5 else ''}); fix: one pair per line, as in the devkit's "
-                           "data/ILSVRC2015_det_validation_blacklist.txt")
+        problems.append(f"{len(bad)} line(s) are not '<image index> <wnid>' ({'; '.join(bad[:5])}"
+                        f"{' ...' if len(bad) > 5 else ''}); fix: one pair per line, as in the devkit's "
+                        "data/ILSVRC2015_det_validation_blacklist.txt")
+    known = set(wnids)
+    unknown = sorted({w for _, w in pairs if w not in known})
+    if unknown:
+        problems.append(f"wnids {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are not among the {len(known)} "
+                        "classes; fix: the blacklist of the same devkit as the class list (data.xml.synsets_file)")
+    if problems:
+        raise DatasetError(f"{path}: " + "\n  ".join(problems))
     return pairs
 
 
@@ -294,12 +303,7 @@ def _unscored_classes(blacklist: str, layout: str, image_sets: list[XmlImageSet]
     if layout != "imagenet_det":
         raise DatasetError(f"data.xml.val_blacklist={blacklist!r} is ImageNet DET's (data.format=imagenet_det); "
                            "fix: set it to '' for data.format=voc")
-    pairs = read_det_blacklist(blacklist)
-    unknown = sorted({w for _, w in pairs if w not in label_of})
-    if unknown:
-        raise DatasetError(f"{blacklist}: wnids {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are not among "
-                           f"the {len(label_of)} classes; fix: the blacklist of the same devkit as the class list "
-                           "(data.xml.synsets_file)")
+    pairs = read_det_blacklist(blacklist, label_of)
     by_index: dict[int, set[str]] = {}
     for index, wnid in pairs:
         by_index.setdefault(index, set()).add(wnid)
