@@ -516,10 +516,15 @@ def test_imagenet_det_blacklist_errors_name_the_file_and_the_fix(tmp_path):
     bad.write_text("1 n90000001\n")
     with pytest.raises(DatasetError, match=r"val_names.txt: 8 image\(s\) listed without the index"):
         VocDetection([f"{base}:val_names"], "imagenet_det", synsets_file=synsets, blacklist=str(bad))
-    # before any file is read: a missing file, and a blacklist on VOC data
+    # before any XML is read: a missing file, a malformed line, and a blacklist on VOC data
     with pytest.raises(DataNotFoundError, match="missing.txt"):
         prepare_data_paths(load_config(DetConfig, None, [
             "data.format=imagenet_det", f"data.xml.train_sets={val_sets}", f"data.xml.val_sets={val_sets}",
             f"data.xml.val_blacklist={tmp_path / 'missing.txt'}"]))
+    bad.write_text("1 n90000001\n2\n")
+    with pytest.raises(DatasetError, match=r"bad.txt: 1 line\(s\) are not '<image index> <wnid>' \(line 2: '2'\)"):
+        prepare_data_paths(load_config(DetConfig, None, [
+            "data.format=imagenet_det", f"data.xml.train_sets={val_sets}", f"data.xml.val_sets={val_sets}",
+            f"data.xml.val_blacklist={bad}"]))
     with pytest.raises(ConfigError, match="ImageNet DET's validation blacklist; fix: data.xml.val_blacklist=''"):
         prepare_data_paths(load_config(DetConfig, None, ["data.format=voc", f"data.xml.val_blacklist={bad}"]))

@@ -26,7 +26,7 @@ from .batching import build_batch_sampler, collate_detection
 from .coco import CocoDetection, DatasetError
 from .synthetic import make_synthetic_coco, make_synthetic_voc
 from .transforms import build_transform
-from .voc import LAYOUTS as XML_LAYOUTS, VocDetection, parse_set_spec
+from .voc import LAYOUTS as XML_LAYOUTS, VocDetection, parse_set_spec, read_det_blacklist
 
 DEMO_HINT = "  to try resdet without any download: python tools/train_det.py configs/frcnn_demo.yaml"
 COCO_LAYOUT = ("  expected layout:\n"
@@ -165,6 +165,8 @@ class XmlFormat(DatasetFormat):
         if missing:
             raise _not_found(missing, f"{layout}\n  (or set data.xml.train_sets / data.xml.val_sets"
                              f"{' / data.xml.val_blacklist' if xml.val_blacklist else ''})\n{DEMO_HINT}")
+        if xml.val_blacklist:  # its lines now, not after the training sets' XML (half a minute at ILSVRC scale)
+            read_det_blacklist(xml.val_blacklist)
 
     def _load(self, cfg: DictConfig, sets, transform, train: bool, class_names=None) -> VocDetection:
         d, xml = cfg.data, cfg.data.xml

@@ -165,10 +165,10 @@ def read_image_indices(image_set: XmlImageSet) -> dict[str, int]:
     return indices
 
 
-def read_det_blacklist(path: str, wnids) -> list[tuple[int, str]]:
+def read_det_blacklist(path: str, wnids=None) -> list[tuple[int, str]]:
     """The ``(image index, wnid)`` pairs of an ILSVRC DET validation blacklist (``<index> <wnid>`` lines, the
     devkit's ``data/ILSVRC2015_det_validation_blacklist.txt``). Malformed lines and wnids not in ``wnids``
-    (the class list) are reported together in one error."""
+    (the class list; None: not checked) are reported together in one error."""
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: blacklist file not found; fix: set data.xml.val_blacklist to the ILSVRC "
                            "devkit's data/ILSVRC2015_det_validation_blacklist.txt, or to '' to score every image "
@@ -188,8 +188,8 @@ def read_det_blacklist(path: str, wnids) -> list[tuple[int, str]]:
         problems.append(f"{len(bad)} line(s) are not '<image index> <wnid>' ({'; '.join(bad[:5])}"
                         f"{' ...' if len(bad) > 5 else ''}); fix: one pair per line, as in the devkit's "
                         "data/ILSVRC2015_det_validation_blacklist.txt")
-    known = set(wnids)
-    unknown = sorted({w for _, w in pairs if w not in known})
+    known = set(wnids or ())
+    unknown = sorted({w for _, w in pairs if w not in known}) if wnids is not None else []
     if unknown:
         problems.append(f"wnids {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are not among the {len(known)} "
                         "classes; fix: the blacklist of the same devkit as the class list (data.xml.synsets_file)")
