@@ -36,6 +36,23 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 _EXIF_ORIENTATION = 0x0112
 
 
+def read_token_lines(path: str, valid, expected: str) -> tuple[list[list[str]], str]:
+    """The non-blank lines of a small list file (a blacklist), split into tokens: those ``valid(tokens)``
+    accepts, and what is wrong with the others, ``"N line(s) are not <expected> (line 3: '...'; ...)"``, or
+    "" when there is nothing wrong; the caller names the file and the fix."""
+    rows, bad = [], []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            tokens = line.split()
+            if tokens and valid(tokens):
+                rows.append(tokens)
+            elif tokens:
+                bad.append(f"line {line_no}: {line.strip()!r}")
+    problem = (f"{len(bad)} line(s) are not {expected} ({'; '.join(bad[:EXAMPLES_SHOWN])}"
+               f"{' ...' if len(bad) > EXAMPLES_SHOWN else ''})") if bad else ""
+    return rows, problem
+
+
 @dataclass
 class _Kind:
     fix: str

@@ -51,7 +51,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from .coco import CocoDetection, DatasetError
-from .problems import DataProblems
+from .problems import DataProblems, read_token_lines
 
 # The 20 PASCAL VOC classes in the devkit's order (labels 1..20).
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -133,9 +133,11 @@ def parse_set_spec(spec: str, layout: str) -> XmlImageSet:
     return XmlImageSet(spec=str(spec), root=os.path.normpath(root), split=split, layout=layout)
 
 
-def read_image_set(image_set: XmlImageSet) -> list[str]:
-    """The image names of a set, in file order, without duplicates and without images listed as -1."""
-    names: dict[str, None] = {}
+def read_image_set(image_set: XmlImageSet) -> dict[str, int | None]:
+    """The image names of a set, in file order, without duplicates and without images listed as -1, each with
+    the number on its ``name number`` line (None without one): ImageNet DET's ``val.txt`` index, which the
+    devkit's blacklist and result files refer to (the val1/val2 halves of R-CNN's split keep those numbers)."""
+    names: dict[str, int | None] = {}
     for path in image_set.image_set_files():
         with open(path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
@@ -147,22 +149,9 @@ def read_image_set(image_set: XmlImageSet) -> list[str]:
                                        "an image-set line is 'name' or 'name number'")
                 if len(tokens) == 2 and tokens[1] == "-1":
                     continue  # listed as a negative of a per-class list: no object of that class
-                names[tokens[0]] = None
-    return list(names)
-
-
-def read_image_indices(image_set: XmlImageSet) -> dict[str, int]:
-    """Image name -> the number on its ``name number`` line (ImageNet DET's ``val.txt``: the index the
-    devkit's blacklist and result files refer to; the val1/val2 halves of R-CNN's split keep those numbers).
-    Names listed without a number are left out."""
-    indices: dict[str, int] = {}
-    for path in image_set.image_set_files():
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                tokens = line.split()
-                if len(tokens) == 2 and tokens[1].lstrip("-").isdigit() and int(tokens[1]) >= 0:
-                    indices.setdefault(tokens[0], int(tokens[1]))
-    return indices
+                number = int(tokens[1]) if len(tokens) == 2 and tokens[1].isdigit() else None
+                names.setdefault(tokens[0], number)
+    return names
 
 
 def read_det_blacklist(path: str, wnids=None) -> list[tuple[int, str]]:
@@ -173,25 +162,15 @@ def read_det_blacklist(path: str, wnids=None) -> list[tuple[int, str]]:
         raise DatasetError(f"{path}: blacklist file not found; fix: set data.xml.val_blacklist to the ILSVRC "
                            "devkit's data/ILSVRC2015_det_validation_blacklist.txt, or to '' to score every image "
                            "and class")
-    pairs, bad = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            if len(tokens) != 2 or not tokens[0].isdigit():
-                bad.append(f"line {line_no}: {line.strip()!r}")
-                continue
-            pairs.append((int(tokens[0]), tokens[1]))
+    rows, malformed = read_token_lines(path, lambda t: len(t) == 2 and t[0].isdigit(), "'<image index> <wnid>'")
+    pairs = [(int(index), wnid) for index, wnid in rows]
     problems = []
-    if bad:
-        problems.append(f"{len(bad)} line(s) are not '<image index> <wnid>' ({'; '.join(bad[:5])}"
-                        f"{' ...' if len(bad) > 5 else ''}); fix: one pair per line, as in the devkit's "
+    if malformed:
+        problems.append(f"{malformed}; fix: one pair per line, as in the devkit's "
                         "data/ILSVRC2015_det_validation_blacklist.txt")
-    known = set(wnids or ())
-    unknown = sorted({w for _, w in pairs if w not in known}) if wnids is not None else []
+    unknown = [] if wnids is None else sorted({w for _, w in pairs} - set(wnids))
     if unknown:
-        problems.append(f"wnids {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are not among the {len(known)} "
+        problems.append(f"wnids {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are not among the {len(wnids)} "
                         "classes; fix: the blacklist of the same devkit as the class list (data.xml.synsets_file)")
     if problems:
         raise DatasetError(f"{path}: " + "\n  ".join(problems))
@@ -246,9 +225,10 @@ def voc_to_coco_dict(sets, layout: str = "voc", class_names=None, synsets_file: 
         raise DatasetError(f"no {layout} set given; fix: list sets as ROOT:SPLIT (e.g. "
                            f"{'datasets/VOCdevkit/VOC2007:trainval' if layout == 'voc' else 'datasets/ILSVRC:val'})")
     parsed = []  # (image set, image name, width, height, objects)
+    numbers = {}  # set spec -> image name -> its number in the image-set file (ImageNet DET's val index)
     for image_set in image_sets:
-        names = read_image_set(image_set)
-        for name in _check_files(image_set, names, collect):
+        numbers[image_set.spec] = read_image_set(image_set)
+        for name in _check_files(image_set, list(numbers[image_set.spec]), collect):
             xml_path = os.path.join(image_set.annotation_dir, name + ".xml")
             try:
                 parsed.append((image_set, name, *_parse_xml(xml_path)))
@@ -257,7 +237,7 @@ def voc_to_coco_dict(sets, layout: str = "voc", class_names=None, synsets_file: 
                 collect.add("bad XML annotation file", where, fix or "repair the file")
     keys, display = _resolve_classes(layout, class_names, synsets_file, parsed)
     label_of = {key: label for label, key in enumerate(keys, start=1)}
-    unscored = _unscored_classes(blacklist, layout, image_sets, parsed, label_of) if blacklist else {}
+    unscored = _unscored_classes(blacklist, layout, image_sets, parsed, label_of, numbers) if blacklist else {}
     images, annotations, left_out = [], [], 0
     for image_set, name, width, height, objects in parsed:
         image_id = len(images) + 1
@@ -297,9 +277,10 @@ def voc_to_coco_dict(sets, layout: str = "voc", class_names=None, synsets_file: 
 
 
 def _unscored_classes(blacklist: str, layout: str, image_sets: list[XmlImageSet], parsed: list,
-                      label_of: dict[str, int]) -> dict[tuple[str, str], set[str]]:
+                      label_of: dict[str, int], numbers: dict[str, dict[str, int | None]]
+                      ) -> dict[tuple[str, str], set[str]]:
     """(set spec, image name) -> the wnids the blacklist leaves unscored in that image, for the images of
-    these sets that it lists (by their ``val.txt`` number)."""
+    these sets that it lists (by their ``val.txt`` number, ``numbers`` as :func:`read_image_set` gives them)."""
     if layout != "imagenet_det":
         raise DatasetError(f"data.xml.val_blacklist={blacklist!r} is ImageNet DET's (data.format=imagenet_det); "
                            "fix: set it to '' for data.format=voc")
@@ -310,8 +291,8 @@ def _unscored_classes(blacklist: str, layout: str, image_sets: list[XmlImageSet]
     out: dict[tuple[str, str], set[str]] = {}
     for image_set in image_sets:
         names = [name for s, name, *_ in parsed if s is image_set]
-        indices = read_image_indices(image_set)
-        unnumbered = [n for n in names if n not in indices]
+        indices = numbers[image_set.spec]
+        unnumbered = [n for n in names if indices[n] is None]
         if unnumbered:
             raise DatasetError(f"{', '.join(image_set.image_set_files())}: {len(unnumbered)} image(s) listed without "
                                f"the index the blacklist refers to (e.g. {unnumbered[0]!r}); fix: lines 'name index' "

@@ -27,7 +27,7 @@ from backbones.engine.errors import DatasetError
 from backbones.engine.imageio import is_image_file, read_image_rgb, read_or_skip
 from backbones.engine.loader import epoch_and_index, item_seed
 from backbones.imagedata import PCALighting, scan_image_folder, seed_augmentation, split_holdout
-from detection.data.problems import DataProblems, verify_images
+from detection.data.problems import DataProblems, read_token_lines, verify_images
 from detection.data.voc import read_xml_annotation
 
 LAYOUTS = ("imagefolder", "ilsvrc", "synthetic")
@@ -77,18 +77,11 @@ def apply_val_blacklist(records: list[LocRecord], path: str) -> int:
     if not os.path.isfile(path):
         raise LocDataError(f"{path}: blacklist file not found; fix: set data.val_blacklist to the ILSVRC devkit's "
                            "data/ILSVRC2015_clsloc_validation_blacklist.txt, or to '' to score every val image")
-    listed, bad = set(), []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            tokens = line.split()
-            if len(tokens) == 1 and tokens[0].isdigit():
-                listed.add(int(tokens[0]))
-            elif tokens:
-                bad.append(f"line {line_no}: {line.strip()!r}")
-    if bad:
-        raise LocDataError(f"{path}: {len(bad)} line(s) are not one val image number ({'; '.join(bad[:5])}"
-                           f"{' ...' if len(bad) > 5 else ''}); fix: one N of ILSVRC2012_val_<N>.JPEG per line, as "
-                           "in the devkit's data/ILSVRC2015_clsloc_validation_blacklist.txt")
+    rows, malformed = read_token_lines(path, lambda t: len(t) == 1 and t[0].isdigit(), "one val image number")
+    if malformed:
+        raise LocDataError(f"{path}: {malformed}; fix: one N of ILSVRC2012_val_<N>.JPEG per line, as in the devkit's "
+                           "data/ILSVRC2015_clsloc_validation_blacklist.txt")
+    listed = {int(number) for number, in rows}
     numbered = 0
     for r in records:
         match = ILSVRC_VAL_NAME.match(os.path.splitext(os.path.basename(r.path))[0])
