@@ -105,6 +105,16 @@ def all_gather_object(obj):
     return out
 
 
+def all_gather_host(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, exchanged on the host (gloo): large Python results
+    (per-image checks, parsed annotations) without a trip through GPU memory."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj, group=_HOST_GROUP)
+    return out
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         gc.collect()  # DDP wrappers caught in reference cycles let go of the process group first

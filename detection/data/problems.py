@@ -5,19 +5,18 @@ hundred. The loaders add each problem here (its kind, where it is, how to fix it
 :meth:`DataProblems.finish` prints a summary (count per kind, the first examples with file and record)
 and either stops (``strict``, the default) or lets the loader drop what was wrong and records the counts.
 
-The image check (:func:`verify_images`) opens every image once before training, in parallel threads:
-a file that cannot be opened, or whose size (after the EXIF orientation, which the decoder applies)
+The image check (:func:`verify_images`) opens every image once before training, in threads, each rank of
+a torchrun job its share (:mod:`backbones.engine.parallel`): a file that cannot be opened, or whose size (after the EXIF orientation, which the decoder applies)
 differs from the annotation's width/height, is a problem like any other, found before the first step
 instead of being skipped with a warning in every epoch.
 """
 from __future__ import annotations
 
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from backbones.engine.config import Choice
+from backbones.engine.parallel import default_threads, map_over_ranks
 from backbones.engine.errors import DatasetError  # noqa: F401  (raised here; importers take it from here too)
 
 logger = logging.getLogger(__name__)
@@ -123,37 +122,32 @@ def verify_images(items: list[tuple[str, int, int, str]], problems: DataProblems
                   threads: int | None = None, progress: bool = True) -> set[str]:
     """Open every ``(path, height, width, where)``; unreadable files and size mismatches become problems.
     Returns the paths that failed. ``mode``: ``header`` (fast: size and orientation), ``decode`` (every
-    pixel, finds truncated files), ``none``."""
+    pixel, finds truncated files), ``none``. Under torchrun each rank opens its share of the files and
+    every rank gets every result (a collective: :func:`backbones.engine.parallel.map_over_ranks`)."""
     if mode not in VERIFY_MODES:
         raise ValueError(f"verify_images: mode must be one of {VERIFY_MODES}, got {mode!r}")
     if mode == "none" or not items:
         return set()
-    threads = threads or min(32, 4 * (os.cpu_count() or 1))
-
     unreadable = ("unreadable image", "replace the file, or remove its record")
     mismatch = ("image size differs from the annotation", "correct width/height in the annotations (for an "
                 "EXIF-rotated photo: the rotated size) or replace the image")
 
-    def check(item):
-        """(item, None) or (item, (kind, fix), what was found)."""
+    def check(item) -> tuple[tuple[str, str], str] | None:
+        """None, or ((kind, fix), what was found)."""
         path, height, width, _ = item
         try:
             found = image_size(path, decode=mode == "decode")
         except Exception as exc:  # noqa: BLE001 - any failure to open is the same problem for the user
-            return item, unreadable, f"cannot be read ({type(exc).__name__}: {exc})"
+            return unreadable, f"cannot be read ({type(exc).__name__}: {exc})"
         if tuple(found) != (height, width):
-            return item, mismatch, (f"decodes as {found[1]}x{found[0]} (EXIF orientation applied), "
-                                    f"annotated {width}x{height}")
-        return item, None, ""
+            return mismatch, f"decodes as {found[1]}x{found[0]} (EXIF orientation applied), annotated {width}x{height}"
+        return None
 
+    desc = f"checking images ({mode})" if progress and len(items) >= 2000 else None
     bad = set()
-    from backbones.engine.run import progress_bar
-    with ThreadPoolExecutor(threads) as pool:
-        results = pool.map(check, items, chunksize=64)
-        bar = progress_bar(iterable=results, total=len(items), desc=f"checking images ({mode})",
-                           disable=not progress or len(items) < 2000)
-        for (path, _, _, where), problem, found in bar:
-            if problem is not None:
-                bad.add(path)
-                problems.add(problem[0], f"{path} ({where}): {found}", problem[1])
+    for (path, _, _, where), outcome in zip(items, map_over_ranks(check, items, threads or default_threads(), desc)):
+        if outcome is not None:
+            (kind, fix), found = outcome
+            bad.add(path)
+            problems.add(kind, f"{path} ({where}): {found}", fix)
     return bad

@@ -13,6 +13,7 @@ for the classification errors only.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from torch.utils.data import Dataset
 from backbones.engine.errors import DatasetError
 from backbones.engine.imageio import is_image_file, read_image_rgb, read_or_skip
 from backbones.engine.loader import epoch_and_index, item_seed
+from backbones.engine.parallel import map_over_ranks
 from backbones.imagedata import PCALighting, scan_image_folder, seed_augmentation, split_holdout
 from detection.data.problems import DataProblems, read_token_lines, verify_images
 from detection.data.voc import read_xml_annotation
@@ -154,16 +156,42 @@ def find_annotation(ann_dir: str, image_path: str, wnid: str | None) -> str | No
     return next((c for c in candidates if os.path.isfile(c)), None)
 
 
-def read_record(problems: DataProblems, image_path: str, xml_path: str, folder_class: str | None,
-                class_to_index: dict[str, int], clip: bool) -> LocRecord | None:
-    """:func:`make_record`, with a problem recorded in ``problems`` (and None returned) instead of raised."""
+def annotated_record(ann_dir: str, class_to_index: dict[str, int], clip: bool, sample: tuple[str, str | None]
+                     ) -> LocRecord | tuple[str, str, str] | None:
+    """An image ``(path, class folder or None)`` as its record, its problem ``(kind, where, fix)``, or None when
+    ``ann_dir`` has no XML for it. Pure (problems are returned, not collected), so that the ranks of a torchrun
+    job can each read a share (:func:`backbones.engine.parallel.map_over_ranks`)."""
+    path, folder_class = sample
+    xml = find_annotation(ann_dir, path, folder_class)
+    if xml is None:
+        return None
     try:
-        return make_record(image_path, xml_path, folder_class, class_to_index, clip)
+        return make_record(path, xml, folder_class, class_to_index, clip)
     except AnnotationProblem as problem:
-        problems.add(problem.kind, problem.where, problem.fix)
+        return problem.kind, problem.where, problem.fix
     except LocDataError as exc:  # the XML itself: unreadable, not XML, a field missing
-        problems.add("unreadable or incomplete XML", str(exc), "repair or re-export the annotation file")
-    return None
+        return "unreadable or incomplete XML", str(exc), "repair or re-export the annotation file"
+
+
+def read_records(samples: list[tuple[str, str | None]], ann_dir: str, class_to_index: dict[str, int], clip: bool,
+                 split: str, problems: DataProblems, unannotated) -> tuple[list[LocRecord], int]:
+    """:func:`annotated_record` of every sample, each rank of a torchrun job reading its share (ILSVRC's train set:
+    1.28M images, 544k XML files) in one thread (XML parsing holds the GIL); problems go to ``problems``, an
+    image without XML to ``unannotated(path)`` (which adds its problem), or is skipped and counted when that is
+    None. Returns (records, skipped)."""
+    outcomes = map_over_ranks(functools.partial(annotated_record, ann_dir, class_to_index, clip), samples, threads=1,
+                              desc=f"reading {split} annotations" if len(samples) >= 2000 else None)
+    records, skipped = [], 0
+    for (path, _), outcome in zip(samples, outcomes):
+        if isinstance(outcome, LocRecord):
+            records.append(outcome)
+        elif outcome is not None:
+            problems.add(*outcome)
+        elif unannotated is None:
+            skipped += 1
+        else:
+            unannotated(path)
+    return records, skipped
 
 
 def records_from_samples(samples, folder_classes, ann_dir, class_to_index, clip, skip_missing, split,
@@ -173,23 +201,14 @@ def records_from_samples(samples, folder_classes, ann_dir, class_to_index, clip,
     if not os.path.isdir(ann_dir):
         raise LocDataError(f"annotation folder not found: {os.path.abspath(ann_dir)} (the {split} split's XML "
                            f"files, <annotations>/<image stem>.xml); set data.{split}_annotations")
-    records, missing = [], 0
-    for path, folder_idx in samples:
-        wnid = folder_classes[folder_idx]
-        xml = find_annotation(ann_dir, path, wnid)
-        if xml is None:
-            if skip_missing:
-                missing += 1
-                continue
-            stem = os.path.splitext(os.path.basename(path))[0]
-            problems.add("image without annotation", f"{path}: no annotation {os.path.join(ann_dir, stem + '.xml')}",
-                         "add it, or remove the image" + (" or set data.skip_unannotated_train=true"
-                                                          if split == "train" else ""))
-            continue
-        record = read_record(problems, path, xml, wnid, class_to_index, clip)
-        if record is not None:
-            records.append(record)
-    return records, missing
+
+    def unannotated(path):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        problems.add("image without annotation", f"{path}: no annotation {os.path.join(ann_dir, stem + '.xml')}",
+                     "add it, or remove the image" + (" or set data.skip_unannotated_train=true"
+                                                      if split == "train" else ""))
+    return read_records([(path, folder_classes[folder_idx]) for path, folder_idx in samples], ann_dir,
+                        class_to_index, clip, split, problems, None if skip_missing else unannotated)
 
 
 def finish_problems(d, splits: dict[str, tuple[list[LocRecord], DataProblems]]) -> tuple[list, list, dict]:
@@ -275,22 +294,13 @@ def load_ilsvrc(d, class_names: list[str]) -> tuple[list[LocRecord], list[LocRec
     train_problems, val_problems = DataProblems(f"{train_ann} (train)"), DataProblems(f"{val_ann} (val)")
     train_records, missing = records_from_samples(samples, folder_classes, train_ann, class_to_index, d.clip_boxes,
                                                   d.skip_unannotated_train, "train", train_problems)
-    val_records, val_images = [], 0
-    for name in sorted(os.listdir(val_dir)):
-        if not is_image_file(name):
-            continue
-        val_images += 1
-        path = os.path.join(val_dir, name)
-        xml = find_annotation(val_ann, path, None)
-        if xml is None:
-            val_problems.add("val image without annotation", f"{path}: no annotation in {val_ann}",
-                             "every val image needs its XML: re-extract ILSVRC's Annotations/CLS-LOC/val")
-            continue
-        record = read_record(val_problems, path, xml, None, class_to_index, d.clip_boxes)
-        if record is not None:
-            val_records.append(record)
-    if not val_images:
+    val_samples = [(os.path.join(val_dir, name), None) for name in sorted(os.listdir(val_dir)) if is_image_file(name)]
+    if not val_samples:
         raise LocDataError(f"{val_dir}: no images\n{ILSVRC_LAYOUT}")
+    val_records, _ = read_records(val_samples, val_ann, class_to_index, d.clip_boxes, "val", val_problems,
+                                  lambda path: val_problems.add(
+                                      "val image without annotation", f"{path}: no annotation in {val_ann}",
+                                      "every val image needs its XML: re-extract ILSVRC's Annotations/CLS-LOC/val"))
     train_records, val_records, problems = finish_problems(
         d, {"train": (train_records, train_problems), "val": (val_records, val_problems)})
     return train_records, val_records, {"train_unannotated_skipped": missing, "problems": problems}
