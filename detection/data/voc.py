@@ -237,25 +237,28 @@ def voc_to_coco_dict(sets, layout: str = "voc", class_names=None, synsets_file: 
                                "choose a split with images")
         # each rank of a torchrun job reads its share of the files (ImageNet DET: ~450k XML files); in one
         # thread, as parsing holds the GIL (threads measured slower on a local disk, see backbones.engine.parallel)
-        entries = map_over_ranks(functools.partial(_read_entry, image_set), names, threads=1,
+        entries = map_over_ranks(functools.partial(_read_entry, image_set.annotation_dir, image_set.image_dir,
+                                                   image_set.image_ext), names, threads=1,
                                  desc=f"reading {image_set.spec}" if len(names) >= 2000 else None)
         parsed.extend((image_set, name, *xml) for name, xml in _collect_entries(image_set, names, entries, collect))
     keys, display = _resolve_classes(layout, class_names, synsets_file, parsed)
     label_of = {key: label for label, key in enumerate(keys, start=1)}
     unscored = _unscored_classes(blacklist, layout, image_sets, parsed, label_of, numbers) if blacklist else {}
     images, annotations, left_out = [], [], 0
+    # each set's folders once: the properties behind them cost more than the rest of this loop (~450k images)
+    image_prefix = {s.spec: (os.path.join(os.path.abspath(s.image_dir), ""), s.image_ext) for s in image_sets}
     for image_set, name, width, height, objects in parsed:
         image_id = len(images) + 1
-        images.append({"id": image_id, "file_name": os.path.abspath(os.path.join(image_set.image_dir,
-                                                                                 name + image_set.image_ext)),
+        folder, ext = image_prefix[image_set.spec]
+        images.append({"id": image_id, "file_name": folder + name + ext,
                        "width": width, "height": height, "xml_id": name, "xml_set": image_set.spec})
         not_scored = unscored.get((image_set.spec, name), set())
         if not_scored:
             images[-1]["unscored_category_ids"] = sorted(label_of[w] for w in not_scored)
-        xml_path = os.path.join(image_set.annotation_dir, name + ".xml")
         for n, (cls, (x1, y1, x2, y2), is_difficult) in enumerate(objects, 1):
             if cls not in label_of:
                 shown = ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "")
+                xml_path = os.path.join(image_set.annotation_dir, name + ".xml")
                 collect.add("object of an unknown class", f"{xml_path}: <object> #{n} has <name>{cls}</name>, which "
                             f"is not one of the {len(keys)} classes ({shown})",
                             "correct the name, or set data.xml.class_names"
@@ -327,12 +330,12 @@ def _resolve_classes(layout: str, class_names, synsets_file: str, parsed: list) 
     return keys, {key: mapping.get(key, key) for key in keys}
 
 
-def _read_entry(image_set: XmlImageSet, name: str) -> tuple[bool, bool, tuple | str | None]:
+def _read_entry(annotation_dir: str, image_dir: str, image_ext: str, name: str) -> tuple[bool, bool, tuple | str | None]:
     """(annotation file there, image file there, the parsed XML or its problem's message); the XML is read
     only when both files are there."""
-    xml_path = os.path.join(image_set.annotation_dir, name + ".xml")
+    xml_path = os.path.join(annotation_dir, name + ".xml")
     has_xml = os.path.isfile(xml_path)
-    has_image = os.path.isfile(os.path.join(image_set.image_dir, name + image_set.image_ext))
+    has_image = os.path.isfile(os.path.join(image_dir, name + image_ext))
     if not (has_xml and has_image):
         return has_xml, has_image, None
     try:
