@@ -12,9 +12,15 @@ resumed run sees exactly the images an uninterrupted one would have.
 """
 from __future__ import annotations
 
+import gc
+import multiprocessing
+import operator
+import pickle
+from collections.abc import Sequence
 from itertools import islice
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
@@ -69,10 +75,81 @@ class SpanningBatchSampler(Sampler[list[tuple[int, int]]]):
             epoch, offset = epoch + 1, 0
 
 
+class PackedList(Sequence):
+    """A dataset's records (samples, image records: anything picklable) as one byte buffer and an offset
+    array, read back one item at a time; read-only, and each access returns a new copy of the item.
+
+    A forked worker that reads an item of a Python list writes to it (the item's reference count), so the
+    page it lies on becomes the worker's own copy: over an epoch each worker copies the whole list. Two
+    objects instead of millions are never copied. Measured with ImageNet's 1.28M (path, label) samples and
+    one worker reading each once and collecting garbage: 343 MB of the worker's memory private as a list,
+    252 MB with the heap frozen (:func:`worker_loader`), a few MB packed (the figures of
+    ``tests/test_loader.py``'s check are smaller sets); at 16 workers on each of 8 ranks, 44 GB of a node's
+    memory for the list alone. Reading an item back costs a few microseconds (unpickling), far below
+    decoding its image. The same remedy as Detectron2's ``DatasetFromList(serialize=True)``."""
+
+    def __init__(self, items):
+        blobs = [pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL) for item in items]
+        self._ends = np.cumsum([len(b) for b in blobs], dtype=np.int64)
+        self._blob = b"".join(blobs)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = operator.index(index)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"PackedList index {index} out of range for {len(self)} items")
+        start = int(self._ends[i - 1]) if i else 0
+        return pickle.loads(memoryview(self._blob)[start:int(self._ends[i])])
+
+
+def packed(items) -> PackedList:
+    """``items`` as a :class:`PackedList` (as they are when they already are one)."""
+    return items if isinstance(items, PackedList) else PackedList(items)
+
+
+class SharingDataLoader(DataLoader):
+    """A ``DataLoader`` whose forked workers keep sharing the parent's memory instead of each copying it.
+
+    A forked worker shares its parent's pages until it writes to one, and Python's cyclic garbage collector
+    writes to every object it tracks whenever a full collection runs, which over a long run every worker
+    does: each then holds its own copy of the heap, the dataset's records included. Measured on COCO
+    train2017's size (118k image records, 860k boxes, every record read once) with two workers: 307 MB of
+    private memory per worker after one collection with the records as a list, 49 MB with the heap frozen
+    first, 7 MB frozen and packed (:class:`PackedList`, which the datasets use); at 14 workers on each of 8
+    ranks, 34 GB of a node's memory against under 1. So the workers are forked from a frozen heap
+    (``gc.freeze``: their collector skips what existed then), and the parent's heap is unfrozen as soon as
+    they are started, so that its own garbage is collected as before."""
+
+    def __iter__(self):
+        if not self._forks_workers():
+            return super().__iter__()
+        gc.collect()
+        gc.freeze()
+        try:
+            return super().__iter__()  # starts the workers (persistent ones: the first time only)
+        finally:
+            gc.unfreeze()
+
+    def _forks_workers(self) -> bool:
+        context = self.multiprocessing_context or multiprocessing.get_context()
+        return self.num_workers > 0 and context.get_start_method() == "fork"
+
+
+def worker_loader(dataset, workers: int, **kwargs) -> SharingDataLoader:
+    """A :class:`SharingDataLoader` with ``workers`` processes (``kwargs`` as DataLoader's)."""
+    return SharingDataLoader(dataset, num_workers=workers, **kwargs)
+
+
 def run_loader(dataset, batch_sampler, collate_fn: Callable, workers: int, device: torch.device,
                generator: torch.Generator) -> DataLoader:
     """The run's one loader over ``batch_sampler``. ``generator`` (a keyed one) gives the workers' base
     seed, so that building the loader draws nothing from the global generators a checkpoint restores."""
-    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=workers,
-                      pin_memory=device.type == "cuda", prefetch_factor=PREFETCH_FACTOR if workers else None,
-                      generator=generator, worker_init_fn=ignore_stop_signals)
+    return worker_loader(dataset, workers, batch_sampler=batch_sampler, collate_fn=collate_fn,
+                         pin_memory=device.type == "cuda", prefetch_factor=PREFETCH_FACTOR if workers else None,
+                         generator=generator, worker_init_fn=ignore_stop_signals)

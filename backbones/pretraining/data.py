@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..engine.imageio import read_image_rgb, read_or_skip
-from ..engine.loader import epoch_and_index, item_seed
+from ..engine.loader import epoch_and_index, item_seed, packed
 # shared with localization (backbones/imagedata.py); re-exported under their old names here
 from ..imagedata import (EXPECTED_LAYOUT, DatasetError, PCALighting, ShardedSampler,  # noqa: F401
                          scan_image_folder, seed_augmentation, split_holdout)
@@ -45,7 +45,7 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, samples, classes, transform: A.Compose, seed: int = 0, skip_corrupt: bool = True,
                  ten_crop: int = 0):
-        self.samples = samples
+        self.samples = packed(samples)  # shared with the workers, not copied (backbones.engine.loader)
         self.classes = classes
         self.transform = transform
         self.seed = seed

@@ -38,7 +38,7 @@ from torchvision.ops import roi_align
 
 from ..engine.errors import ConfigError
 from ..engine.imageio import decode_image_rgb, read_bytes, read_or_skip
-from ..engine.loader import epoch_and_index, item_seed
+from ..engine.loader import epoch_and_index, item_seed, packed
 from ..engine.run import get_logger
 from ..imagedata import pca_lighting_offset
 
@@ -103,7 +103,7 @@ class EncodedImageFolderDataset(Dataset):
 
     def __init__(self, samples, scale_range, crop_size: int, flip: bool, pca_std: float, seed: int = 0,
                  skip_corrupt: bool = True):
-        self.samples = samples
+        self.samples = packed(samples)  # shared with the workers, not copied (backbones.engine.loader)
         self.scale_range, self.crop_size = tuple(scale_range), crop_size
         self.flip, self.pca_std, self.seed, self.skip_corrupt = flip, pca_std, seed, skip_corrupt
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from ..engine.dist import get_rank, get_world_size, reduce_sum
+from ..engine.loader import worker_loader
 from ..engine.preemption import ignore_stop_signals, interruptible
 from ..imagedata import ShardedSampler, normalize  # noqa: F401 (normalize: re-exported)
 from .data import ImageFolderDataset, center_crop_transform, collate_skip_none, resize_transform
@@ -22,8 +22,8 @@ def _topk_correct(probs: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
 
 def _loader(dataset, batch_size, workers):
     sampler = ShardedSampler(len(dataset), shuffle=False, rank=get_rank(), world_size=get_world_size(), pad=False)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=collate_skip_none, worker_init_fn=ignore_stop_signals)
+    return worker_loader(dataset, workers, batch_size=batch_size, sampler=sampler, collate_fn=collate_skip_none,
+                         worker_init_fn=ignore_stop_signals)
 
 
 @torch.no_grad()

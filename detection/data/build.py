@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from backbones.engine.dist import barrier, get_world_size, is_main_process
 from backbones.engine.errors import ConfigError, DataNotFoundError
+from backbones.engine.loader import worker_loader
 from backbones.engine.preemption import ignore_stop_signals
 
 from ..evaluation.coco_eval import COCOEvaluator
@@ -239,6 +240,6 @@ def val_loader(cfg: DictConfig, dataset) -> DataLoader:
     world_size = get_world_size()
     sampler = build_batch_sampler(dataset.aspect_ratios(), max(1, cfg.eval.batch_size // world_size),
                                   shuffle=False, seed=0, distributed=world_size > 1, drop_last=False)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
-                      collate_fn=functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility),
-                      worker_init_fn=ignore_stop_signals)
+    return worker_loader(dataset, cfg.data.workers, batch_sampler=sampler,
+                         collate_fn=functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility),
+                         worker_init_fn=ignore_stop_signals)

@@ -23,6 +23,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from backbones.engine.imageio import CorruptImageError, read_image_rgb
+from backbones.engine.loader import packed
 
 from .problems import DataProblems, DatasetError, verify_images
 
@@ -68,9 +69,12 @@ class CocoDetection(Dataset):
         self.stats["problems"] = self.problems.counts()  # what was dropped (strict=False)
         if bad_paths:
             images = {i: img for i, img in images.items() if self.image_path(img) not in bad_paths}
-        self.records = self._make_records(images, per_image, filter_empty)
-        self.stats["boxes"] = sum(len(r["boxes"]) for r in self.records)  # of the images kept
-        self.stats["crowd_boxes"] = sum(len(r["crowd_boxes"]) for r in self.records)
+        records = self._make_records(images, per_image, filter_empty)
+        self.stats["boxes"] = sum(len(r["boxes"]) for r in records)  # of the images kept
+        self.stats["crowd_boxes"] = sum(len(r["crowd_boxes"]) for r in records)
+        self._aspect_ratios = [r["width"] / r["height"] for r in records]
+        # one buffer the loader's forked workers share, where a list of dicts would be copied into each
+        self.records = packed(records)
         if self.problems:  # the evaluation ground truth holds what the dataset holds
             data = dict(data, images=list(images.values()),
                         annotations=[a for a in kept_annotations if a["image_id"] in images])
@@ -250,7 +254,7 @@ class CocoDetection(Dataset):
 
     def aspect_ratios(self) -> list[float]:
         """w / h per index, from the json (no decoding), for aspect-ratio grouping."""
-        return [r["width"] / r["height"] for r in self.records]
+        return list(self._aspect_ratios)
 
     def __getitem__(self, index: int) -> dict | None:
         record = self.records[index]

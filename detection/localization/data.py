@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from backbones.engine.errors import DatasetError
 from backbones.engine.imageio import is_image_file, read_image_rgb, read_or_skip
-from backbones.engine.loader import epoch_and_index, item_seed
+from backbones.engine.loader import epoch_and_index, item_seed, packed
 from backbones.engine.parallel import map_over_ranks
 from backbones.imagedata import PCALighting, scan_image_folder, seed_augmentation, split_holdout
 from detection.data.problems import DataProblems, read_token_lines, verify_images
@@ -338,7 +338,7 @@ class LocTrainDataset(Dataset):
     same crops. Corrupt: ``None``."""
 
     def __init__(self, records: list[LocRecord], transform: A.Compose, seed: int = 0, skip_corrupt: bool = True):
-        self.records, self.transform, self.seed, self.skip_corrupt = records, transform, seed, skip_corrupt
+        self.records, self.transform, self.seed, self.skip_corrupt = packed(records), transform, seed, skip_corrupt
 
     def __len__(self):
         return len(self.records)

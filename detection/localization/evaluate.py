@@ -12,11 +12,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from backbones.engine.errors import ConfigError
 from backbones.engine.dist import get_rank, get_world_size, is_main_process, reduce_sum
 from backbones.engine.imageio import CorruptImageError, read_image_rgb
+from backbones.engine.loader import packed, worker_loader
 from backbones.engine.preemption import ignore_stop_signals, interruptible
 from backbones.engine.run import progress_bar
 from backbones.imagedata import ShardedSampler, normalize
@@ -31,7 +32,7 @@ MODES = ("center", "dense")
 
 class LocEvalDataset(Dataset):
     def __init__(self, records: Sequence[LocRecord]):
-        self.records = records
+        self.records = packed(records)
 
     def __len__(self):
         return len(self.records)
@@ -123,8 +124,8 @@ def evaluate_localization(loc_net, classifier, records: Sequence[LocRecord], mod
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     records = list(records)[:limit] if limit else list(records)
     sampler = ShardedSampler(len(records), shuffle=False, rank=get_rank(), world_size=get_world_size(), pad=False)
-    loader = DataLoader(LocEvalDataset(records), batch_size=1, sampler=sampler, num_workers=workers, collate_fn=_first,
-                        worker_init_fn=ignore_stop_signals)
+    loader = worker_loader(LocEvalDataset(records), workers, batch_size=1, sampler=sampler, collate_fn=_first,
+                           worker_init_fn=ignore_stop_signals)
     counts = {f"{p}{k}": 0 for p in ("", "baseline_", "rcnn_") for k in COUNTS}
     images = loc_images = skipped = 0
     keep = max(1, getattr(rescorer, "topk", 1)) if rescorer else 1

@@ -15,6 +15,7 @@ from torchvision.ops import box_iou
 from backbones.engine.config import ConfigError
 from backbones.engine.dist import barrier, get_rank, get_world_size, is_main_process
 from backbones.engine.imageio import read_image_rgb
+from backbones.engine.loader import packed
 from backbones.engine.run import progress_bar
 from backbones.imagedata import normalize
 from detection.modeling.box_coder import BoxCoder
@@ -165,7 +166,7 @@ class RoIDataset(Dataset):
     """(warped crop uint8 CxSxS, class, foreground, regression target (4,)) of one RoI, maybe mirrored."""
 
     def __init__(self, records, table, crop_size: int, box_coder: BoxCoder):
-        self.records, self.table, self.crop_size, self.box_coder = records, table, crop_size, box_coder
+        self.records, self.table, self.crop_size, self.box_coder = packed(records), table, crop_size, box_coder
 
     def __len__(self):
         return len(self.table["box"])
