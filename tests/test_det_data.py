@@ -128,6 +128,14 @@ def test_category_mapping_round_trip(tmp_path):
     assert item["image"].shape == (3, 60, 100) and item["image"].dtype == torch.uint8
     assert item["orig_size"] == (60, 100) and item["scale"] == (1.0, 1.0) and item["flipped"] is False
     assert sorted(ds.coco.getCatIds()) == [1, 3, 7]  # the untouched ground truth, for evaluation
+    # a training set lets the json go: the same records and item, no evaluation index, and a clear error
+    train = CocoDetection(image_dir, ann_file, evaluation_index=False)
+    assert len(train) == len(ds) and train.aspect_ratios() == ds.aspect_ratios()
+    for a, b in zip(train.records, ds.records):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert [ds.contiguous_to_cat_id[int(label)] for label in train[0]["labels"]] == [7, 3, 1]
+    with pytest.raises(DatasetError, match=r"instances.json: loaded without its evaluation index.*evaluation_index=True"):
+        train.coco
 
 
 def test_crowd_degenerate_clipped_and_empty(tmp_path):

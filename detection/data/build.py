@@ -105,7 +105,7 @@ class CocoFormat(DatasetFormat):
             try:
                 return CocoDetection(coco[f"{split}_images"], coco[f"{split}_annotations"], transform=transform,
                                      skip_corrupt=d.skip_corrupt, filter_empty=filter_empty, strict=strict,
-                                     verify=d.verify_images)
+                                     verify=d.verify_images, evaluation_index=split == "val")
             except DatasetError as exc:
                 errors.append(f"{split} set: {exc}")
                 return None
@@ -176,7 +176,7 @@ class XmlFormat(DatasetFormat):
                             transform=transform, skip_corrupt=d.skip_corrupt,
                             filter_empty=train and d.filter_empty_train,
                             strict=d.strict_train if train else d.strict_val, verify=d.verify_images,
-                            blacklist="" if train else xml.val_blacklist)
+                            blacklist="" if train else xml.val_blacklist, evaluation_index=not train)
 
     def build(self, cfg: DictConfig, train: bool = True):
         xml = cfg.data.xml

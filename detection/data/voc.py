@@ -440,12 +440,13 @@ class VocDetection(CocoDetection):
 
     def __init__(self, sets, layout: str = "voc", class_names=None, synsets_file: str = "", difficult: str = "ignore",
                  transform=None, skip_corrupt: bool = True, filter_empty: bool = False, strict: bool = True,
-                 verify: str = "header", blacklist: str = ""):
+                 verify: str = "header", blacklist: str = "", evaluation_index: bool = True):
         self.sets, self.layout = [str(s) for s in sets], layout
         problems = DataProblems(" + ".join(self.sets))
         data = voc_to_coco_dict(self.sets, layout, class_names, synsets_file, difficult, problems, blacklist)
         super().__init__("", " + ".join(self.sets), transform=transform, skip_corrupt=skip_corrupt,
-                         filter_empty=filter_empty, data=data, strict=strict, verify=verify, problems=problems)
+                         filter_empty=filter_empty, data=data, strict=strict, verify=verify, problems=problems,
+                         evaluation_index=evaluation_index)
         self.xml_class_names = [c["xml_name"] for c in data["categories"]]
         self.image_names = {img["id"]: img["xml_id"] for img in data["images"]}
         self.stats["difficult"] = sum(a["difficult"] for a in data["annotations"])
