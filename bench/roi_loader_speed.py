@@ -30,6 +30,7 @@ from backbones.pretraining.synthetic import render_classification_image  # noqa:
 from detection.localization.rcnn import RCNNNet, rcnn_losses  # noqa: E402
 from detection.localization.rcnn_data import RoIBatchSampler, RoIDataset, collate_rois  # noqa: E402
 from detection.modeling.box_coder import BoxCoder  # noqa: E402
+from trainer_speed import timed  # noqa: E402
 
 IMAGENETTE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                           "imagenette-loc", "images")
@@ -97,16 +98,7 @@ def model_rate(args, device, amp_dtype) -> float:
         opt.step()
 
     steps = max(2, args.batches // 2)
-    for _ in range(2):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * args.batch / (time.perf_counter() - start)
+    return steps * args.batch / timed(step, steps, 2, device)
 
 
 def main() -> None:
