@@ -134,7 +134,7 @@ def test_category_mapping_round_trip(tmp_path):
     for a, b in zip(train.records, ds.records):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert [ds.contiguous_to_cat_id[int(label)] for label in train[0]["labels"]] == [7, 3, 1]
-    with pytest.raises(DatasetError, match=r"instances.json: loaded without its evaluation index.*evaluation_index=True"):
+    with pytest.raises(DatasetError, match=r"instances.json: loaded without its evaluation index.*evaluation_index=Tr"):
         train.coco
 
 

@@ -5,14 +5,15 @@ Before training, every image file is opened once (``data.verify_images``) and ev
 Each rank used to do all of it: under ``torchrun --nproc_per_node=8`` the same 1.28M ImageNet headers were
 opened eight times over, and ``verify_images=decode`` decoded the whole set eight times, on CPUs the ranks
 share. Here each rank takes every ``world_size``-th item and the ranks exchange their results (over the
-host, gloo), so every rank ends with the same list as one process would, in a ``1/world_size`` of the time.
+host, gloo), so every rank ends with the same list as one process would, having done a ``1/world_size``
+share of the work (the exchange, and what the caller does with the list, are every rank's).
 
 Threads are for work that waits (a network file system's latency) or releases the GIL (image decoding).
-Python-bound work on a local disk loses by them, cache warm or cold (the 2-core EPYC, 5,248 COCO JPEGs and
-50,000 ImageNet DET XML files): opening the JPEGs' headers takes 0.03 ms per image in one thread and 0.07 in
-eight (cold: 0.12 and 0.11), reading the XML files 3.4 s in one thread and 5.2 s in eight (cold: 7.2 and
-9.6 s); decoding the JPEGs takes 1.8 ms per image in one thread, 0.9 in threads. Items go to the threads
-in chunks: one task per item cost more than opening a warm header.
+Python-bound work on a local disk loses by them, cache warm or cold (the 2-core EPYC, 5,248 COCO JPEGs
+and 50,000 ImageNet DET XML files): opening the JPEGs' headers takes 0.03 ms per image in one thread and
+0.07 in eight (cold: 0.12 and 0.11), reading the XML files (``voc_to_coco_dict``) 3.4 s in one thread and
+5.2 s in eight (cold: 7.2 and 9.6 s); decoding the JPEGs takes 1.8 ms per image in one thread, 0.9 in
+threads. Items go to the threads in chunks: one task per item cost more than opening a warm header.
 """
 from __future__ import annotations
 

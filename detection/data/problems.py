@@ -6,9 +6,9 @@ hundred. The loaders add each problem here (its kind, where it is, how to fix it
 and either stops (``strict``, the default) or lets the loader drop what was wrong and records the counts.
 
 The image check (:func:`verify_images`) opens every image once before training, in threads, each rank of
-a torchrun job its share (:mod:`backbones.engine.parallel`): a file that cannot be opened, or whose size (after the EXIF orientation, which the decoder applies)
-differs from the annotation's width/height, is a problem like any other, found before the first step
-instead of being skipped with a warning in every epoch.
+a torchrun job its share (:mod:`backbones.engine.parallel`): a file that cannot be opened, or whose size
+(after the EXIF orientation, which the decoder applies) differs from the annotation's width/height, is a
+problem like any other, found before the first step instead of being skipped with a warning in every epoch.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import logging
 from dataclasses import dataclass, field
 
 from backbones.engine.config import Choice
-from backbones.engine.parallel import default_threads, map_over_ranks
 from backbones.engine.errors import DatasetError  # noqa: F401  (raised here; importers take it from here too)
+from backbones.engine.parallel import default_threads, map_over_ranks
 
 logger = logging.getLogger(__name__)
 

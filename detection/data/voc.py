@@ -330,7 +330,8 @@ def _resolve_classes(layout: str, class_names, synsets_file: str, parsed: list) 
     return keys, {key: mapping.get(key, key) for key in keys}
 
 
-def _read_entry(annotation_dir: str, image_dir: str, image_ext: str, name: str) -> tuple[bool, bool, tuple | str | None]:
+def _read_entry(annotation_dir: str, image_dir: str, image_ext: str, name: str
+                ) -> tuple[bool, bool, tuple | str | None]:
     """(annotation file there, image file there, the parsed XML or its problem's message); the XML is read
     only when both files are there."""
     xml_path = os.path.join(annotation_dir, name + ".xml")
