@@ -337,17 +337,19 @@ class FrozenBNConv2d(nn.Conv2d):
             object.__setattr__(self, "_fold_key", key)
         return self._fold_cache
 
-    def bn_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frozen batch norm's ``(s, t)``, kept while its buffers are unchanged (keyed as in
-        :meth:`folded_once`): they are constants of training, so a training step pays the one multiply
-        that scales the trainable filters, not the five small kernels that derive ``s`` and ``t`` (about
-        470 of a ResNet-101 C4 detector's 1,900 operators per training step, each a launch on a GPU)."""
+    def bn_affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The frozen batch norm's ``s`` (shaped to scale the filters, and flat) and ``t``, kept while its
+        buffers are unchanged (keyed as in :meth:`folded_once`): they are constants of training, so a training
+        step pays the one multiply that scales the trainable filters, not the five small kernels that derive
+        ``s`` and ``t`` (about 470 of a ResNet-101 C4 detector's 1,900 operators per training step, each a
+        launch on a GPU)."""
         bn = self._folded_bn
         key = tuple((t.data_ptr(), t._version) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
         if getattr(self, "_affine_key", None) != key:
             with torch.no_grad():
                 scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-                object.__setattr__(self, "_affine", (scale.view(-1, 1, 1, 1), scale, bn.bias - bn.running_mean * scale))
+                shift = bn.bias - bn.running_mean * scale
+                object.__setattr__(self, "_affine", (scale.view(-1, 1, 1, 1), scale, shift))
             object.__setattr__(self, "_affine_key", key)
         return self._affine
 
