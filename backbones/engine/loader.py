@@ -82,11 +82,11 @@ class PackedList(Sequence):
     A forked worker that reads an item of a Python list writes to it (the item's reference count), so the
     page it lies on becomes the worker's own copy: over an epoch each worker copies the whole list. Two
     objects instead of millions are never copied. Measured with ImageNet's 1.28M (path, label) samples and
-    one worker reading each once and collecting garbage: 343 MB of the worker's memory private as a list,
-    252 MB with the heap frozen at the fork (:class:`SharingDataLoader`), 6 MB packed and frozen; at 16
-    workers on each of 8 ranks the list alone held 44 GB of a node's memory. Reading an item back costs a
-    few microseconds (unpickling), far below decoding its image. The same remedy as Detectron2's
-    ``DatasetFromList(serialize=True)``."""
+    one worker reading each once and collecting garbage (``bench/loader_memory.py``, 2-core EPYC): 331 MB of
+    the worker's memory private as a list, 252 MB with the heap frozen at the fork (:class:`SharingDataLoader`),
+    6 MB packed and frozen; at 16 workers on each of 8 ranks the list alone held 42 GB of a node's memory.
+    Reading an item back costs a few microseconds (unpickling), far below decoding its image. The same
+    remedy as Detectron2's ``DatasetFromList(serialize=True)``."""
 
     def __init__(self, items):
         blobs = [pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL) for item in items]
@@ -118,11 +118,12 @@ class SharingDataLoader(DataLoader):
 
     A forked worker shares its parent's pages until it writes to one, and Python's cyclic garbage collector
     writes to every object it tracks whenever a full collection runs, which over a long run every worker
-    does: each then holds its own copy of the heap, the dataset's records included. Measured on COCO
-    train2017's size (118k image records, 860k boxes, every record read once) with two workers: 307 MB of
-    private memory per worker after one collection with the records as a list, 49 MB with the heap frozen
-    first, 7 MB frozen and packed (:class:`PackedList`, which the datasets use); at 14 workers on each of 8
-    ranks, 34 GB of a node's memory against under 1. So the workers are forked from a frozen heap
+    does: each then holds its own copy of the heap, the dataset's records included. Measured with records of
+    COCO train2017's size (118k images, 860k boxes), each read once, then one collection
+    (``bench/loader_memory.py``, 2-core EPYC): 137 MB of the worker's memory private with the records as a
+    list, 59 MB with the heap frozen first, 6 MB frozen and packed (:class:`PackedList`, which the datasets
+    use); at 14 workers on each of 8 ranks, 15 GB of a node's memory against under 1 (more where the parent
+    holds more: the json, an evaluation index). So the workers are forked from a frozen heap
     (``gc.freeze``: their collector skips what existed then), and the parent's heap is unfrozen as soon as
     they are started, so that its own garbage is collected as before."""
 
