@@ -97,17 +97,10 @@ def every_rank_has_batch(has_batch: bool) -> bool:
     return agree(has_batch, every=True)
 
 
-def all_gather_object(obj):
-    if not is_distributed():
-        return [obj]
-    out = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def all_gather_host(obj) -> list:
-    """Every rank's ``obj`` (picklable), in rank order, exchanged on the host (gloo): large Python results
-    (per-image checks, parsed annotations) without a trip through GPU memory."""
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, exchanged on the host (gloo): Python results
+    (evaluation detections, per-image checks, parsed annotations, generator states) need no trip through
+    GPU memory."""
     if not is_distributed():
         return [obj]
     out = [None] * get_world_size()

@@ -21,7 +21,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
-from .dist import all_gather_host, get_rank, get_world_size
+from .dist import all_gather_object, get_rank, get_world_size
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -51,7 +51,7 @@ def map_over_ranks(fn: Callable[[T], R], items: Sequence[T], threads: int = 1, d
         results, failure = None, exc
     if world == 1:
         return results
-    gathered = all_gather_host((results, None if failure is None else f"{type(failure).__name__}: {failure}"))
+    gathered = all_gather_object((results, None if failure is None else f"{type(failure).__name__}: {failure}"))
     if failure is not None:
         raise failure
     failed = [(r, message) for r, (_, message) in enumerate(gathered) if message is not None]

@@ -348,17 +348,18 @@ def _read_entry(annotation_dir: str, image_dir: str, image_ext: str, name: str
 def _collect_entries(image_set: XmlImageSet, names: list[str], entries: list, problems: DataProblems) -> list:
     """(name, parsed XML) of the listed images whose XML and image file both exist and whose XML reads; each
     missing file and bad XML is a problem. A set with none of its files there (a wrong ROOT) stops at once."""
+    listed_in = ", ".join(image_set.image_set_files())[:300]  # looked up on disk: once, not per missing file
     for kind, index, folder, ext in (("annotation", 0, image_set.annotation_dir, ".xml"),
                                      ("image", 1, image_set.image_dir, image_set.image_ext)):
         missing = [n for n, entry in zip(names, entries) if not entry[index]]
         fix = ("point ROOT at the dataset folder (test sets of some years come without annotations)"
                if kind == "annotation" else "point ROOT at the dataset folder or restore the images")
         if missing and len(missing) == len(names):
-            raise DatasetError(f"{image_set.root}: none of the {len(names)} {kind} files listed in "
-                               f"{', '.join(image_set.image_set_files())[:300]} is there, e.g. "
-                               f"{os.path.join(folder, missing[0] + ext)}; fix: {fix}\n{LAYOUTS[image_set.layout]}")
+            raise DatasetError(f"{image_set.root}: none of the {len(names)} {kind} files listed in {listed_in} "
+                               f"is there, e.g. {os.path.join(folder, missing[0] + ext)}; fix: {fix}\n"
+                               f"{LAYOUTS[image_set.layout]}")
         for n in missing:
-            problems.add(f"{kind} file listed in {', '.join(image_set.image_set_files())[:300]} is missing",
+            problems.add(f"{kind} file listed in {listed_in} is missing",
                          os.path.join(folder, n + ext), fix)
     read = []
     for name, (_, _, xml) in zip(names, entries):
