@@ -221,6 +221,8 @@ def main():
     parser.add_argument("--log-period", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_intermixed_args()
+    from backbones.engine.hostmem import keep_freed_host_memory
+    keep_freed_host_memory()  # the model-only side gets the allocator setting the trainer runs under
     with tempfile.TemporaryDirectory() as out:
         rows = (detection if args.task == "det" else pretraining)(args, args.overrides, out)
     device = torch.device(args.device)

@@ -7,7 +7,8 @@
   signals and the test-only abrupt stop; ``state.py``: checkpoints, resume, RNG states;
 * ``run.py``: the run folder (log, metrics.jsonl, TensorBoard, summary.json), progress and loss windows;
 * ``config.py``: YAML on structured defaults with ``_base_`` and ``key=value``; ``cli.py``: the tools'
-  shared argument grammar and runner; ``dist.py``: torchrun / DDP helpers; ``imageio.py``: image reading.
+  shared argument grammar and runner; ``dist.py``: torchrun / DDP helpers; ``imageio.py``: image reading;
+  ``hostmem.py``: the host allocator's thresholds for a training process.
 
 It imports third-party libraries only (torch, omegaconf, numpy, OpenCV/Pillow, tqdm), nothing from
 ``backbones``' models or from ``detection``, so every application can build on it.

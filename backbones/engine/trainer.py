@@ -19,7 +19,8 @@ batch is skipped by all ranks together, so their collectives stay paired and ite
 epochs), autocast, the optimizer step (:func:`~backbones.engine.precision.optimizer_step`) and the loss check
 one step behind it (:class:`LossProbe`, so the host never waits for the device between steps),
 the schedule advancing once per iteration, preemption (:func:`~backbones.engine.preemption.after_step`),
-the progress bar, the loss window written to ``metrics.jsonl`` / TensorBoard, and periodic checkpoints.
+the progress bar, the loss window written to ``metrics.jsonl`` / TensorBoard, periodic checkpoints, and the
+host allocator's thresholds (:mod:`~backbones.engine.hostmem`: a step's memory is reused, not re-faulted).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .dist import every_rank_has_batch, is_main_process
+from .hostmem import ENV as HOST_MALLOC_ENV, keep_freed_host_memory
 from .precision import STEP_HINT, advance_schedule, non_finite_loss, optimizer_step
 from .preemption import EvaluationInterrupted, after_step, stopped
 from .run import LossWindow, RunFolder, get_logger, progress_bar, write_json_atomic
@@ -137,6 +139,9 @@ class Trainer:
     def train(self, start_iter: int = 0) -> int:
         """Train from ``start_iter`` to ``max_iter``; returns the last iteration."""
         self.iteration = start_iter
+        if keep_freed_host_memory():  # before the loader forks its workers, which inherit it
+            self.run.logger.info("host memory: freed blocks stay in the process for the next step (glibc's mmap "
+                                 "and trim thresholds raised; %s=system keeps its defaults)", HOST_MALLOC_ENV)
         window, self.probe = LossWindow(), LossProbe(self.device)
         owed = self.owed_hooks(start_iter)
         if owed:  # a stop signal interrupted them (an evaluation) before this checkpoint's run stopped
