@@ -2,14 +2,13 @@
 that the test process's own allocator is left as it was."""
 import json
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
 from backbones.engine.errors import ConfigError
-from backbones.engine.hostmem import ENV, keep_freed_host_memory
+from backbones.engine.hostmem import ENV, is_glibc_linux, keep_freed_host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,8 +44,7 @@ def probe(setting: str | None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                    reason="the setting is glibc's; elsewhere it is a no-op")
+@pytest.mark.skipif(not is_glibc_linux(), reason="the setting is glibc's; elsewhere it is a no-op")
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     kept = probe(None)
     assert kept["changed"]

@@ -25,6 +25,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 _INT_MAX = 2**31 - 1  # mallopt takes an int
 
 
+def is_glibc_linux() -> bool:
+    """Whether this process's C library is glibc on Linux, the only place the thresholds exist."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_host_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process (see the module docstring). Returns whether
     the allocator was changed: False with ``RESDET_HOST_MALLOC=system`` or without glibc."""
@@ -32,7 +37,7 @@ def keep_freed_host_memory() -> bool:
     if choice not in ("keep", "system"):
         raise ConfigError(f"environment variable {ENV}={choice!r}: expected 'keep' (the default) or 'system' "
                           "(glibc's own thresholds); fix: set one of the two or unset it")
-    if choice == "system" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if choice == "system" or not is_glibc_linux():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
