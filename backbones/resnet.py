@@ -52,6 +52,26 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
+# oneDNN (PyTorch's CPU convolutions) gets the weight gradient of a strided 1x1 convolution on channels-last
+# input wrong when the input has fewer channels than its kernel's channel block (16 with AVX-512, 8 with
+# AVX2): it writes past a workspace, so the heap is corrupted and the process crashes or the gradients are
+# wrong (uxlfoundation/oneDNN#6035, open; with torch 2.14.1 on AVX-512 EPYCs, a ResNet-18 of base_width 8
+# crashed in its first backward pass at 160x256). Only nets narrower than this have such a convolution (the
+# tests' slim nets), and there the input is subsampled first and convolved with unit stride: the same sums.
+STRIDED_1X1_MIN_CHANNELS = 16
+
+
+def strided_1x1_input_step(in_channels: int, stride: int) -> int:
+    """By how much a strided 1x1 convolution's input is subsampled before a unit-stride convolution:
+    ``stride`` below ``STRIDED_1X1_MIN_CHANNELS`` channels (the oneDNN bug above), else 1 (the convolution
+    keeps its stride)."""
+    return stride if stride > 1 and in_channels < STRIDED_1X1_MIN_CHANNELS else 1
+
+
+def subsample(x: torch.Tensor, step: int) -> torch.Tensor:
+    return x[:, :, ::step, ::step] if step > 1 else x
+
+
 class ZeroPadShortcut(nn.Module):
     """Option A: identity with spatial subsampling and zero-filled extra channels (no parameters)."""
 
@@ -61,8 +81,7 @@ class ZeroPadShortcut(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
+        x = subsample(x, self.stride)
         if self.extra_channels:
             x = F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
         return x
@@ -73,11 +92,12 @@ class ProjectionShortcut(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+        self.input_step = strided_1x1_input_step(in_channels, stride)
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, stride=stride // self.input_step, bias=False)
         self.bn = make_norm(norm, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x))
+        return self.bn(self.conv(subsample(x, self.input_step)))
 
 
 def make_shortcut(kind: str, in_channels: int, out_channels: int, stride: int, norm: str) -> nn.Module | None:
@@ -128,7 +148,8 @@ class Bottleneck(nn.Module):
         super().__init__()
         out_channels = width * self.expansion
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = nn.Conv2d(in_channels, width, 1, stride=stride_1x1, bias=False)
+        self.input_step = strided_1x1_input_step(in_channels, stride_1x1)  # see ProjectionShortcut
+        self.conv1 = nn.Conv2d(in_channels, width, 1, stride=stride_1x1 // self.input_step, bias=False)
         self.bn1 = make_norm(norm, width)
         self.conv2 = nn.Conv2d(width, width, 3, stride=stride_3x3, padding=1, bias=False)
         self.bn2 = make_norm(norm, width)
@@ -141,7 +162,7 @@ class Bottleneck(nn.Module):
 
     def forward(self, x):
         # in place, as in BasicBlock
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn1(self.conv1(subsample(x, self.input_step))), inplace=True)
         out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(out))
         if self.shortcut is not None:

@@ -1,4 +1,7 @@
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from backbones.resnet import ProjectionShortcut, ZeroPadShortcut
 PARAMS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_549_160, 152: 60_192_808}
 # Table 1 of the paper: multiply-adds at 224x224, in billions.
 PAPER_GMACS = {18: 1.8, 34: 3.6, 50: 3.8, 101: 7.6, 152: 11.3}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("depth", sorted(PARAMS))
@@ -198,3 +202,52 @@ def test_is_channels_last_reads_a_kernel_wider_than_1x1():
     net.to(memory_format=torch.channels_last)
     assert is_channels_last(net.res5) and is_channels_last(net)
     assert not is_channels_last(torch.nn.Conv2d(3, 4, 1).to(memory_format=torch.channels_last))
+
+
+# Run in a fresh process: without the workaround, oneDNN's strided 1x1 weight gradient on narrow channels-last
+# input corrupts the heap (uxlfoundation/oneDNN#6035), which crashes the process on AVX-512 CPUs (input
+# channels < 16) and AVX2 ones (< 8), or leaves wrong gradients; the parent reports either.
+NARROW_STRIDED_1X1_PROBE = """
+import copy, torch, torch.nn.functional as F
+from backbones import build_resnet
+from backbones.resnet import Bottleneck, ProjectionShortcut, subsample
+torch.manual_seed(0)
+for channels in (4, 8):  # under AVX2's block of 8 and AVX-512's of 16
+    x = torch.randn(4, channels, 40, 64)
+    shortcut, block = ProjectionShortcut(channels, 16, 2, "bn"), Bottleneck(channels, 4, 2)
+    for conv, step in ((shortcut.conv, shortcut.input_step), (block.conv1, block.input_step)):
+        conv.to(memory_format=torch.channels_last)
+        xc = x.to(memory_format=torch.channels_last).requires_grad_()
+        out = conv(subsample(xc, step))
+        g = torch.randn_like(out)
+        (out * g).sum().backward()
+        # reference: the strided convolution itself, in float64 (not oneDNN's path)
+        xd, wd = x.double().requires_grad_(), conv.weight.detach().double().requires_grad_()
+        (F.conv2d(xd, wd, stride=2) * g.double()).sum().backward()
+        torch.testing.assert_close(conv.weight.grad.double(), wd.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(xc.grad.double(), xd.grad, rtol=1e-4, atol=1e-4)
+# a whole slim net at the size that crashed the coco128 test (res3's shortcut sees 8 x 40 x 64)
+net = build_resnet(18, num_classes=0, base_width=8)
+ref = copy.deepcopy(net).double()
+net.to(memory_format=torch.channels_last)
+x = torch.randn(2, 3, 160, 256)
+net.forward_features(x.to(memory_format=torch.channels_last), ["res5"])["res5"].square().sum().backward()
+ref.forward_features(x.double(), ["res5"])["res5"].square().sum().backward()
+for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+    torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-3, atol=1e-3 * q.grad.abs().max().item(), msg=name)
+print("ok")
+"""
+
+
+def test_narrow_strided_1x1_convolutions_train_right_channels_last():
+    """Slim nets (base_width < 16) subsample before their strided 1x1 convolutions instead of striding them;
+    gradients equal the strided convolution's in float64, and a channels-last slim ResNet-18 trains at
+    160x256 without corrupting the heap."""
+    from backbones.resnet import STRIDED_1X1_MIN_CHANNELS, strided_1x1_input_step
+    assert STRIDED_1X1_MIN_CHANNELS == 16  # AVX-512's channel block, the larger of the two
+    assert [strided_1x1_input_step(c, s) for c, s in ((8, 2), (15, 2), (16, 2), (8, 1), (64, 2))] == [2, 2, 1, 1, 1]
+    assert ProjectionShortcut(8, 16, 2, "bn").conv.stride == (1, 1)
+    assert ProjectionShortcut(16, 32, 2, "bn").conv.stride == (2, 2)  # wide nets keep the strided convolution
+    proc = subprocess.run([sys.executable, "-c", NARROW_STRIDED_1X1_PROBE], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-3000:])
