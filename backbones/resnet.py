@@ -10,7 +10,8 @@ Everything the paper varies is a plain constructor argument:
   bottleneck; torchvision moved the stride to the 3x3 ("ResNet v1.5"). Parameters are identical,
   multiply-adds are not (ResNet-50: 3.86 G vs 4.09 G).
 * ``base_width``: channels of the stem and of res2 (64 in the paper); 16 gives slim nets that train
-  on a CPU in minutes, which is what the demos and tests use.
+  on a CPU in minutes, which is what the demos and tests use. Below 16, a strided 1x1 convolution
+  subsamples its input and then convolves with unit stride (``STRIDED_1X1_MIN_CHANNELS``: a oneDNN bug).
 * ``zero_init_last_bn``: start every residual branch as zero (Goyal et al.), off by default.
 * ``norm``: ``"bn"``, ``"frozen_bn"`` (fine-tuning detection, as the paper did) or ``"sync_bn"``.
 
