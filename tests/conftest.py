@@ -17,7 +17,7 @@ import torch  # noqa: E402
 # Same inputs, same result: an op without a deterministic kernel fails here instead of making a test
 # depend on thread timing. (What still differs between machines is the arithmetic itself: vector
 # widths, BLAS paths. Tests that assert learning leave a margin for that; `make test-capabilities`
-# runs the suite under ATEN_CPU_CAPABILITY=default, avx2 and avx512.)
+# runs the suite under ATEN_CPU_CAPABILITY=default, avx2 (oneDNN and MKL held to AVX2 too) and avx512.)
 torch.use_deterministic_algorithms(True)
 
 

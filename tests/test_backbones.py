@@ -1,7 +1,6 @@
 import copy
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +11,12 @@ import backbones
 from backbones import (CheckpointError, build_resnet, convert_torchvision_state_dict, count_multiply_adds,
                        count_parameters, load_backbone_weights, resnet_from_arch)
 from backbones.resnet import ProjectionShortcut, ZeroPadShortcut
+from conftest import ROOT
 
 # Parameter counts of the 1000-class nets with option B shortcuts (equal to torchvision's).
 PARAMS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_549_160, 152: 60_192_808}
 # Table 1 of the paper: multiply-adds at 224x224, in billions.
 PAPER_GMACS = {18: 1.8, 34: 3.6, 50: 3.8, 101: 7.6, 152: 11.3}
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("depth", sorted(PARAMS))
