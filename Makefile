@@ -27,9 +27,9 @@ test: venv
 	$(PY) -m pytest -q
 
 # ATEN_CPU_CAPABILITY caps the vector code PyTorch dispatches to (a machine without AVX-512 runs avx512
-# as avx2): one run per setting shows a test that holds only on this machine's arithmetic.
-# ATEN_CPU_CAPABILITY picks PyTorch's own kernels only; oneDNN (the convolutions) and MKL pick theirs from
-# the CPU, so the avx2 pass holds them to AVX2 as well: what an AVX2-only machine runs.
+# as avx2): one run per setting shows a test that holds only on this machine's arithmetic. It caps PyTorch's
+# own kernels only; oneDNN (the convolutions) and MKL pick theirs from the CPU, so the avx2 pass holds them
+# to AVX2 as well: what an AVX2-only machine runs.
 test-capabilities: venv
 	for cap in default avx2 avx512; do \
 		libs=; if [ $$cap = avx2 ]; then libs="ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"; fi; \

@@ -149,7 +149,7 @@ class Bottleneck(nn.Module):
         super().__init__()
         out_channels = width * self.expansion
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.input_step = strided_1x1_input_step(in_channels, stride_1x1)  # see ProjectionShortcut
+        self.input_step = strided_1x1_input_step(in_channels, stride_1x1)  # see STRIDED_1X1_MIN_CHANNELS
         self.conv1 = nn.Conv2d(in_channels, width, 1, stride=stride_1x1 // self.input_step, bias=False)
         self.bn1 = make_norm(norm, width)
         self.conv2 = nn.Conv2d(width, width, 3, stride=stride_3x3, padding=1, bias=False)

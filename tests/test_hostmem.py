@@ -9,8 +9,7 @@ import pytest
 
 from backbones.engine.errors import ConfigError
 from backbones.engine.hostmem import ENV, is_glibc_linux, keep_freed_host_memory
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
 
 # Minor page faults of each of 20 allocate-fill-free cycles of a 48 MB tensor (above the 32 MB that glibc's
 # dynamic mmap threshold can reach, so under its defaults every cycle maps and faults in fresh pages), before
