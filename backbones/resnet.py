@@ -130,6 +130,10 @@ class BasicBlock(nn.Module):
     def last_norm(self) -> nn.Module:
         return self.bn2
 
+    def input_read_step(self) -> int:
+        """1: the first 3x3 convolution reads every position of the input (see Bottleneck's)."""
+        return 1
+
     def forward(self, x):
         # in place: each result is a fresh tensor that no backward pass needs (conv and BN keep their
         # inputs), so the ReLU and the sum write over it instead of allocating another map
@@ -160,6 +164,35 @@ class Bottleneck(nn.Module):
 
     def last_norm(self) -> nn.Module:
         return self.bn3
+
+    def input_read_step(self) -> int:
+        """How sparsely the block reads its input. In the paper's layout a strided block starts every path
+        with a 1x1 convolution (or a subsampling) of its stride, so it reads only every ``stride``-th row
+        and column and the rest of the input is never used; a caller can then compute only those positions
+        (the C4 head pools a quarter of the RoI bins) and hand them over (:meth:`take_subsampled_input`).
+        1 where something reads every position (the strided 3x3 of torchvision's layout, an identity)."""
+        step = self.conv1.stride[0] * self.input_step
+        if isinstance(self.shortcut, ProjectionShortcut):
+            shortcut_step = self.shortcut.conv.stride[0] * self.shortcut.input_step
+        elif isinstance(self.shortcut, ZeroPadShortcut):
+            shortcut_step = self.shortcut.stride
+        elif self.shortcut is None:
+            shortcut_step = step
+        else:
+            shortcut_step = 1
+        return step if step == shortcut_step else 1
+
+    def take_subsampled_input(self) -> None:
+        """From here on the block takes its input already subsampled by :meth:`input_read_step` and runs its
+        first 1x1 and its shortcut with unit stride: the same outputs for that input, the same parameters
+        and state_dict. The block is changed in place: the owner that calls this feeds it (Res5ROIHeads)."""
+        if self.input_read_step() == 1:
+            return
+        self.conv1.stride, self.input_step = (1, 1), 1
+        if isinstance(self.shortcut, ProjectionShortcut):
+            self.shortcut.conv.stride, self.shortcut.input_step = (1, 1), 1
+        elif isinstance(self.shortcut, ZeroPadShortcut):
+            self.shortcut.stride = 1
 
     def forward(self, x):
         # in place, as in BasicBlock

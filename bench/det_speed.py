@@ -6,7 +6,10 @@
 * our R50-FPN against torchvision's ``fasterrcnn_resnet50_fpn``.
 
 resdet appears several times: the plain path (frozen BN as separate layers, NCHW), the fast path (the
-defaults: frozen BN folded into the convolutions, and channels-last) and, with ``--variants compile``, the
+defaults: frozen BN folded into the convolutions, and channels-last), all in torchvision's layout (stride in
+the 3x3) so that both sides do the same arithmetic; ``paper`` is the fast path in the paper's layout, the
+configs' default (stride in the 1x1: res5 reads a quarter of the 14x14 RoI bins, and only those are pooled;
+C4 only); with ``--variants compile``, the
 fast path with its trunk, neck, RPN convolutions and box head compiled (inductor), or with ``compile-ro``
 compiled in ``mode="reduce-overhead"`` (CUDA graphs of those parts). Training img/s, inference ms/img, peak
 GPU memory, and what one training step and one inference cost the host: on CUDA the synchronisations
@@ -55,13 +58,14 @@ def make_inputs(batch, height, width, device, seed=0):
     return images.to(device), targets
 
 
-def ours(depth, neck, fast=True, compile=None):
+def ours(depth, neck, fast=True, compile=None, paper_layout=False):
     """resdet's detector: ``fast`` the defaults (frozen BN folded) in channels-last, else the plain layers in
-    NCHW; ``compile``: its dense parts compiled in this mode of ``torch.compile``."""
+    NCHW; ``compile``: its dense parts compiled in this mode of ``torch.compile``; ``paper_layout``: the
+    stride in the first 1x1 of a block (the configs' default), else in the 3x3 as torchvision's."""
     cfg = OmegaConf.structured(DetConfig)
     cfg.model.backbone.depth = depth
     cfg.model.backbone.fold_frozen_bn = fast
-    cfg.model.backbone.stride_in_1x1 = False  # torchvision's layout, so both sides do the same work
+    cfg.model.backbone.stride_in_1x1 = paper_layout
     cfg.model.neck = Neck(neck)
     if neck == "fpn":
         cfg.model.roi_heads.pooler_resolution = 7
@@ -255,9 +259,10 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     parser.add_argument("--models", default="r50c4,r101c4,r50fpn")
-    parser.add_argument("--variants", default="plain,fast,torchvision",
-                        help="of plain, fast, compile (fast + compiled parts, inductor), compile-ro (the same in "
-                             "mode reduce-overhead: CUDA graphs), torchvision")
+    parser.add_argument("--variants", default="plain,fast,paper,torchvision",
+                        help="of plain, fast, paper (fast in the paper's layout, C4 only), compile (fast + compiled "
+                             "parts, inductor), compile-ro (the same in mode reduce-overhead: CUDA graphs), "
+                             "torchvision")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -270,6 +275,8 @@ def main():
         variants = {
             "plain": (f"resdet {label}, plain", functools.partial(ours, depth, neck, False), run_ours),
             "fast": (f"resdet {label}, fast (default)", functools.partial(ours, depth, neck, True), run_ours),
+            "paper": (f"resdet {label}, fast, paper's layout", functools.partial(ours, depth, neck, True, None, True),
+                      run_ours),
             "compile": (f"resdet {label}, fast + compile", functools.partial(ours, depth, neck, True, "default"),
                         run_ours),
             "compile-ro": (f"resdet {label}, fast + compile reduce-overhead",
@@ -278,7 +285,8 @@ def main():
                                                                                    args.width), run_tv)
             if neck == "fpn" else
             (f"torchvision parts {label}", functools.partial(torchvision_c4, depth, args.height, args.width), run_tv)}
-        pairs[key] = [(*variants[v], v.startswith("compile")) for v in args.variants.split(",")]
+        pairs[key] = [(*variants[v], v.startswith("compile")) for v in args.variants.split(",")
+                      if not (v == "paper" and neck == "fpn")]  # the FPN head reads every bin
     rows = []
     for key in args.models.split(","):
         for name, make, runner, _ in pairs[key]:

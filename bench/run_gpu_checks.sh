@@ -23,7 +23,7 @@ $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvisio
 nproc | tee -a "$OUT/gpu.txt"
 
 timeout ${CHECK_TIMEOUT:-40} $PY bench/cuda_check.py 2>&1 | tee "$OUT/cuda_check.txt"
-timeout ${DET_TIMEOUT:-120} $PY bench/det_speed.py $DET 2>&1 | tee "$OUT/det_speed.txt"
+timeout ${DET_TIMEOUT:-140} $PY bench/det_speed.py $DET 2>&1 | tee "$OUT/det_speed.txt"
 # fine-tuning's set-up (frozen BN from res2 up) on real COCO images, the C4 config's own sizes and bf16
 timeout ${TRAINER_TIMEOUT:-80} $PY bench/trainer_speed.py det --device cuda --iters 80 --workers "$WORKERS" \
     --coco128 "$COCO128" model.backbone.norm=frozen_bn model.backbone.freeze_at=2 2>&1 | tee "$OUT/trainer_det.txt"

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 import backbones
 from backbones import (CheckpointError, build_resnet, convert_torchvision_state_dict, count_multiply_adds,
@@ -201,6 +202,35 @@ def test_is_channels_last_reads_a_kernel_wider_than_1x1():
     net.to(memory_format=torch.channels_last)
     assert is_channels_last(net.res5) and is_channels_last(net)
     assert not is_channels_last(torch.nn.Conv2d(3, 4, 1).to(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B", "C", "none"])
+@pytest.mark.parametrize("stride_in_1x1", [True, False])
+@pytest.mark.parametrize("in_channels,stride", [(32, 2), (8, 2), (32, 1)])
+def test_a_block_that_reads_every_other_position_takes_them_subsampled(shortcut, stride_in_1x1, in_channels, stride):
+    """In the paper's layout a strided bottleneck reads its input only at every stride-th row and column (each
+    path starts with a strided 1x1 or a subsampling); given just those positions (odd sizes included) and run
+    with unit stride it gives the same output and gradients. Everywhere else it reads every position."""
+    from backbones.resnet import Bottleneck, convert_bn_to_frozen
+    torch.manual_seed(0)
+    block = convert_bn_to_frozen(Bottleneck(in_channels, 16, stride, shortcut=shortcut, stride_in_1x1=stride_in_1x1))
+    for m in block.modules():  # statistics away from identity
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2.0), m.bias.normal_(0, 0.1)
+    expected_step = stride if stride_in_1x1 else 1
+    assert block.input_read_step() == expected_step
+    reference = copy.deepcopy(block)
+    block.take_subsampled_input()
+    x = torch.randn(2, in_channels, 9, 12)
+    ours_in, ref_in = x[:, :, ::expected_step, ::expected_step].clone().requires_grad_(), x.clone().requires_grad_()
+    ours, ref = block(ours_in), reference(ref_in)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    ours.square().sum().backward(), ref.square().sum().backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad[:, :, ::expected_step, ::expected_step], rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(block.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5, msg=name)
+    assert list(block.state_dict()) == list(reference.state_dict())
+    assert build_resnet(18, num_classes=0, base_width=8).res5[0].input_read_step() == 1  # a 3x3 reads it all
 
 
 # Run in a fresh process: without the workaround, oneDNN's strided 1x1 weight gradient on narrow channels-last

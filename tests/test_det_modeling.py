@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
-from backbones import CheckpointError, backbone_checkpoint, build_resnet
+from backbones import CheckpointError, backbone_checkpoint, build_resnet, convert_bn_to_frozen
 from detection.modeling import (
     DetectorConfig,
     build_detector,
@@ -122,6 +122,50 @@ def test_fast_path_matches_the_plain_path_and_shares_its_checkpoints(neck):
         torch.testing.assert_close(b["scores"], a["scores"], rtol=1e-4, atol=1e-5)
     assert list(fast.state_dict()) == list(plain.state_dict())
     plain.load_state_dict(fast.state_dict())
+
+
+@pytest.mark.parametrize("stride_in_1x1", [True, False])
+@pytest.mark.parametrize("kernel", ["separable", "torchvision"])
+def test_c4_head_pools_only_the_bins_res5_reads(stride_in_1x1, kernel, monkeypatch):
+    """With the paper's stride in res5's first 1x1, the C4 head pools only the 7x7 bins that block reads and
+    runs it with unit stride: the box features and every gradient equal 14x14 RoIAlign (torchvision's op)
+    through an untouched res5 with the same weights, with either of the pooler's kernels (float64, so that a
+    difference is the method's, not float32 sums in another order). In torchvision's layout (stride in the
+    3x3) every bin is read and pooled."""
+    from detection.modeling import poolers
+    from torchvision.ops import roi_align
+    monkeypatch.setattr(poolers, "separable_roi_align_is_cheaper", lambda *args: kernel == "separable")
+    torch.manual_seed(0)
+    model = build_detector(slim_cfg(depth=50, stride_in_1x1=stride_in_1x1), num_classes=3)
+    head = model.roi_heads
+    assert head.bin_step == (2 if stride_in_1x1 else 1)
+    reference = build_resnet(50, num_classes=0, base_width=8, stride_in_1x1=stride_in_1x1).res5
+    convert_bn_to_frozen(reference)
+    reference.load_state_dict(head.res5.state_dict())
+    head.double(), reference.double()
+    with torch.no_grad():  # statistics away from identity, in both
+        for res5 in (head.res5, reference):
+            g = torch.Generator().manual_seed(2)
+            for m in res5.modules():
+                if isinstance(m, FrozenBatchNorm2d):
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(2, 128, 6, 8, generator=g, dtype=torch.float64)  # res4 of two 96x128 images
+    corner = torch.rand(2, 20, 2, generator=g, dtype=torch.float64) * 140 - 20  # some reach outside, some span it
+    proposals = torch.cat([corner, corner + torch.rand(2, 20, 2, generator=g, dtype=torch.float64) * 150 + 1], 2)
+    proposals = list(proposals.float().double())  # the head's RoIs are float32 boxes
+    ours_in, ref_in = features.clone().requires_grad_(), features.clone().requires_grad_()
+    ours = head.box_features({"res4": ours_in}, proposals)
+    rois = torch.cat([torch.cat([torch.full((20, 1), float(i), dtype=torch.float64), p], 1)
+                      for i, p in enumerate(proposals)])
+    ref = reference(roi_align(ref_in, rois, (14, 14), 1 / 16, 0, aligned=True)).mean(dim=(2, 3))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    weights = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    (ours * weights).sum().backward(), (ref * weights).sum().backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=1e-12)
+    for (name, a), b in zip(head.res5.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("option", ["eval.flip=true", "eval.test_scales=[400,600]", "eval.box_refinement=true"])

@@ -233,7 +233,9 @@ def test_roi_pool_takes_bf16_features_under_cpu_autocast():
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("sampling_ratio", [0, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_separable_roi_align_equals_torchvision_kernel(aligned, sampling_ratio, channels_last):
+@pytest.mark.parametrize("bin_step", [1, 2])
+def test_separable_roi_align_equals_torchvision_kernel(aligned, sampling_ratio, channels_last, bin_step):
+    """Every bin, or every second one along each axis (what the C4 head's res5 reads in the paper's layout)."""
     g = torch.Generator().manual_seed(0)
     features = torch.randn(3, 5, 12, 17, dtype=torch.float64, generator=g)
     if channels_last:
@@ -247,26 +249,27 @@ def test_separable_roi_align_equals_torchvision_kernel(aligned, sampling_ratio, 
     image[image == 1] = 2  # image 1 has no boxes; the rows are not sorted by image
     rois = torch.cat([image[:, None], boxes], 1)
 
-    def both(feats):
-        ours = roi_align_separable(feats, rois, (4, 3), 1 / 16, sampling_ratio, aligned)
-        ref = roi_align(feats, rois, (4, 3), 1 / 16, sampling_ratio, aligned)
-        return ours, ref
+    def separable(feats, rois, *args):
+        return roi_align_separable(feats, rois, *args, bin_step)
 
-    ours, ref = both(features)
+    def kernel(feats, rois, *args):
+        return roi_align(feats, rois, *args)[:, :, ::bin_step, ::bin_step]
+
+    ours, ref = (fn(features, rois, (4, 3), 1 / 16, sampling_ratio, aligned) for fn in (separable, kernel))
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
     assert ours[1].abs().max() == 0
     assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     # the gradient w.r.t. the features, which is what training runs through it
     weights = torch.randn(ref.shape, dtype=torch.float64, generator=g)
     grads = []
-    for fn in (roi_align_separable, roi_align):
+    for fn in (separable, kernel):
         feats = features.clone().requires_grad_()
         (fn(feats, rois, (4, 3), 1 / 16, sampling_ratio, aligned) * weights).sum().backward()
         grads.append(feats.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
     # float32 under autocast: computed in float32 and returned in the input's dtype, like torchvision's op
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours32 = roi_align_separable(features.float(), rois.float(), (4, 3), 1 / 16, sampling_ratio, aligned)
+        ours32 = separable(features.float(), rois.float(), (4, 3), 1 / 16, sampling_ratio, aligned)
     assert ours32.dtype == torch.float32
     torch.testing.assert_close(ours32, ref.float(), rtol=1e-5, atol=1e-5)
 

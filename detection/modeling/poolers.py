@@ -38,15 +38,16 @@ def assign_boxes_to_levels(boxes: torch.Tensor, min_level: int, max_level: int, 
     return (levels.clamp(min=min_level, max=max_level) - min_level).to(torch.int64)
 
 
-def _axis_weights(start: torch.Tensor, bin_size: torch.Tensor, grid: torch.Tensor, size: int, bins: int
-                  ) -> torch.Tensor:
-    """(R, bins, size): RoIAlign's bilinear weights along one axis, averaged over each bin's samples.
+def _axis_weights(start: torch.Tensor, bin_size: torch.Tensor, grid: torch.Tensor, size: int, bins: int,
+                  step: int = 1) -> torch.Tensor:
+    """(R, ceil(bins / step), size): RoIAlign's bilinear weights along one axis, averaged over each bin's
+    samples, for bins 0, step, 2 * step, ...
 
     Sample ``s`` of bin ``p`` sits at ``start + p * bin + (s + 0.5) * bin / grid``; outside ``[-1, size]``
     it counts zero, otherwise it is clamped to ``[0, size - 1]`` and spread over its two neighbours with
     the triangle ``max(0, 1 - |y - i|)``, which is torchvision's ``y_low``/``y_high`` interpolation."""
     most = max(int(grid.max()), 1) if grid.numel() else 1
-    p = torch.arange(bins, dtype=start.dtype, device=start.device).view(1, -1, 1)
+    p = torch.arange(0, bins, step, dtype=start.dtype, device=start.device).view(1, -1, 1)
     s = torch.arange(most, dtype=start.dtype, device=start.device).view(1, 1, -1)
     grid = grid.view(-1, 1, 1)
     step = bin_size.view(-1, 1, 1) / grid.clamp(min=1)  # no samples at all where grid <= 0 (empty boxes)
@@ -85,24 +86,29 @@ SEPARABLE_MACS_PER_TAP = {"train": 16.0, "inference": 4.0}
 
 
 def separable_roi_align_is_cheaper(features: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int],
-                                   spatial_scale: float, sampling_ratio: int, aligned: bool) -> bool:
+                                   spatial_scale: float, sampling_ratio: int, aligned: bool, bin_step: int = 1
+                                   ) -> bool:
     """Whether :func:`roi_align_separable` beats torchvision's kernel on these inputs (CPU): its products
     cost ``R * bins_y * W * C * (H + bins_x)`` multiply-adds wherever the boxes lie, the kernel 4 taps
-    per sample, ``R * C * bins * samples per bin * 4``; it wins up to :data:`SEPARABLE_MACS_PER_TAP`."""
+    per sample, ``R * C * bins * samples per bin * 4``; it wins up to :data:`SEPARABLE_MACS_PER_TAP`.
+    With ``bin_step`` the products shrink to the kept bins, the kernel's work does not (it pools them all)."""
     if rois.shape[0] == 0:
         return False
     _, channels, height, width = features.shape
     ph, pw = output_size
+    kept_h, kept_w = -(-ph // bin_step), -(-pw // bin_step)
     *_, grid_w, grid_h = _roi_grids(rois, output_size, spatial_scale, sampling_ratio, aligned, torch.float32)
     taps = 4 * channels * ph * pw * float((grid_w.clamp(min=0) * grid_h.clamp(min=0)).clamp(min=1).sum())
-    macs = rois.shape[0] * ph * width * channels * (height + pw)
+    macs = rois.shape[0] * kept_h * width * channels * (height + kept_w)
     mode = "train" if torch.is_grad_enabled() and features.requires_grad else "inference"
     return macs <= SEPARABLE_MACS_PER_TAP[mode] * taps
 
 
 def roi_align_separable(features: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int],
-                        spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
-    """``torchvision.ops.roi_align`` (``rois`` as (R, 5) rows), computed as matrix products.
+                        spatial_scale: float, sampling_ratio: int, aligned: bool, bin_step: int = 1
+                        ) -> torch.Tensor:
+    """``torchvision.ops.roi_align`` (``rois`` as (R, 5) rows), computed as matrix products; with
+    ``bin_step`` > 1 only every ``bin_step``-th bin along each axis (``roi_align(...)[:, :, ::s, ::s]``).
 
     RoIAlign's output is an average of bilinear samples on a grid in each bin, and bilinear sampling is
     a product of one weight along y and one along x, so for one RoI and channel ``out = A_y F A_x^T``
@@ -117,14 +123,14 @@ def roi_align_separable(features: torch.Tensor, rois: torch.Tensor, output_size:
     :func:`separable_roi_align_is_cheaper` decides. Computed in float32 (float64 for float64 input),
     autocast off, returned in the input's dtype; channels-last features give a channels-last result."""
     n, channels, height, width = features.shape
-    ph, pw = output_size
+    ph, pw = -(-output_size[0] // bin_step), -(-output_size[1] // bin_step)
     dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     with torch.autocast(features.device.type, enabled=False):
         feats = features.to(dtype)
         x1, y1, bin_w, bin_h, grid_w, grid_h = _roi_grids(rois, output_size, spatial_scale, sampling_ratio,
                                                           aligned, dtype)
-        weights_y = _axis_weights(y1, bin_h, grid_h, height, ph)  # (R, ph, H)
-        weights_x = _axis_weights(x1, bin_w, grid_w, width, pw)  # (R, pw, W)
+        weights_y = _axis_weights(y1, bin_h, grid_h, height, output_size[0], bin_step)  # (R, ph, H)
+        weights_x = _axis_weights(x1, bin_w, grid_w, width, output_size[1], bin_step)  # (R, pw, W)
         image_index = rois[:, 0].long()
         order = None
         if image_index.numel() > 1 and bool((image_index[1:] < image_index[:-1]).any()):
@@ -167,35 +173,51 @@ class ROIPooler(nn.Module):
             raise ValueError(f"ROIPooler scales must be 1/2^k for consecutive k (finest first), got {list(scales)}")
         self.min_level, self.max_level = round(levels[0]), round(levels[-1])
 
-    def pool(self, features: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
+    def pool(self, features: torch.Tensor, rois: torch.Tensor, scale: float, bin_step: int = 1) -> torch.Tensor:
         if self.pooler_type == "ROIPool":
             if features.dtype != rois.dtype:
                 # bf16/fp16 features under autocast: torchvision's CPU kernel wants the rois in their dtype (it
                 # has no autocast rule there), and bf16 would move box corners by pixels at COCO's sizes. A max
                 # is exact in any precision, so pooling in float32 and casting back gives the same values.
-                return roi_pool(features.float(), rois.float(), self.output_size, scale).to(features.dtype)
-            return roi_pool(features, rois, self.output_size, scale)
+                out = roi_pool(features.float(), rois.float(), self.output_size, scale).to(features.dtype)
+            else:
+                out = roi_pool(features, rois, self.output_size, scale)
+            return keep_every(out, bin_step)
         aligned = self.pooler_type == "ROIAlignV2"
-        args = (features, rois, self.output_size, scale, self.sampling_ratio, aligned)
+        args = (features, rois, self.output_size, scale, self.sampling_ratio, aligned, bin_step)
         # compiled and exported graphs keep torchvision's op (the products' sizes depend on the boxes)
         if (features.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
                 and separable_roi_align_is_cheaper(*args)):
             return roi_align_separable(*args)
-        return roi_align(features, rois, self.output_size, scale, self.sampling_ratio, aligned=aligned)
+        return keep_every(roi_align(*args[:5], aligned=aligned), bin_step)
 
-    def forward(self, features: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor], bin_step: int = 1
+                ) -> torch.Tensor:
         """``features``: one (N, C, H, W) map per level (finest first); ``boxes``: per image (K_i, 4)
-        in input pixels. Returns (sum K_i, C, S, S), rows in the order of the concatenated boxes."""
+        in input pixels. Returns (sum K_i, C, S, S), rows in the order of the concatenated boxes; with
+        ``bin_step`` only every ``bin_step``-th bin along each axis, (sum K_i, C, ceil(S / step), ...)."""
         if len(features) != len(self.scales):
             raise ValueError(f"ROIPooler: {len(features)} feature maps for {len(self.scales)} scales")
         rois = boxes_to_rois(boxes).to(features[0].device)
+        if features[0].dtype == torch.float64:  # a float64 model (gradient checks): torchvision's op wants one dtype
+            rois = rois.double()
         if len(features) == 1:
-            return self.pool(features[0], rois, self.scales[0])
+            return self.pool(features[0], rois, self.scales[0], bin_step)
         levels = assign_boxes_to_levels(rois[:, 1:], self.min_level, self.max_level, self.canonical_box_size,
                                         self.canonical_level)
         channels = features[0].shape[1]
-        out = features[0].new_zeros((rois.shape[0], channels) + self.output_size)
+        out = features[0].new_zeros((rois.shape[0], channels) + tuple(-(-s // bin_step) for s in self.output_size))
         for level, (fmap, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == level, as_tuple=True)[0]
-            out[idx] = self.pool(fmap, rois[idx], scale).to(out.dtype)
+            out[idx] = self.pool(fmap, rois[idx], scale, bin_step).to(out.dtype)
         return out
+
+
+def keep_every(pooled: torch.Tensor, step: int) -> torch.Tensor:
+    """Every ``step``-th bin of (R, C, S, S) pooled features, copied in their memory format so that the whole
+    grid's memory is freed (a view would keep it, for instance saved by the next convolution for backward)."""
+    if step == 1:
+        return pooled
+    layout = torch.channels_last if (pooled.is_contiguous(memory_format=torch.channels_last)
+                                     and not pooled.is_contiguous()) else torch.contiguous_format
+    return pooled[:, :, ::step, ::step].contiguous(memory_format=layout)

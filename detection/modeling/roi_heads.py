@@ -270,7 +270,12 @@ class ROIHeads(nn.Module):
 
 
 class Res5ROIHeads(ROIHeads):
-    """C4: pool from res4 (14x14), run the backbone's res5 on each RoI (-> 7x7), average-pool."""
+    """C4: pool from res4 (14x14), run the backbone's res5 on each RoI (-> 7x7), average-pool.
+
+    In the paper's layout (stride in the first 1x1) res5's first block reads only every other row and column
+    of the 14x14 grid (``input_read_step``): only those 7x7 bins are pooled, a quarter of RoIAlign's work and
+    of the pooled features' memory, and the block takes them with unit stride (``take_subsampled_input``,
+    which changes ``res5`` in place; same outputs, same parameters and state_dict)."""
 
     def __init__(self, res5: nn.Module, pooler: ROIPooler, box_predictor: FastRCNNOutputLayers,
                  in_feature: str = "res4", **kwargs):
@@ -278,6 +283,10 @@ class Res5ROIHeads(ROIHeads):
         self.in_feature = in_feature
         self.pooler = pooler
         self.res5 = res5
+        first = res5[0]
+        self.bin_step = first.input_read_step() if hasattr(first, "input_read_step") else 1
+        if self.bin_step > 1:
+            first.take_subsampled_input()
 
     @property
     def canonical_box_size(self) -> float:
@@ -285,7 +294,7 @@ class Res5ROIHeads(ROIHeads):
         return self.pooler.output_size[0] / self.pooler.scales[0]
 
     def box_features(self, features, proposals):
-        x = self.pooler([features[self.in_feature]], proposals)
+        x = self.pooler([features[self.in_feature]], proposals, bin_step=self.bin_step)
         # RoIAlign writes float32 NCHW (autocast keeps it in float32). res5's first convolution would cast
         # that to the autocast type and then, with channels-last weights, convert it to NHWC: two passes
         # over (RoIs x 1024 x 14 x 14) values, forward and backward. One copy does both.
