@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """resdet's detector on CUDA against the same detector on the CPU, float32, same weights: the losses and
-the detections of the plain path (frozen BN as layers, NCHW) and the fast path (folded, channels-last) on
-both devices. Sampling is exhaustive (every anchor and RoI taken), so no random draw differs between the
+the detections of the plain path (frozen BN as layers, NCHW), the fast path (folded, channels-last) and, on
+CUDA, the fast path with the Triton RoIAlign (``pooler_kernel=triton``) on both devices, and the gradient of
+every parameter (RoIAlign's backward feeds the trunk's). Sampling is exhaustive (every anchor and RoI taken), so no random draw differs between the
 devices; TF32 is off so the GPU computes in true float32. The tests check the same on the CPU alone.
 
     python bench/cuda_check.py          # python bench/cuda_check.py cpu: the script's own dry run
@@ -17,12 +18,13 @@ from torchvision.ops import FrozenBatchNorm2d  # noqa: E402
 
 from detection.modeling import DetectorConfig  # noqa: E402
 from detection.modeling.build import build_detector  # noqa: E402
-from detection.modeling.config import Neck  # noqa: E402
+from detection.modeling.config import Neck, RoIAlignKernel  # noqa: E402
 
 
-def slim(neck: str, fold: bool):
+def slim(neck: str, fold: bool, pooler_kernel: str = "auto"):
     cfg = OmegaConf.structured(DetectorConfig)
     cfg.backbone.depth, cfg.backbone.base_width, cfg.backbone.fold_frozen_bn = 50, 16, fold
+    cfg.roi_heads.pooler_kernel = RoIAlignKernel(pooler_kernel)
     cfg.neck, cfg.fpn_channels = Neck(neck), 32
     cfg.rpn.anchor_sizes = [16.0, 32.0, 64.0, 128.0, 256.0] if neck == "fpn" else [16.0, 32.0, 64.0]
     cfg.rpn.batch_size_per_image, cfg.roi_heads.batch_size_per_image = 10**6, 10**6  # exhaustive sampling
@@ -56,11 +58,14 @@ def unmatched(dets, reference) -> float:
 
 def run(model, device):
     model.to(device).train()
-    losses = {k: float(v.detach()) for k, v in model(batch(device)).items()}
+    out = model(batch(device))
+    sum(out.values()).backward()
+    losses = {k: float(v.detach()) for k, v in out.items()}
+    grads = torch.cat([p.grad.flatten().cpu() for p in model.parameters() if p.grad is not None])
     model.eval()
     with torch.no_grad():
         detections = [{k: v.cpu() for k, v in d.items()} for d in model(batch(device))]
-    return losses, detections
+    return losses, grads, detections
 
 
 def main():
@@ -75,21 +80,26 @@ def main():
                 if isinstance(m, FrozenBatchNorm2d):
                     m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
                     m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2.0)
-        cpu_losses, cpu_dets = run(reference, "cpu")
-        for fast in (False, True):
-            model = build_detector(slim(neck, fast), num_classes=3)
+        cpu_losses, cpu_grads, cpu_dets = run(reference, "cpu")
+        paths = [("plain", False, "auto"), ("fast", True, "auto")]
+        if device == "cuda":
+            paths.append(("fast + Triton RoIAlign", True, "triton"))
+        for name, fast, kernel in paths:
+            model = build_detector(slim(neck, fast, kernel), num_classes=3)
             model.load_state_dict(reference.state_dict())
             if fast:
                 model.to(memory_format=torch.channels_last)
-            losses, dets = run(model, device)
+            losses, grads, dets = run(model, device)
             rel = max(abs(losses[k] - cpu_losses[k]) / max(abs(cpu_losses[k]), 1e-6) for k in losses)
+            grad_rel = float((grads - cpu_grads).norm() / cpu_grads.norm())
             same_counts = [len(a["boxes"]) for a in dets] == [len(b["boxes"]) for b in cpu_dets]
             box_err = max(unmatched(a, b) for a, b in zip(dets, cpu_dets)) if same_counts else float("inf")
-            worst = max(worst, rel)
-            print(f"{'C4' if neck == 'none' else 'FPN'} {'fast' if fast else 'plain'} {device} vs CPU: losses rel. diff "
-                  f"{rel:.1e} ({', '.join(f'{k} {v:.4f}' for k, v in losses.items())}); detections per image "
-                  f"{[len(d['boxes']) for d in dets]} vs {[len(d['boxes']) for d in cpu_dets]}, max box diff {box_err:.2e} px")
-    print(f"worst loss difference {worst:.1e}: {'OK' if worst < 1e-3 else 'CHECK'}")
+            worst = max(worst, rel, grad_rel)
+            print(f"{'C4' if neck == 'none' else 'FPN'} {name} {device} vs CPU: losses rel. diff "
+                  f"{rel:.1e} ({', '.join(f'{k} {v:.4f}' for k, v in losses.items())}); gradients rel. diff "
+                  f"{grad_rel:.1e}; detections per image {[len(d['boxes']) for d in dets]} vs "
+                  f"{[len(d['boxes']) for d in cpu_dets]}, max box diff {box_err:.2e} px")
+    print(f"worst loss or gradient difference {worst:.1e}: {'OK' if worst < 1e-3 else 'CHECK'}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """Faster R-CNN's parts (detection/modeling): anchors, box coding, matching, sampling, NMS and the RoI
 pooler, each against torchvision's reference piece or a hand-computed case."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torchvision.models.detection import _utils as tv_utils
@@ -20,6 +24,7 @@ from detection.modeling import (
 from detection.modeling.box_ops import batched_nms_first
 from detection.modeling.poolers import roi_align_separable, separable_roi_align_is_cheaper
 from detection.modeling.sampling import sampled_labels
+from conftest import ROOT
 from det_helpers import random_boxes
 
 
@@ -272,6 +277,67 @@ def test_separable_roi_align_equals_torchvision_kernel(aligned, sampling_ratio, 
         ours32 = separable(features.float(), rois.float(), (4, 3), 1 / 16, sampling_ratio, aligned)
     assert ours32.dtype == torch.float32
     torch.testing.assert_close(ours32, ref.float(), rtol=1e-5, atol=1e-5)
+
+
+# In a fresh process: Triton decides at import whether its kernels run interpreted (TRITON_INTERPRET=1, on the
+# CPU), and they must here, where there is no GPU.
+TRITON_ROI_ALIGN_PROBE = """
+import torch
+from torchvision.ops import roi_align
+from detection.modeling import ROIPooler
+from detection.modeling.roi_align_triton import INTERPRETED, roi_align_triton
+assert INTERPRETED
+g = torch.Generator().manual_seed(0)
+features = torch.randn(3, 5, 12, 17, dtype=torch.float64, generator=g)
+corner = torch.rand(9, 2, generator=g, dtype=torch.float64) * 300 - 30  # some reach outside the map
+boxes = torch.cat([corner, corner + torch.rand(9, 2, generator=g, dtype=torch.float64) * 150 - 4], 1)
+boxes[0] = torch.tensor([10.0, 10.0, 10.0, 10.0])  # a point
+boxes[1] = torch.tensor([-500.0, -500.0, -400.0, -400.0])  # wholly outside: zeros
+boxes[2] = torch.tensor([-20.0, -20.0, 300.0, 200.0])  # the whole map: several samples per bin
+rois = torch.cat([torch.tensor([2, 0, 2, 0, 2, 2, 0, 0, 2.0], dtype=torch.float64)[:, None], boxes], 1)
+for aligned, ratio, step, layout in ((True, 0, 1, torch.channels_last), (True, 0, 2, torch.contiguous_format),
+                                     (False, 2, 1, torch.contiguous_format), (False, 0, 2, torch.channels_last)):
+    feats = [features.clone(memory_format=layout).requires_grad_() for _ in range(2)]
+    ours = roi_align_triton(feats[0], rois, (4, 3), 1 / 16, ratio, aligned, step)
+    ref = roi_align(feats[1], rois, (4, 3), 1 / 16, ratio, aligned)[:, :, ::step, ::step]
+    assert ours.is_contiguous(memory_format=torch.channels_last) and ours.dtype == torch.float64
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    assert ours[1].abs().max() == 0 and ours[2].abs().min() > 0
+    weights = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+    (ours * weights).sum().backward(), (ref * weights).sum().backward()
+    torch.testing.assert_close(feats[0].grad, feats[1].grad, rtol=0, atol=1e-12)
+# bf16 channels-last, as a bf16 trunk hands it over: bf16 out (float32 sums), bf16 gradient
+half = features.float().bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
+full = half.detach().float().requires_grad_()
+ours = roi_align_triton(half, rois.float(), (4, 3), 1 / 16, 0, True)
+ref = roi_align(full, rois.float(), (4, 3), 1 / 16, 0, True)
+assert ours.dtype == torch.bfloat16 and ours.is_contiguous(memory_format=torch.channels_last)
+torch.testing.assert_close(ours.float(), ref, rtol=1e-2, atol=1e-2)
+ours.float().sum().backward(), ref.sum().backward()
+assert half.grad.dtype == torch.bfloat16
+torch.testing.assert_close(half.grad.float(), full.grad, rtol=1e-2, atol=1e-2)
+# through the pooler, as the detector calls it
+pooler = ROIPooler(4, (1 / 16,), 0, "ROIAlignV2", kernel="triton")
+reference = ROIPooler(4, (1 / 16,), 0, "ROIAlignV2", kernel="torchvision")
+boxes_per_image = [boxes[:4].float(), boxes[4:].float()]
+features32 = features[:2].float()
+torch.testing.assert_close(pooler([features32], boxes_per_image, bin_step=2),
+                           reference([features32], boxes_per_image, bin_step=2), rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+def test_triton_roi_align_equals_torchvision_kernel():
+    """The CUDA kernels (model.roi_heads.pooler_kernel=triton), run by Triton's interpreter on the CPU: values
+    and gradients equal torchvision's op in float64 (every bin or every second one, both sampling modes, both
+    input layouts), bf16 in and out within bf16's precision; off CUDA without the interpreter, a clear error."""
+    from detection.modeling.roi_align_triton import roi_align_triton
+    with pytest.raises(RuntimeError, match="pooler_kernel=auto"):
+        roi_align_triton(torch.randn(1, 2, 4, 4), torch.tensor([[0.0, 0, 0, 8, 8]]), (2, 2), 1 / 4, 0, True)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", TRITON_ROI_ALIGN_PROBE], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-3000:])
 
 
 def test_pooler_takes_the_separable_roi_align_only_where_it_is_cheaper():

@@ -167,12 +167,13 @@ def build_detector(model_cfg, num_classes: int) -> GeneralizedRCNN:
 
     if neck is not None:
         levels = neck.out_features[:4]  # P2..P5; P6 is for the RPN only
-        pooler = ROIPooler(h.pooler_resolution, [1.0 / s for s in strides[:4]], h.pooler_sampling_ratio, h.pooler_type)
+        pooler = ROIPooler(h.pooler_resolution, [1.0 / s for s in strides[:4]], h.pooler_sampling_ratio, h.pooler_type,
+                           kernel=h.pooler_kernel)
         roi_heads = StandardROIHeads(pooler, predictor(context_factor * h.fc_dim), levels, model_cfg.fpn_channels,
                                      fc_dim=h.fc_dim, **head_kwargs)
     else:
         pooler = ROIPooler(h.pooler_resolution, [1.0 / resnet.stage_strides["res4"]], h.pooler_sampling_ratio,
-                           h.pooler_type)
+                           h.pooler_type, kernel=h.pooler_kernel)
         roi_heads = Res5ROIHeads(resnet.res5, pooler, predictor(context_factor * resnet.stage_channels["res5"]), "res4",
                                  **head_kwargs)
 

@@ -24,6 +24,13 @@ class PoolerType(Choice):
     ROIPool = "ROIPool"  # the paper's
 
 
+class RoIAlignKernel(Choice):
+    auto = "auto"  # CPU: matrix products on small maps, else torchvision's op; CUDA: torchvision's op
+    torchvision = "torchvision"  # torchvision.ops.roi_align (float32 NCHW)
+    separable = "separable"  # matrix products (detection/modeling/poolers.py)
+    triton = "triton"  # CUDA: channels-last, in the features' dtype (detection/modeling/roi_align_triton.py)
+
+
 class PredictorInit(Choice):
     normal = "normal"  # class scores N(0, 0.01), box deltas N(0, 0.001), zero biases: Fast R-CNN's and Detectron2's
     linear_default = "linear_default"  # PyTorch's nn.Linear default (uniform, +-1/sqrt(fan_in)): torchvision's
@@ -75,6 +82,7 @@ class ROIHeadsConfig:
     pooler_type: PoolerType = PoolerType.ROIAlignV2
     pooler_resolution: int = 14  # C4: 14 (res5 halves it to 7); FPN: 7
     pooler_sampling_ratio: int = 0  # 0 = adaptive
+    pooler_kernel: RoIAlignKernel = RoIAlignKernel.auto  # the same numbers from each; speed differs
     fc_dim: int = 1024  # FPN box head: two fully connected layers of this width
     batch_size_per_image: int = 512  # RoIs sampled per image for the losses
     positive_fraction: float = 0.25

@@ -8,9 +8,13 @@ With several levels, a box of side ``s = sqrt(area)`` goes to level
 ``floor(canonical_level + log2(s / canonical_box_size))`` (FPN paper, eq. 1: a 224-pixel box to P4),
 clamped to the available levels.
 
-On the CPU and small maps, RoIAlign runs as two matrix products (:func:`roi_align_separable`) instead of
-torchvision's kernel, whose backward pass is a single-threaded scatter loop: the same numbers, several
-times faster where it is chosen.
+RoIAlign's kernel (``kernel``): ``auto`` takes, on the CPU and small maps, two matrix products
+(:func:`roi_align_separable`) instead of torchvision's kernel, whose backward pass is a single-threaded
+scatter loop: the same numbers, several times faster where it is chosen; elsewhere torchvision's op.
+``triton`` (CUDA) reads channels-last bf16 features as they are and writes the pooled ones channels-last
+(:mod:`.roi_align_triton`), where torchvision's op wants float32 NCHW copies both ways; not yet timed on a
+GPU, so not yet what ``auto`` picks there. ``torchvision`` and ``separable`` force one. Compiled and
+exported graphs always keep torchvision's op.
 """
 from __future__ import annotations
 
@@ -21,7 +25,10 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align, roi_pool
 
+from .roi_align_triton import roi_align_triton
+
 POOLER_TYPES = ("ROIAlignV2", "ROIAlign", "ROIPool")
+ROI_ALIGN_KERNELS = ("auto", "torchvision", "separable", "triton")
 
 
 def boxes_to_rois(boxes: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -157,10 +164,14 @@ def roi_align_separable(features: torch.Tensor, rois: torch.Tensor, output_size:
 
 class ROIPooler(nn.Module):
     def __init__(self, output_size: int = 14, scales: Sequence[float] = (1.0 / 16,), sampling_ratio: int = 0,
-                 pooler_type: str = "ROIAlignV2", canonical_box_size: float = 224, canonical_level: int = 4):
+                 pooler_type: str = "ROIAlignV2", canonical_box_size: float = 224, canonical_level: int = 4,
+                 kernel: str = "auto"):
         super().__init__()
         if pooler_type not in POOLER_TYPES:
             raise ValueError(f"pooler_type must be one of {POOLER_TYPES}, got {pooler_type!r}")
+        if kernel not in ROI_ALIGN_KERNELS:
+            raise ValueError(f"RoIAlign kernel must be one of {ROI_ALIGN_KERNELS}, got {kernel!r}")
+        self.kernel = kernel
         self.output_size = (int(output_size), int(output_size))
         self.scales = [float(s) for s in scales]
         self.sampling_ratio = int(sampling_ratio)
@@ -185,10 +196,16 @@ class ROIPooler(nn.Module):
             return keep_every(out, bin_step)
         aligned = self.pooler_type == "ROIAlignV2"
         args = (features, rois, self.output_size, scale, self.sampling_ratio, aligned, bin_step)
-        # compiled and exported graphs keep torchvision's op (the products' sizes depend on the boxes)
-        if (features.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-                and separable_roi_align_is_cheaper(*args)):
+        kernel = self.kernel
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            kernel = "torchvision"  # a graph keeps the op it knows (the products' sizes depend on the boxes)
+        elif kernel == "auto":
+            kernel = ("separable" if features.device.type == "cpu" and separable_roi_align_is_cheaper(*args)
+                      else "torchvision")
+        if kernel == "separable":
             return roi_align_separable(*args)
+        if kernel == "triton":
+            return roi_align_triton(*args)
         return keep_every(roi_align(*args[:5], aligned=aligned), bin_step)
 
     def forward(self, features: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor], bin_step: int = 1
