@@ -3,7 +3,9 @@
 inputs, and whether the detector's pooler picks the shortcut there:
 
 * RoIAlign: ``torchvision.ops.roi_align`` against ``poolers.roi_align_separable`` (two matrix products),
-  forward alone and forward + backward, at the demo's sizes and at COCO's (res4 of an 800x1216 image);
+  forward alone and forward + backward, at the demo's sizes and at COCO's (res4 of an 800x1216 image), and
+  for the C4 head in the paper's layout, which pools only every second bin (torchvision's op pools all
+  and the pooler keeps a quarter, the products compute the quarter);
 * NMS: ``torchvision.ops.nms`` over every candidate against ``box_ops.batched_nms_first`` (stops once
   ``count`` boxes are kept), per batch of images, for spread-out and for crowded candidates.
 
@@ -23,12 +25,13 @@ import torch  # noqa: E402
 from torchvision.ops import roi_align  # noqa: E402
 
 from detection.modeling.box_ops import batched_nms, batched_nms_first  # noqa: E402
-from detection.modeling.poolers import roi_align_separable, separable_roi_align_is_cheaper  # noqa: E402
+from detection.modeling.poolers import keep_every, roi_align_separable, separable_roi_align_is_cheaper  # noqa: E402
 
-# (label, images, channels, map height, map width, RoIs per image, bins, image side in pixels)
-ROI_CASES = [("demo train: 8 x 64 RoIs, 16x16x64 map, 10x10 bins", 8, 64, 16, 16, 64, 10, 256),
-             ("demo test: 8 x 100 RoIs, 20x20x64 map, 10x10 bins", 8, 64, 20, 20, 100, 10, 320),
-             ("COCO C4: 2 x 256 RoIs, 50x76x1024 map, 14x14 bins", 2, 1024, 50, 76, 256, 14, 1216)]
+# (label, images, channels, map height, map width, RoIs per image, bins, image side in pixels, bin step)
+ROI_CASES = [("demo train: 8 x 64 RoIs, 16x16x64 map, 10x10 bins", 8, 64, 16, 16, 64, 10, 256, 1),
+             ("demo test: 8 x 100 RoIs, 20x20x64 map, 10x10 bins", 8, 64, 20, 20, 100, 10, 320, 1),
+             ("COCO C4: 2 x 256 RoIs, 50x76x1024 map, 14x14 bins", 2, 1024, 50, 76, 256, 14, 1216, 1),
+             ("COCO C4, paper's layout: the same, every second bin (7x7)", 2, 1024, 50, 76, 256, 14, 1216, 2)]
 # (label, images, candidates per image, kept per image, IoU threshold, side in pixels of the candidates)
 NMS_CASES = [("RPN train: 8 x 1000 -> 300, spread out", 8, 1000, 300, 0.7, 40.0),
              ("RPN train: 8 x 1000 -> 300, crowded", 8, 1000, 300, 0.7, 120.0),
@@ -53,19 +56,23 @@ def roi_inputs(images, channels, height, width, per_image, side, g):
 
 def roi_rows(repeats: int, g: torch.Generator) -> list[str]:
     rows = []
-    for label, images, channels, height, width, per_image, bins, side in ROI_CASES:
+    for label, images, channels, height, width, per_image, bins, side, step in ROI_CASES:
         features, rois = roi_inputs(images, channels, height, width, per_image, side, g)
-        args = ((bins, bins), 1 / 16, 0, True)
-        grad = torch.randn(rois.shape[0], channels, bins, bins, generator=g)
+        args = ((bins, bins), 1 / 16, 0, True, step)
+        grad = torch.randn(rois.shape[0], channels, -(-bins // step), -(-bins // step), generator=g)
+
+        def kernel(feats, rois, *args):  # what the pooler does with torchvision's op
+            return keep_every(roi_align(feats, rois, *args[:-1]), args[-1])
+
         cells = []
-        for fn in (roi_align, roi_align_separable):
+        for fn in (kernel, roi_align_separable):
             with torch.no_grad():
                 forward = timed(lambda: fn(features, rois, *args), repeats)
             leaf = features.clone().requires_grad_()
             both = timed(lambda: fn(leaf, rois, *args).backward(grad), repeats)
             cells += [forward, both]
         with torch.no_grad():
-            diff = (roi_align(features, rois, *args) - roi_align_separable(features, rois, *args)).abs().max()
+            diff = (kernel(features, rois, *args) - roi_align_separable(features, rois, *args)).abs().max()
             picked_test = separable_roi_align_is_cheaper(features, rois, *args)
         picked_train = separable_roi_align_is_cheaper(features.clone().requires_grad_(), rois, *args)
         rows.append(f"| {label} | {cells[0]:.1f} / {cells[1]:.1f} | {cells[2]:.1f} / {cells[3]:.1f} | "

@@ -48,9 +48,8 @@ if triton is not None:
         lx = x - x_low
         hy = 1.0 - ly
         hx = 1.0 - lx
-        zero = tl.zeros_like(ly)
-        return (y_low, y_high, x_low, x_high, tl.where(valid, hy * hx, zero), tl.where(valid, hy * lx, zero),
-                tl.where(valid, ly * hx, zero), tl.where(valid, ly * lx, zero), valid)
+        return (y_low, y_high, x_low, x_high, tl.where(valid, hy * hx, 0.0), tl.where(valid, hy * lx, 0.0),
+                tl.where(valid, ly * hx, 0.0), tl.where(valid, ly * lx, 0.0), valid)
 
     @triton.jit
     def _roi_geometry(rois, r, spatial_scale, sampling_ratio, PH: tl.constexpr, PW: tl.constexpr,
