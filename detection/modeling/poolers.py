@@ -46,15 +46,15 @@ def assign_boxes_to_levels(boxes: torch.Tensor, min_level: int, max_level: int, 
 
 
 def _axis_weights(start: torch.Tensor, bin_size: torch.Tensor, grid: torch.Tensor, size: int, bins: int,
-                  step: int = 1) -> torch.Tensor:
-    """(R, ceil(bins / step), size): RoIAlign's bilinear weights along one axis, averaged over each bin's
-    samples, for bins 0, step, 2 * step, ...
+                  bin_step: int = 1) -> torch.Tensor:
+    """(R, ceil(bins / bin_step), size): RoIAlign's bilinear weights along one axis, averaged over each bin's
+    samples, for bins 0, bin_step, 2 * bin_step, ...
 
     Sample ``s`` of bin ``p`` sits at ``start + p * bin + (s + 0.5) * bin / grid``; outside ``[-1, size]``
     it counts zero, otherwise it is clamped to ``[0, size - 1]`` and spread over its two neighbours with
     the triangle ``max(0, 1 - |y - i|)``, which is torchvision's ``y_low``/``y_high`` interpolation."""
     most = max(int(grid.max()), 1) if grid.numel() else 1
-    p = torch.arange(0, bins, step, dtype=start.dtype, device=start.device).view(1, -1, 1)
+    p = torch.arange(0, bins, bin_step, dtype=start.dtype, device=start.device).view(1, -1, 1)
     s = torch.arange(most, dtype=start.dtype, device=start.device).view(1, 1, -1)
     grid = grid.view(-1, 1, 1)
     step = bin_size.view(-1, 1, 1) / grid.clamp(min=1)  # no samples at all where grid <= 0 (empty boxes)

@@ -102,7 +102,7 @@ if triton is not None:
         tl.store(target, result.to(out.dtype.element_ty), mask=cmask)
 
     @triton.jit
-    def _roi_align_backward(grad_out, rois, grad_in, channels, height, width, g_n, g_c, g_h, g_w,
+    def _roi_align_backward(grad_in, rois, grad_out, channels, height, width, g_n, g_c, g_h, g_w,
                             o_r, o_c, o_h, o_w, spatial_scale, sampling_ratio, PH: tl.constexpr, PW: tl.constexpr,
                             KEPT_H: tl.constexpr, KEPT_W: tl.constexpr, STEP: tl.constexpr,
                             ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -130,7 +130,7 @@ if triton is not None:
                 tl.atomic_add(base + y_high * g_h + x_high * g_w, grad * w4, mask=mask)
 
 
-def _launch(kernel, pooled: torch.Tensor, rois: torch.Tensor, mapped: torch.Tensor, output_size, spatial_scale,
+def _launch(kernel, mapped: torch.Tensor, rois: torch.Tensor, pooled: torch.Tensor, output_size, spatial_scale,
             sampling_ratio, aligned, bin_step):
     """Run ``kernel`` over every (RoI, kept bin, channel block); ``mapped`` is the feature-shaped tensor
     (features or their gradient), ``pooled`` the RoI-shaped one (output or its gradient)."""
@@ -142,10 +142,8 @@ def _launch(kernel, pooled: torch.Tensor, rois: torch.Tensor, mapped: torch.Tens
     _, _, height, width = mapped.shape
     m_n, m_c, m_h, m_w = mapped.stride()
     o_r, o_c, o_h, o_w = pooled.stride()
-    kernel[grid](mapped if kernel is _roi_align_forward else pooled, rois,
-                 pooled if kernel is _roi_align_forward else mapped,
-                 channels, height, width, m_n, m_c, m_h, m_w, o_r, o_c, o_h, o_w, float(spatial_scale),
-                 int(sampling_ratio), PH=output_size[0], PW=output_size[1], KEPT_H=kept_h, KEPT_W=kept_w,
+    kernel[grid](mapped, rois, pooled, channels, height, width, m_n, m_c, m_h, m_w, o_r, o_c, o_h, o_w,
+                 float(spatial_scale), int(sampling_ratio), PH=output_size[0], PW=output_size[1], KEPT_H=kept_h, KEPT_W=kept_w,
                  STEP=bin_step, ALIGNED=bool(aligned), BLOCK_C=block_c, num_warps=4)
 
 
@@ -156,7 +154,7 @@ class _RoIAlign(torch.autograd.Function):
         rois = rois.to(torch.float64 if features.dtype == torch.float64 else torch.float32).contiguous()
         out = torch.empty((rois.shape[0], features.shape[1]) + kept, dtype=features.dtype, device=features.device,
                           memory_format=torch.channels_last)
-        _launch(_roi_align_forward, out, rois, features, output_size, spatial_scale, sampling_ratio, aligned,
+        _launch(_roi_align_forward, features, rois, out, output_size, spatial_scale, sampling_ratio, aligned,
                 bin_step)
         ctx.save_for_backward(rois)
         ctx.args = (features.shape, features.dtype, output_size, spatial_scale, sampling_ratio, aligned, bin_step)
@@ -169,7 +167,7 @@ class _RoIAlign(torch.autograd.Function):
         accumulate = torch.float64 if dtype == torch.float64 else torch.float32
         grad_in = torch.empty(shape, dtype=accumulate, device=grad_out.device, memory_format=torch.channels_last)
         grad_in.zero_()
-        _launch(_roi_align_backward, grad_out, rois, grad_in, output_size, spatial_scale, sampling_ratio, aligned,
+        _launch(_roi_align_backward, grad_in, rois, grad_out, output_size, spatial_scale, sampling_ratio, aligned,
                 bin_step)
         return grad_in.to(dtype), None, None, None, None, None, None
 
