@@ -52,8 +52,14 @@ if triton is not None:
                 tl.where(valid, ly * hx, 0.0), tl.where(valid, ly * lx, 0.0), valid)
 
     @triton.jit
-    def _roi_geometry(rois, r, spatial_scale, sampling_ratio, PH: tl.constexpr, PW: tl.constexpr,
-                      ALIGNED: tl.constexpr):
+    def _program_bin(rois, channels, spatial_scale, sampling_ratio, PH: tl.constexpr, PW: tl.constexpr,
+                     KEPT_H: tl.constexpr, KEPT_W: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's RoI ``r``, kept bin ``(i, j)`` and channels, and the RoI's sampling grid."""
+        pid = tl.program_id(0)
+        r = pid // (KEPT_H * KEPT_W)
+        i = (pid // KEPT_W) % KEPT_H
+        j = pid % KEPT_W
+        cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         roi = rois + r * 5
         image = tl.load(roi).to(tl.int32)
         offset = 0.5 if ALIGNED else 0.0
@@ -69,7 +75,7 @@ if triton is not None:
         grid_h = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(roi_h / PH).to(tl.int32))
         grid_w = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(roi_w / PW).to(tl.int32))
         count = tl.maximum(grid_h * grid_w, 1).to(start_w.dtype)
-        return image, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count
+        return r, i, j, cs, cs < channels, image, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count
 
     @triton.jit
     def _roi_align_forward(features, rois, out, channels, height, width, f_n, f_c, f_h, f_w, o_r, o_c, o_h, o_w,
@@ -77,14 +83,8 @@ if triton is not None:
                            KEPT_H: tl.constexpr, KEPT_W: tl.constexpr, STEP: tl.constexpr,
                            ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr):
         """One program: one RoI, one kept bin, BLOCK_C channels."""
-        pid = tl.program_id(0)
-        r = pid // (KEPT_H * KEPT_W)
-        i = (pid // KEPT_W) % KEPT_H
-        j = pid % KEPT_W
-        cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cs < channels
-        image, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
-            rois, r, spatial_scale, sampling_ratio, PH, PW, ALIGNED)
+        r, i, j, cs, cmask, image, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _program_bin(
+            rois, channels, spatial_scale, sampling_ratio, PH, PW, KEPT_H, KEPT_W, ALIGNED, BLOCK_C)
         base = features + image.to(tl.int64) * f_n + cs * f_c
         acc = tl.zeros((BLOCK_C,), dtype=start_w.dtype)
         for iy in range(0, grid_h):
@@ -107,14 +107,8 @@ if triton is not None:
                             KEPT_H: tl.constexpr, KEPT_W: tl.constexpr, STEP: tl.constexpr,
                             ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr):
         """The forward's sampling, each sample's share of the bin's gradient added to its four neighbours."""
-        pid = tl.program_id(0)
-        r = pid // (KEPT_H * KEPT_W)
-        i = (pid // KEPT_W) % KEPT_H
-        j = pid % KEPT_W
-        cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cs < channels
-        image, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
-            rois, r, spatial_scale, sampling_ratio, PH, PW, ALIGNED)
+        r, i, j, cs, cmask, image, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _program_bin(
+            rois, channels, spatial_scale, sampling_ratio, PH, PW, KEPT_H, KEPT_W, ALIGNED, BLOCK_C)
         source = grad_out + r.to(tl.int64) * o_r + cs * o_c + i * o_h + j * o_w
         grad = tl.load(source, mask=cmask, other=0.0).to(grad_in.dtype.element_ty) / count
         base = grad_in + image.to(tl.int64) * g_n + cs * g_c
