@@ -10,7 +10,7 @@ defaults: frozen BN folded into the convolutions, and channels-last), all in tor
 the 3x3) so that both sides do the same arithmetic; ``paper`` is the fast path in the paper's layout, the
 configs' default (stride in the 1x1: res5 reads a quarter of the 14x14 RoI bins, and only those are pooled;
 C4 only); ``triton`` the fast path with RoIAlign as Triton kernels on channels-last features in their own
-dtype (``model.roi_heads.pooler_kernel=triton``, CUDA); with ``--variants compile``, the
+dtype (``model.roi_heads.pooler_kernel=triton``, CUDA), ``paper-triton`` both; with ``--variants compile``, the
 fast path with its trunk, neck, RPN convolutions and box head compiled (inductor), or with ``compile-ro``
 compiled in ``mode="reduce-overhead"`` (CUDA graphs of those parts). Training img/s, inference ms/img, peak
 GPU memory, and what one training step and one inference cost the host: on CUDA the synchronisations
@@ -264,7 +264,7 @@ def main():
     parser.add_argument("--models", default="r50c4,r101c4,r50fpn")
     parser.add_argument("--variants", default="plain,fast,paper,torchvision",
                         help="of plain, fast, paper (fast in the paper's layout, C4 only), triton (fast with "
-                             "Triton's RoIAlign, CUDA), compile (fast + compiled parts, inductor), compile-ro (the "
+                             "Triton's RoIAlign, CUDA), paper-triton (both), compile (fast + compiled parts, inductor), compile-ro (the "
                              "same in mode reduce-overhead: CUDA graphs), torchvision")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -282,6 +282,8 @@ def main():
                       run_ours),
             "triton": (f"resdet {label}, fast, Triton RoIAlign",
                        functools.partial(ours, depth, neck, True, None, False, "triton"), run_ours),
+            "paper-triton": (f"resdet {label}, fast, paper's layout, Triton RoIAlign",
+                             functools.partial(ours, depth, neck, True, None, True, "triton"), run_ours),
             "compile": (f"resdet {label}, fast + compile", functools.partial(ours, depth, neck, True, "default"),
                         run_ours),
             "compile-ro": (f"resdet {label}, fast + compile reduce-overhead",
@@ -291,7 +293,7 @@ def main():
             if neck == "fpn" else
             (f"torchvision parts {label}", functools.partial(torchvision_c4, depth, args.height, args.width), run_tv)}
         pairs[key] = [(*variants[v], v.startswith("compile")) for v in args.variants.split(",")
-                      if not (v == "paper" and neck == "fpn")]  # the FPN head reads every bin
+                      if not (v.startswith("paper") and neck == "fpn")]  # the FPN head reads every bin
     rows = []
     for key in args.models.split(","):
         for name, make, runner, _ in pairs[key]:

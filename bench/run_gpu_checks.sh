@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU figures of the README and the closing notes, in one go (under 11 minutes on one H100), each step
+# The GPU figures of the README and the closing notes, in one go (under 12 minutes on one H100), each step
 # under its own time limit so that one stuck step still leaves the others' tables:
-#   0. bench/cuda_check.py: the detector on CUDA gives the CPU's losses and detections (float32, plain and fast)
+#   0. bench/cuda_check.py: the detector on CUDA gives the CPU's losses, gradients and detections (float32: plain,
+#      fast, fast with the Triton RoIAlign)
 #   1. bench/det_speed.py: R101-C4 and R50-FPN, resdet's plain and fast paths against torchvision (same inputs),
-#      the fast path with the Triton RoIAlign, and R101-C4 in the paper's layout (stride in the 1x1)
+#      the fast path with the Triton RoIAlign, and R101-C4 in the paper's layout (stride in the 1x1) with each
+#      RoIAlign
 #   2. bench/trainer_speed.py det: tools/train_det.py on coco128 against the same detector alone
 #   3. bench/trainer_speed.py pretrain: tools/pretrain_backbone.py (ResNet-50) on 500x375 JPEGs against the model
 #      alone, with the workers decoding and with data.decode=device (nvJPEG)
@@ -23,8 +25,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
 
-timeout ${CHECK_TIMEOUT:-40} $PY bench/cuda_check.py 2>&1 | tee "$OUT/cuda_check.txt"
-timeout ${DET_TIMEOUT:-170} $PY bench/det_speed.py $DET --variants plain,fast,triton,paper,torchvision 2>&1 \
+timeout ${CHECK_TIMEOUT:-60} $PY bench/cuda_check.py 2>&1 | tee "$OUT/cuda_check.txt"
+timeout ${DET_TIMEOUT:-190} $PY bench/det_speed.py $DET --variants plain,fast,triton,paper,paper-triton,torchvision 2>&1 \
     | tee "$OUT/det_speed.txt"
 # fine-tuning's set-up (frozen BN from res2 up) on real COCO images, the C4 config's own sizes and bf16
 timeout ${TRAINER_TIMEOUT:-80} $PY bench/trainer_speed.py det --device cuda --iters 80 --workers "$WORKERS" \
