@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""resdet's detector on CUDA against the same detector on the CPU, float32, same weights: the losses and
-the detections of the plain path (frozen BN as layers, NCHW), the fast path (folded, channels-last) and, on
-CUDA, the fast path with the Triton RoIAlign (``pooler_kernel=triton``) on both devices, and the gradient of
-every parameter (RoIAlign's backward feeds the trunk's). Sampling is exhaustive (every anchor and RoI taken), so no random draw differs between the
-devices; TF32 is off so the GPU computes in true float32. The tests check the same on the CPU alone.
+"""resdet's detector on CUDA against the same detector on the CPU, float32, same weights: the losses, the
+gradient of every parameter (RoIAlign's backward feeds the trunk's) and the detections of the plain path
+(frozen BN as layers, NCHW), the fast path (folded, channels-last) and, on CUDA, the fast path with the
+Triton RoIAlign (``pooler_kernel=triton``), each against the plain path on the CPU. Sampling is exhaustive
+(every anchor and RoI taken), so no random draw differs between the devices; TF32 is off so the GPU
+computes in true float32. The tests check the same on the CPU alone.
 
     python bench/cuda_check.py          # python bench/cuda_check.py cpu: the script's own dry run
 """

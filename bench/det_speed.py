@@ -264,8 +264,8 @@ def main():
     parser.add_argument("--models", default="r50c4,r101c4,r50fpn")
     parser.add_argument("--variants", default="plain,fast,paper,torchvision",
                         help="of plain, fast, paper (fast in the paper's layout, C4 only), triton (fast with "
-                             "Triton's RoIAlign, CUDA), paper-triton (both), compile (fast + compiled parts, inductor), compile-ro (the "
-                             "same in mode reduce-overhead: CUDA graphs), torchvision")
+                             "Triton's RoIAlign, CUDA), paper-triton (both), compile (fast + compiled parts, "
+                             "inductor), compile-ro (the same in mode reduce-overhead: CUDA graphs), torchvision")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":

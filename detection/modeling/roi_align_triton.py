@@ -137,8 +137,8 @@ def _launch(kernel, mapped: torch.Tensor, rois: torch.Tensor, pooled: torch.Tens
     m_n, m_c, m_h, m_w = mapped.stride()
     o_r, o_c, o_h, o_w = pooled.stride()
     kernel[grid](mapped, rois, pooled, channels, height, width, m_n, m_c, m_h, m_w, o_r, o_c, o_h, o_w,
-                 float(spatial_scale), int(sampling_ratio), PH=output_size[0], PW=output_size[1], KEPT_H=kept_h, KEPT_W=kept_w,
-                 STEP=bin_step, ALIGNED=bool(aligned), BLOCK_C=block_c, num_warps=4)
+                 float(spatial_scale), int(sampling_ratio), PH=output_size[0], PW=output_size[1], KEPT_H=kept_h,
+                 KEPT_W=kept_w, STEP=bin_step, ALIGNED=bool(aligned), BLOCK_C=block_c, num_warps=4)
 
 
 class _RoIAlign(torch.autograd.Function):
