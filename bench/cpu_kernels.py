@@ -25,7 +25,8 @@ import torch  # noqa: E402
 from torchvision.ops import roi_align  # noqa: E402
 
 from detection.modeling.box_ops import batched_nms, batched_nms_first  # noqa: E402
-from detection.modeling.poolers import keep_every, roi_align_separable, separable_roi_align_is_cheaper  # noqa: E402
+from detection.modeling.poolers import (keep_every, roi_align_separable,  # noqa: E402
+                                       separable_roi_align_is_cheaper)
 
 # (label, images, channels, map height, map width, RoIs per image, bins, image side in pixels, bin step)
 ROI_CASES = [("demo train: 8 x 64 RoIs, 16x16x64 map, 10x10 bins", 8, 64, 16, 16, 64, 10, 256, 1),

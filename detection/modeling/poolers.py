@@ -215,9 +215,9 @@ class ROIPooler(nn.Module):
         ``bin_step`` only every ``bin_step``-th bin along each axis, (sum K_i, C, ceil(S / step), ...)."""
         if len(features) != len(self.scales):
             raise ValueError(f"ROIPooler: {len(features)} feature maps for {len(self.scales)} scales")
-        rois = boxes_to_rois(boxes).to(features[0].device)
-        if features[0].dtype == torch.float64:  # a float64 model (gradient checks): torchvision's op wants one dtype
-            rois = rois.double()
+        # float32 boxes; float64 for a float64 model (gradient checks): torchvision's op wants one dtype
+        rois = boxes_to_rois(boxes).to(features[0].device,
+                                       torch.float64 if features[0].dtype == torch.float64 else torch.float32)
         if len(features) == 1:
             return self.pool(features[0], rois, self.scales[0], bin_step)
         levels = assign_boxes_to_levels(rois[:, 1:], self.min_level, self.max_level, self.canonical_box_size,
@@ -233,8 +233,4 @@ class ROIPooler(nn.Module):
 def keep_every(pooled: torch.Tensor, step: int) -> torch.Tensor:
     """Every ``step``-th bin of (R, C, S, S) pooled features, copied in their memory format so that the whole
     grid's memory is freed (a view would keep it, for instance saved by the next convolution for backward)."""
-    if step == 1:
-        return pooled
-    layout = torch.channels_last if (pooled.is_contiguous(memory_format=torch.channels_last)
-                                     and not pooled.is_contiguous()) else torch.contiguous_format
-    return pooled[:, :, ::step, ::step].contiguous(memory_format=layout)
+    return pooled[:, :, ::step, ::step].clone(memory_format=torch.preserve_format) if step > 1 else pooled
