@@ -343,8 +343,8 @@ def test_triton_roi_align_equals_torchvision_kernel():
 def build_for_h100(kernel, dtype: str, constants: dict, num_warps: int) -> tuple[str, str]:
     """A Triton RoIAlign kernel compiled for an H100 (sm_90 cubin; Triton's own ptxas, no GPU needed) as a launch
     on channels-last tensors of 1024 channels specialises it: unit channel strides (Triton makes an int argument
-    equal to 1 a constant), pointers, channel count and the other strides multiples of 16. Returns its SASS and its resource usage (Triton's
-    nvdisasm and cuobjdump)."""
+    equal to 1 a constant), pointers, channel count and the other strides multiples of 16. Returns its SASS and
+    its resource usage (Triton's nvdisasm and cuobjdump)."""
     import tempfile
 
     import triton
