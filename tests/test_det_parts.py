@@ -306,6 +306,14 @@ for aligned, ratio, step, layout in ((True, 0, 1, torch.channels_last), (True, 0
     weights = torch.randn(ref.shape, dtype=torch.float64, generator=g)
     (ours * weights).sum().backward(), (ref * weights).sum().backward()
     torch.testing.assert_close(feats[0].grad, feats[1].grad, rtol=0, atol=1e-12)
+# more channels than one program takes (256 in float64): two channel blocks, the second partial
+wide = torch.randn(3, 300, 6, 7, dtype=torch.float64, generator=g).to(memory_format=torch.channels_last)
+feats = [wide.clone().requires_grad_() for _ in range(2)]
+ours = roi_align_triton(feats[0], rois, (2, 2), 1 / 16, 0, True)
+ref = roi_align(feats[1], rois, (2, 2), 1 / 16, 0, True)
+torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+(ours * ref.detach()).sum().backward(), (ref * ref.detach()).sum().backward()
+torch.testing.assert_close(feats[0].grad, feats[1].grad, rtol=0, atol=1e-12)
 # bf16 channels-last, as a bf16 trunk hands it over: bf16 out (float32 sums), bf16 gradient
 half = features.float().bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
 full = half.detach().float().requires_grad_()
@@ -375,28 +383,30 @@ def test_triton_roi_align_compiles_for_an_h100():
     """The interpreter runs the kernels as Python; a GPU runs them compiled, whose front end accepts less, and how
     they compile decides their speed, which no test here can time. Both kernels compile to an H100's machine code
     for bf16 and float32 features with the C4 head's constants, and the code is what they were written for: each
-    bilinear tap, the pooled values and their gradient move as one vector per thread (4 channels: 8 bytes of
-    bf16, 16 of float32); nothing goes to local memory; the backward's adds are fire-and-forget vector reductions
-    (REDG), with no GPU-wide memory barrier (MEMBAR) or L1 invalidation (CCTL) around each, which Triton's
-    default atomics (acquire-release) put there."""
+    bilinear tap is one 16-byte vector per thread (8 channels of bf16, 4 of float32) and so is the pooled value
+    written; nothing goes to local or shared memory (a layout conversion would); the backward's adds into the
+    float32 gradient are fire-and-forget 16-byte reductions (REDG), with no GPU-wide memory barrier (MEMBAR) or
+    L1 invalidation (CCTL) around each, which Triton's default atomics (acquire-release) put there."""
     import re
 
     from detection.modeling import roi_align_triton as kernels
-    block_c, num_warps = kernels.launch_config(1024)
-    constants = {"PH": 14, "PW": 14, "KEPT_H": 7, "KEPT_W": 7, "STEP": 2, "ALIGNED": True, "BLOCK_C": block_c}
 
     def memory_ops(sass: str) -> list[str]:  # global loads, stores, atomics, local memory, fences
         return re.findall(r"\b(?:LDG|STG|REDG|ATOMG|LDL|STL|MEMBAR|CCTL)\b[.\w]*", sass)
 
-    for dtype, width in (("bf16", "64"), ("fp32", "128")):
-        sass, usage = build_for_h100(kernels._roi_align_forward, dtype, constants, num_warps)
-        assert "STACK:0" in usage and "LOCAL:0" in usage, usage
-        ops = memory_ops(sass)  # the RoI's 5 numbers, the 4 taps (in a loop), the bin's store
-        assert sorted(ops) == sorted(["LDG.E"] * 5 + [f"LDG.E.{width}"] * 4 + [f"STG.E.{width}"]), (dtype, ops)
-        sass, usage = build_for_h100(kernels._roi_align_backward, dtype, constants, num_warps)
-        assert "STACK:0" in usage and "LOCAL:0" in usage, usage
-        ops = [op.split(".FTZ")[0] for op in memory_ops(sass)]  # the float32 gradient: 4 channels in 16 bytes
-        assert sorted(ops) == sorted(["LDG.E"] * 5 + [f"LDG.E.{width}"] + ["REDG.E.ADD.F32x4"] * 4), (dtype, ops)
+    def build(kernel, dtype: str, element_size: int) -> list[str]:
+        block_c, num_warps = kernels.launch_config(1024, element_size)
+        constants = {"PH": 14, "PW": 14, "KEPT_H": 7, "KEPT_W": 7, "STEP": 2, "ALIGNED": True, "BLOCK_C": block_c}
+        sass, usage = build_for_h100(kernel, dtype, constants, num_warps)
+        assert all(f"{memory}:0" in usage for memory in ("STACK", "LOCAL", "SHARED")), (kernel.__name__, usage)
+        return [op.split(".FTZ")[0] for op in memory_ops(sass)]
+
+    for dtype, size in (("bf16", 2), ("fp32", 4)):
+        ops = build(kernels._roi_align_forward, dtype, size)  # the RoI's 5 numbers, the 4 taps (a loop), the store
+        assert sorted(ops) == sorted(["LDG.E"] * 5 + ["LDG.E.128"] * 4 + ["STG.E.128"]), (dtype, ops)
+        ops = build(kernels._roi_align_backward, dtype, 4)  # sized by the float32 gradient: 4 channels a thread
+        grad_read = {"bf16": "LDG.E.64", "fp32": "LDG.E.128"}[dtype]
+        assert sorted(ops) == sorted(["LDG.E"] * 5 + [grad_read] + ["REDG.E.ADD.F32x4"] * 4), (dtype, ops)
 
 
 def test_pooler_takes_the_separable_roi_align_only_where_it_is_cheaper():

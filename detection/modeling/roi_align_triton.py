@@ -126,10 +126,14 @@ if triton is not None:
                 tl.atomic_add(base + y_high * g_h + x_high * g_w, grad * w4, mask=mask, sem="relaxed")
 
 
-def launch_config(channels: int) -> tuple[int, int]:
-    """``(BLOCK_C, num_warps)``: a program's channels and warps. With 512 channels over 4 warps each thread
-    holds 4 consecutive channels, so a tap is one 8-byte (bf16) or 16-byte (float32) load per thread."""
-    return min(512, triton.next_power_of_2(channels)), 4
+def launch_config(channels: int, element_size: int) -> tuple[int, int]:
+    """``(BLOCK_C, num_warps)``: a program's channels and warps, for a feature-shaped tensor (the taps' features
+    forward, the float32 gradient backward) of ``element_size`` bytes. Each of the 4 warps' threads holds 16
+    bytes of consecutive channels of it (8 in bf16, 4 in float32), so each tap is one 16-byte access per thread,
+    the widest there is. Sized by the feature-shaped tensor, not the pooled one: in the backward pass bf16's 8
+    channels per thread would have to be regrouped by 4 through shared memory for every float32 reduction."""
+    num_warps = 4
+    return min(16 * 32 * num_warps // element_size, triton.next_power_of_2(channels)), num_warps
 
 
 def _launch(kernel, mapped: torch.Tensor, rois: torch.Tensor, pooled: torch.Tensor, output_size, spatial_scale,
@@ -139,7 +143,7 @@ def _launch(kernel, mapped: torch.Tensor, rois: torch.Tensor, pooled: torch.Tens
     rois_count, channels, kept_h, kept_w = pooled.shape
     if rois_count == 0:
         return
-    block_c, num_warps = launch_config(channels)
+    block_c, num_warps = launch_config(channels, mapped.element_size())
     grid = (rois_count * kept_h * kept_w, triton.cdiv(channels, block_c))
     _, _, height, width = mapped.shape
     m_n, m_c, m_h, m_w = mapped.stride()
