@@ -1,6 +1,7 @@
 """Faster R-CNN's parts (detection/modeling): anchors, box coding, matching, sampling, NMS and the RoI
 pooler, each against torchvision's reference piece or a hand-computed case."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -350,7 +351,7 @@ def test_triton_roi_align_equals_torchvision_kernel():
 
 def build_for_h100(kernel, dtype: str, constants: dict, num_warps: int) -> tuple[str, str]:
     """A Triton RoIAlign kernel compiled for an H100 (sm_90 cubin; Triton's own ptxas, no GPU needed) as a launch
-    on channels-last tensors of 1024 channels specialises it: unit channel strides (Triton makes an int argument
+    on channels-last tensors specialises it: unit channel strides (Triton makes an int argument
     equal to 1 a constant), pointers, channel count and the other strides multiples of 16. Returns its SASS and
     its resource usage (Triton's nvdisasm and cuobjdump)."""
     import tempfile
@@ -382,9 +383,9 @@ def build_for_h100(kernel, dtype: str, constants: dict, num_warps: int) -> tuple
 def test_triton_roi_align_compiles_for_an_h100():
     """The interpreter runs the kernels as Python; a GPU runs them compiled, whose front end accepts less, and how
     they compile decides their speed, which no test here can time. Both kernels compile to an H100's machine code
-    for bf16 and float32 features with the C4 head's constants, and the code is what they were written for: each
-    bilinear tap is one 16-byte vector per thread (8 channels of bf16, 4 of float32) and so is the pooled value
-    written; nothing goes to local or shared memory (a layout conversion would); the backward's adds into the
+    for bf16 and float32 features of C4's 1024 channels and FPN's 256, and the code is what they were written
+    for: each bilinear tap is one 16-byte vector per thread (8 channels of bf16, 4 of float32) and so is the
+    pooled value written; nothing goes to local or shared memory (a layout conversion would); the backward's adds into the
     float32 gradient are fire-and-forget 16-byte reductions (REDG), with no GPU-wide memory barrier (MEMBAR) or
     L1 invalidation (CCTL) around each, which Triton's default atomics (acquire-release) put there."""
     import re
@@ -394,19 +395,19 @@ def test_triton_roi_align_compiles_for_an_h100():
     def memory_ops(sass: str) -> list[str]:  # global loads, stores, atomics, local memory, fences
         return re.findall(r"\b(?:LDG|STG|REDG|ATOMG|LDL|STL|MEMBAR|CCTL)\b[.\w]*", sass)
 
-    def build(kernel, dtype: str, element_size: int) -> list[str]:
-        block_c, num_warps = kernels.launch_config(1024, element_size)
+    def build(kernel, dtype: str, element_size: int, channels: int) -> list[str]:
+        block_c, num_warps = kernels.launch_config(channels, element_size)
         constants = {"PH": 14, "PW": 14, "KEPT_H": 7, "KEPT_W": 7, "STEP": 2, "ALIGNED": True, "BLOCK_C": block_c}
         sass, usage = build_for_h100(kernel, dtype, constants, num_warps)
         assert all(f"{memory}:0" in usage for memory in ("STACK", "LOCAL", "SHARED")), (kernel.__name__, usage)
         return [op.split(".FTZ")[0] for op in memory_ops(sass)]
 
-    for dtype, size in (("bf16", 2), ("fp32", 4)):
-        ops = build(kernels._roi_align_forward, dtype, size)  # the RoI's 5 numbers, the 4 taps (a loop), the store
-        assert sorted(ops) == sorted(["LDG.E"] * 5 + ["LDG.E.128"] * 4 + ["STG.E.128"]), (dtype, ops)
-        ops = build(kernels._roi_align_backward, dtype, 4)  # sized by the float32 gradient: 4 channels a thread
+    for (dtype, size), channels in itertools.product((("bf16", 2), ("fp32", 4)), (1024, 256)):  # C4's, FPN's
+        ops = build(kernels._roi_align_forward, dtype, size, channels)  # the RoI's 5 numbers, 4 taps (a loop), store
+        assert sorted(ops) == sorted(["LDG.E"] * 5 + ["LDG.E.128"] * 4 + ["STG.E.128"]), (dtype, channels, ops)
+        ops = build(kernels._roi_align_backward, dtype, 4, channels)  # sized by the float32 gradient
         grad_read = {"bf16": "LDG.E.64", "fp32": "LDG.E.128"}[dtype]
-        assert sorted(ops) == sorted(["LDG.E"] * 5 + [grad_read] + ["REDG.E.ADD.F32x4"] * 4), (dtype, ops)
+        assert sorted(ops) == sorted(["LDG.E"] * 5 + [grad_read] + ["REDG.E.ADD.F32x4"] * 4), (dtype, channels, ops)
 
 
 def test_pooler_takes_the_separable_roi_align_only_where_it_is_cheaper():

@@ -128,12 +128,15 @@ if triton is not None:
 
 def launch_config(channels: int, element_size: int) -> tuple[int, int]:
     """``(BLOCK_C, num_warps)``: a program's channels and warps, for a feature-shaped tensor (the taps' features
-    forward, the float32 gradient backward) of ``element_size`` bytes. Each of the 4 warps' threads holds 16
-    bytes of consecutive channels of it (8 in bf16, 4 in float32), so each tap is one 16-byte access per thread,
-    the widest there is. Sized by the feature-shaped tensor, not the pooled one: in the backward pass bf16's 8
-    channels per thread would have to be regrouped by 4 through shared memory for every float32 reduction."""
-    num_warps = 4
-    return min(16 * 32 * num_warps // element_size, triton.next_power_of_2(channels)), num_warps
+    forward, the float32 gradient backward) of ``element_size`` bytes. Each thread holds 16 bytes of consecutive
+    channels of it (8 in bf16, 4 in float32), so each tap is one 16-byte access per thread, the widest there is;
+    up to 4 warps a program (C4's 1024 res4 channels: one program a bin in bf16, two in float32), fewer for
+    fewer channels (FPN's 256: one warp in bf16). Sized by the feature-shaped tensor, not the pooled one: in the
+    backward pass bf16's 8 channels a thread would be regrouped by 4 through shared memory for every float32
+    reduction."""
+    per_warp = 16 * 32 // element_size
+    block_c = min(4 * per_warp, triton.next_power_of_2(channels))
+    return block_c, max(1, block_c // per_warp)
 
 
 def _launch(kernel, mapped: torch.Tensor, rois: torch.Tensor, pooled: torch.Tensor, output_size, spatial_scale,
