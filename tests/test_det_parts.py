@@ -385,9 +385,9 @@ def test_triton_roi_align_compiles_for_an_h100():
     they compile decides their speed, which no test here can time. Both kernels compile to an H100's machine code
     for bf16 and float32 features of C4's 1024 channels and FPN's 256, and the code is what they were written
     for: each bilinear tap is one 16-byte vector per thread (8 channels of bf16, 4 of float32) and so is the
-    pooled value written; nothing goes to local or shared memory (a layout conversion would); the backward's adds into the
-    float32 gradient are fire-and-forget 16-byte reductions (REDG), with no GPU-wide memory barrier (MEMBAR) or
-    L1 invalidation (CCTL) around each, which Triton's default atomics (acquire-release) put there."""
+    pooled value written; nothing goes to local or shared memory (a layout conversion would); the backward's
+    adds into the float32 gradient are fire-and-forget 16-byte reductions (REDG), with no GPU-wide memory barrier
+    (MEMBAR) or L1 invalidation (CCTL) around each, which Triton's default atomics (acquire-release) put there."""
     import re
 
     from detection.modeling import roi_align_triton as kernels
