@@ -9,6 +9,7 @@ worker and device halves.
 """
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -20,10 +21,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
 
 import backbones  # noqa: E402
-from backbones.engine.imageio import read_image_rgb  # noqa: E402
-from backbones.pretraining.data import train_transform  # noqa: E402
+from backbones.pretraining.data import ImageFolderDataset, train_transform  # noqa: E402
 from backbones.pretraining.device_decode import EncodedImageFolderDataset, augment_on_device, collate_encoded  # noqa: E402
 
 
@@ -59,13 +60,16 @@ def train_speed(model, device, batch, size, iters, warmup, amp_dtype, channels_l
     return batch * iters / (time.perf_counter() - start)
 
 
-def pipeline_speeds(n_images: int, device: torch.device) -> list[tuple[str, str]]:
-    """Images/s of the two input paths on ImageNet-sized JPEGs (500x375, shorter side in [256, 480], 224 crop,
-    flip, PCA lighting): the workers' (OpenCV decode + albumentations, one process) and ``data.decode=device``'s
-    two halves, one worker reading the bytes, header and draws, and the device decoding and augmenting the
-    images as one batch."""
+def pipeline_speeds(n_images: int, device: torch.device, passes: int = 5) -> list[tuple[str, str]]:
+    """Images/s of the input paths on ImageNet-sized JPEGs (500x375, shorter side in [256, 480], 224 crop,
+    flip, PCA lighting), each on one core, the median of ``passes`` passes over the images: a worker of
+    ``data.decode=workers`` (the training set's item: OpenCV decode, seeded albumentations, a CHW tensor), the
+    same with torchvision (``decode_jpeg`` and ``transforms.v2``, which has no PCA lighting), and
+    ``data.decode=device``'s two halves, one worker reading the bytes, header and draws, and the device
+    decoding and augmenting the images as one batch."""
     rng = np.random.default_rng(0)
-    transform = train_transform([256, 480], 224, True, 0.1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for i in range(n_images):
@@ -73,21 +77,34 @@ def pipeline_speeds(n_images: int, device: torch.device) -> list[tuple[str, str]
             img = cv2.GaussianBlur(img, (0, 0), 3)  # photo-like entropy, not pure noise
             paths.append(os.path.join(tmp, f"{i}.jpg"))
             cv2.imwrite(paths[-1], img)
-        start = time.perf_counter()
-        for p in paths:
-            transform(image=read_image_rgb(p))
-        workers = n_images / (time.perf_counter() - start)
+        ours = ImageFolderDataset([(p, 0) for p in paths], ["class"], train_transform([256, 480], 224, True, 0.1))
+        theirs = v2.Compose([v2.RandomShortestSize(list(range(256, 481))), v2.RandomCrop(224),
+                             v2.RandomHorizontalFlip()])
+
+        def rate(item) -> float:
+            times = []
+            for epoch in range(passes):
+                start = time.perf_counter()
+                for i in range(n_images):
+                    item(epoch, i)
+                times.append(time.perf_counter() - start)
+            return n_images / statistics.median(times)
+
+        workers = rate(lambda epoch, i: ours[(epoch, i)])
+        read = torchvision.io.read_file
+        torchvision_workers = rate(lambda epoch, i: theirs(torchvision.io.decode_jpeg(read(paths[i]))))
         encoded = EncodedImageFolderDataset([(p, 0) for p in paths], [256, 480], 224, True, 0.1)
-        start = time.perf_counter()
+        reading = rate(lambda epoch, i: encoded[(epoch, i)])
         batch = collate_encoded([encoded[(0, i)] for i in range(n_images)])
-        reading = n_images / (time.perf_counter() - start)
+        torch.set_num_threads(threads)
         augment_on_device(batch, 224, device)  # warm-up (nvJPEG's handles, the kernels)
         sync(device)
         start = time.perf_counter()
         augment_on_device(batch, 224, device)
         sync(device)
         on_device = n_images / (time.perf_counter() - start)
-    return [("data pipeline, 1 worker (decode+augment, 500x375 JPEG)", f"{workers:.1f}"),
+    return [("data.decode=workers: 1 worker (OpenCV decode, albumentations, 500x375 JPEG)", f"{workers:.1f}"),
+            ("torchvision: 1 worker (decode_jpeg, transforms.v2 without PCA lighting)", f"{torchvision_workers:.1f}"),
             ("data.decode=device: 1 worker (read, header, draws)", f"{reading:.1f}"),
             (f"data.decode=device: decode+augment on {device.type} (one batch of {n_images})", f"{on_device:.1f}")]
 
@@ -102,15 +119,17 @@ def main():
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--pipeline-images", type=int, default=128)
+    parser.add_argument("--pipeline-only", action="store_true", help="the data pipelines' rows alone")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     rows = []
-    for name, make in [("torchvision resnet50", lambda: torchvision.models.resnet50()),
-                       ("resdet resnet50 (stride in 3x3, = torchvision)", lambda: backbones.resnet50(stride_in_1x1=False)),
-                       ("resdet resnet50 (stride in 1x1, paper)", lambda: backbones.resnet50())]:
+    models = [("torchvision resnet50", lambda: torchvision.models.resnet50()),
+              ("resdet resnet50 (stride in 3x3, = torchvision)", lambda: backbones.resnet50(stride_in_1x1=False)),
+              ("resdet resnet50 (stride in 1x1, paper)", lambda: backbones.resnet50())]
+    for name, make in [] if args.pipeline_only else models:
         torch.manual_seed(0)
         speed = train_speed(make(), device, args.batch, args.size, args.iters, args.warmup, amp, args.channels_last)
         rows.append((name, f"{speed:.1f}"))

@@ -135,6 +135,22 @@ def test_pca_lighting_shifts_along_imagenet_components():
     assert np.abs(out[0, 0]).sum() > 0
 
 
+def test_pca_lighting_by_table_gives_the_float_formula_bytes():
+    """The per-channel tables give exactly ``clip(float32(image) + offset, 0, 255)`` truncated to uint8, on
+    crops as the pipeline hands them over (contiguous, a view, a mirrored view) and offsets that clip at both
+    ends; other images take the formula itself."""
+    from backbones.imagedata import add_clipped
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    crops = [np.ascontiguousarray(big[5:30, 7:40]), big[5:30, 7:40], big[5:30, 7:40][:, ::-1]]
+    for offset in ([0.0, 0.0, 0.0], [3.7, -12.2, 250.1], [-255.5, 0.49, -0.51], rng.normal(0, 30, 3)):
+        offset = np.asarray(offset, dtype=np.float32)
+        for crop in crops + [crop.astype(np.float32) for crop in crops] + [big[..., :2]]:
+            expected = np.clip(crop.astype(np.float32) + offset[:crop.shape[-1]], 0, 255).astype(np.uint8)
+            out = add_clipped(crop, offset[:crop.shape[-1]])
+            assert out.dtype == np.uint8 and np.array_equal(out, expected), (offset, crop.dtype, crop.shape)
+
+
 def test_ten_crops_are_corners_centre_and_mirrors():
     img = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
     crops = ten_crops(img, 4)
