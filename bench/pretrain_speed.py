@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Pretraining speed, side by side in one run: training img/s of our ResNet-50 (paper layout and
 torchvision layout) and of torchvision's resnet50 on the same batch and settings, and the img/s of
-our data pipelines: OpenCV decode + albumentations augmentation in one worker, and data.decode=device's
-worker and device halves.
+the data pipelines: ours in one worker (OpenCV decode + albumentations augmentation), torchvision's
+(``decode_jpeg`` + ``transforms.v2``) beside it, and data.decode=device's worker and device halves.
 
     python bench/pretrain_speed.py                                   # CPU, small batch
+    python bench/pretrain_speed.py --device cpu --pipeline-only --pipeline-images 200   # the workers alone
     python bench/pretrain_speed.py --device cuda --batch 256 --amp bf16 --channels-last
 """
 import argparse
