@@ -4,6 +4,7 @@ and the normalisation done on the device."""
 from __future__ import annotations
 
 import os
+import random
 
 import albumentations as A
 import cv2
@@ -33,8 +34,10 @@ def seed_augmentation(transform: A.Compose, seed: int) -> None:
     ``Compose.set_random_seed`` hands every transform the same seed, so their first draws coincide: with
     SmallestMaxSize, RandomCrop and HorizontalFlip the shorter side, the crop's vertical position and the
     flip came from one number (the flipped crops all from the top half of the image, correlation -0.85
-    between flip and position, -0.6 between scale and position). Each transform gets its own seed here."""
-    transform.set_random_seed(seed)
+    between flip and position, -0.6 between scale and position). Each transform gets its own seed here, and
+    the pipeline itself the generators ``set_random_seed(seed)`` gave it, without that call's seeding of every
+    transform first (creating generators is most of the seeding's cost, which is paid per training image)."""
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
     for i, step in enumerate(transform.transforms):
         step.set_random_seed(hash((seed, i)) % 2**32)
 
