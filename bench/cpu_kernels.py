@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from torchvision.ops import roi_align  # noqa: E402
 
 from detection.modeling.box_ops import batched_nms, batched_nms_first  # noqa: E402
-from detection.modeling.poolers import (keep_every, roi_align_separable,  # noqa: E402
+from detection.modeling.poolers import (keep_every, kept_bins, roi_align_separable,  # noqa: E402
                                        separable_roi_align_is_cheaper)
 
 # (label, images, channels, map height, map width, RoIs per image, bins, image side in pixels, bin step)
@@ -60,7 +60,7 @@ def roi_rows(repeats: int, g: torch.Generator) -> list[str]:
     for label, images, channels, height, width, per_image, bins, side, step in ROI_CASES:
         features, rois = roi_inputs(images, channels, height, width, per_image, side, g)
         args = ((bins, bins), 1 / 16, 0, True, step)
-        grad = torch.randn(rois.shape[0], channels, -(-bins // step), -(-bins // step), generator=g)
+        grad = torch.randn(rois.shape[0], channels, *kept_bins((bins, bins), step), generator=g)
 
         def kernel(feats, rois, *args):  # what the pooler does with torchvision's op
             return keep_every(roi_align(feats, rois, *args[:-1]), args[-1])

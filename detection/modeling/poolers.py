@@ -25,10 +25,11 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align, roi_pool
 
+from .config import PoolerType, RoIAlignKernel
 from .roi_align_triton import roi_align_triton
 
-POOLER_TYPES = ("ROIAlignV2", "ROIAlign", "ROIPool")
-ROI_ALIGN_KERNELS = ("auto", "torchvision", "separable", "triton")
+POOLER_TYPES = tuple(t.value for t in PoolerType)
+ROI_ALIGN_KERNELS = tuple(k.value for k in RoIAlignKernel)
 
 
 def boxes_to_rois(boxes: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -103,7 +104,7 @@ def separable_roi_align_is_cheaper(features: torch.Tensor, rois: torch.Tensor, o
         return False
     _, channels, height, width = features.shape
     ph, pw = output_size
-    kept_h, kept_w = -(-ph // bin_step), -(-pw // bin_step)
+    kept_h, kept_w = kept_bins(output_size, bin_step)
     *_, grid_w, grid_h = _roi_grids(rois, output_size, spatial_scale, sampling_ratio, aligned, torch.float32)
     taps = 4 * channels * ph * pw * float((grid_w.clamp(min=0) * grid_h.clamp(min=0)).clamp(min=1).sum())
     macs = rois.shape[0] * kept_h * width * channels * (height + kept_w)
@@ -130,7 +131,7 @@ def roi_align_separable(features: torch.Tensor, rois: torch.Tensor, output_size:
     :func:`separable_roi_align_is_cheaper` decides. Computed in float32 (float64 for float64 input),
     autocast off, returned in the input's dtype; channels-last features give a channels-last result."""
     n, channels, height, width = features.shape
-    ph, pw = -(-output_size[0] // bin_step), -(-output_size[1] // bin_step)
+    ph, pw = kept_bins(output_size, bin_step)
     dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     with torch.autocast(features.device.type, enabled=False):
         feats = features.to(dtype)
@@ -223,11 +224,16 @@ class ROIPooler(nn.Module):
         levels = assign_boxes_to_levels(rois[:, 1:], self.min_level, self.max_level, self.canonical_box_size,
                                         self.canonical_level)
         channels = features[0].shape[1]
-        out = features[0].new_zeros((rois.shape[0], channels) + tuple(-(-s // bin_step) for s in self.output_size))
+        out = features[0].new_zeros((rois.shape[0], channels) + kept_bins(self.output_size, bin_step))
         for level, (fmap, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == level, as_tuple=True)[0]
             out[idx] = self.pool(fmap, rois[idx], scale, bin_step).to(out.dtype)
         return out
+
+
+def kept_bins(output_size: tuple[int, int], step: int) -> tuple[int, int]:
+    """The pooled grid's size when only every ``step``-th bin along each axis is kept (bins 0, step, ...)."""
+    return tuple(-(-size // step) for size in output_size)
 
 
 def keep_every(pooled: torch.Tensor, step: int) -> torch.Tensor:
