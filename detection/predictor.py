@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from backbones.engine.errors import CheckpointError, ConfigError
 from backbones.engine.solver import CompileMode
 from backbones.engine.config import load_config
-from backbones.engine.imageio import read_image_rgb
+from backbones.engine.imageio import chw_tensor, read_image_rgb
 from backbones.engine.state import load_checkpoint
 
 from .config import DetConfig
@@ -97,7 +97,7 @@ class Predictor:
                 raise ValueError(f"Predictor: an image array must be HxWx3 RGB uint8, got {array.shape} {array.dtype}")
             out = self.transform(image=array, bboxes=np.zeros((0, 4), np.float32), labels=[])
             # the image's frame travels with it, so the detector returns boxes in the array's own pixels
-            items.append({"image": torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1),
+            items.append({"image": chw_tensor(out["image"]),
                           "orig_size": array.shape[:2], "scale": out["scale"], "flipped": False})
         batch = collate_detection(items, self.size_divisibility)
         batch["images"] = batch["images"].to(self.device)

@@ -1,9 +1,10 @@
 """Decoding the awkward files ImageNet and COCO contain, with OpenCV."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from backbones.engine.imageio import CorruptImageError, read_image_rgb
+from backbones.engine.imageio import CorruptImageError, chw_tensor, read_image_rgb
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -32,3 +33,32 @@ def test_corrupt_and_empty_files_raise_with_the_path(tmp_path):
     for name in ("bad.jpg", "empty.jpg", "missing.jpg"):
         with pytest.raises(CorruptImageError, match=name):
             read_image_rgb(tmp_path / name)
+
+
+def _layouts():
+    """What the datasets hand over: whole images, crops (views), mirrored views, other dtypes and channels."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    return {
+        "uint8 whole": image, "uint8 crop view": image[3:31, 7:44], "uint8 mirrored view": image[:, ::-1],
+        "uint8 upside-down view": image[::-1], "uint8 channels reversed": image[:, :, ::-1],
+        "float32 one channel": rng.random((9, 11, 1), dtype=np.float32), "float64 five channels": rng.random((6, 4, 5)),
+        "int64 (no OpenCV type)": rng.integers(-5, 5, (6, 4, 3)), "bool": rng.random((6, 4, 3)) > 0.5,
+        "empty": np.zeros((0, 4, 3), np.uint8),
+    }
+
+
+@pytest.mark.parametrize("name", list(_layouts()))
+def test_chw_tensor_is_the_transposed_array(name):
+    image = _layouts()[name]
+    expected = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # the reference: NumPy's transpose
+    out = chw_tensor(image)
+    assert out.dtype == expected.dtype and out.is_contiguous() and torch.equal(out, expected)
+    if out.numel():  # a copy: the batch may be written to without touching the dataset's array, and back
+        out.view(-1)[0] = not out.view(-1)[0].item()  # differs from the value whatever the dtype
+        assert torch.equal(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), expected)
+
+
+def test_chw_tensor_refuses_an_array_without_channels():
+    with pytest.raises(ValueError, match="HxWxC"):
+        chw_tensor(np.zeros((4, 5), np.uint8))

@@ -12,6 +12,7 @@ from typing import Callable, TypeVar
 
 import cv2
 import numpy as np
+import torch
 
 from .errors import ResdetError
 from .run import get_logger
@@ -59,6 +60,29 @@ def read_or_skip(read: Callable[[], T], skip_corrupt: bool) -> T | None:
             raise
         get_logger().warning("skipping corrupt image: %s", exc)
         return None
+
+
+def chw_tensor(image: np.ndarray) -> torch.Tensor:
+    """An HxWxC array as a new contiguous CxHxW tensor (the layout a batch is stacked in).
+
+    The reordering is a strided copy, which torch's ``permute(2, 0, 1).contiguous()`` and NumPy's transpose
+    do byte by byte: for one uint8 image it was a noticeable part of a worker's cost per item. OpenCV's
+    ``split`` de-interleaves the channels with SIMD, straight into the planes of the array made here (2-core
+    EPYC, one thread, ``timeit``: 8-10 against 87-93 us for a 224x224 crop, 0.10 against 1.5 ms for an
+    800x1067 detection image). Any dtype and channel count OpenCV splits; the rest go through NumPy."""
+    if image.ndim != 3:
+        raise ValueError(f"chw_tensor: expected an HxWxC array, got shape {image.shape}")
+    height, width, channels = image.shape
+    out = np.empty((channels, height, width), dtype=image.dtype)
+    planes = [out[c] for c in range(channels)]
+    try:
+        # a view with negative or padded strides OpenCV would copy first anyway; this makes it one copy
+        result = cv2.split(image if image.strides[1] > 0 else np.ascontiguousarray(image), planes)
+    except cv2.error:  # a dtype OpenCV has no type for (int64, bool, float16 on older builds)
+        result = None
+    if result is None or any(r.ctypes.data != p.ctypes.data for r, p in zip(result, planes)):
+        out[...] = image.transpose(2, 0, 1)  # OpenCV declined or wrote elsewhere: the plain copy
+    return torch.from_numpy(out)
 
 
 def is_image_file(name: str) -> bool:

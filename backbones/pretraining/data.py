@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..engine.imageio import read_image_rgb, read_or_skip
+from ..engine.imageio import chw_tensor, read_image_rgb, read_or_skip
 from ..engine.loader import epoch_and_index, item_seed, packed
 # shared with localization (backbones/imagedata.py); re-exported under their old names here
 from ..imagedata import (EXPECTED_LAYOUT, DatasetError, PCALighting, ShardedSampler,  # noqa: F401
@@ -66,8 +66,8 @@ class ImageFolderDataset(Dataset):
         image = self.transform(image=image)["image"]
         if self.ten_crop:
             crops = ten_crops(image, self.ten_crop)
-            return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous(), label
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous(), label
+            return torch.stack([chw_tensor(crop) for crop in crops]), label
+        return chw_tensor(image), label
 
 
 def ten_crops(image: np.ndarray, size: int) -> list[np.ndarray]:

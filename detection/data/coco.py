@@ -22,7 +22,7 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from backbones.engine.imageio import CorruptImageError, read_image_rgb
+from backbones.engine.imageio import CorruptImageError, chw_tensor, read_image_rgb
 from backbones.engine.loader import packed
 
 from .problems import DataProblems, DatasetError, verify_images
@@ -281,7 +281,7 @@ class CocoDetection(Dataset):
             image, boxes, labels, crowd = out["image"], out["bboxes"], out["labels"], out["crowd_boxes"]
             scale, flipped = out["scale"], out["flipped"]
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "image": chw_tensor(image),
             "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
             "crowd_boxes": torch.as_tensor(crowd, dtype=torch.float32).reshape(-1, 4),

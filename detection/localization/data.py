@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from backbones.engine.errors import DatasetError
-from backbones.engine.imageio import is_image_file, read_image_rgb, read_or_skip
+from backbones.engine.imageio import chw_tensor, is_image_file, read_image_rgb, read_or_skip
 from backbones.engine.loader import epoch_and_index, item_seed, packed
 from backbones.engine.parallel import map_over_ranks
 from backbones.imagedata import PCALighting, scan_image_folder, seed_augmentation, split_holdout
@@ -354,7 +354,7 @@ class LocTrainDataset(Dataset):
         seed_augmentation(self.transform, item_seed(self.seed, epoch, index))
         out = self.transform(image=image, bboxes=boxes, box_labels=record.box_labels[keep])
         boxes = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
-        image = torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1).contiguous()
+        image = chw_tensor(out["image"])
         return image, record.label, boxes
 
 

@@ -14,7 +14,7 @@ from torchvision.ops import box_iou
 
 from backbones.engine.config import ConfigError
 from backbones.engine.dist import barrier, get_rank, get_world_size, is_main_process
-from backbones.engine.imageio import read_image_rgb
+from backbones.engine.imageio import chw_tensor, read_image_rgb
 from backbones.engine.loader import packed
 from backbones.engine.run import progress_bar
 from backbones.imagedata import normalize
@@ -183,7 +183,7 @@ class RoIDataset(Dataset):
         if flip:  # a mirrored crop: the centre offset changes sign
             crop = crop[:, ::-1]
             deltas = deltas * torch.tensor([-1.0, 1.0, 1.0, 1.0])
-        return (torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).contiguous(), r.label,
+        return (chw_tensor(crop), r.label,
                 bool(self.table["fg"][index]), deltas)
 
 
