@@ -8,7 +8,7 @@
 #   1. bench/det_speed.py: R101-C4 and R50-FPN, resdet's plain and fast paths against torchvision (same inputs),
 #      the fast path with the Triton RoIAlign, and R101-C4 in the paper's layout (stride in the 1x1) with each
 #      RoIAlign
-#   2. bench/trainer_speed.py det: tools/train_det.py on coco128 against the same detector alone
+#   2. bench/trainer_speed.py det: tools/train_det.py on coco128 against the same detector alone and its loader alone
 #   3. bench/trainer_speed.py pretrain: tools/pretrain_backbone.py (ResNet-50) on 500x375 JPEGs against the model
 #      alone, with the workers decoding and with data.decode=device (nvJPEG)
 #   4. bench/det_speed.py, both models' fast path compiled, and compiled with CUDA graphs (mode reduce-overhead:

@@ -8,6 +8,11 @@
 * ``pretrain``: ``tools/pretrain_backbone.py`` on ImageNet-sized JPEGs written here (500x375), against the
   same network's training steps on one batch held on the device.
 
+Both also time the input pipeline alone: the trainer's loader (same dataset, sampler, collation, workers and
+pinning), each batch copied to the device and nothing else, past its first batch. Of the three rates the
+trainer's is at best the smaller of the other two; which one it falls short of says where a missing
+share went (the model's step, the workers, or the trainer between them).
+
     python bench/trainer_speed.py det --config configs/frcnn_r18_coco128_cpu.yaml --iters 40 --workers 1
                                         # CPU smoke test, under a minute (the default R50-C4 at 608 px
                                         # takes minutes per 10 steps on 2 cores)
@@ -99,12 +104,37 @@ def timed(step, iters: int, warmup: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def loader_rate(loader, device: torch.device, images_of, batches: int) -> float:
+    """Images/s of ``loader`` alone, each batch's images copied to ``device``, from its first batch (workers
+    started, queues filling) to its ``batches``-th: the rate a trainer could at most be fed at."""
+    it = iter(loader)
+    to_device(next(it), device)
+    start, images = time.perf_counter(), 0
+    for _, batch in zip(range(batches - 1), it):
+        images += images_of(to_device(batch, device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return images / (time.perf_counter() - start)
+
+
+def to_device(batch, device: torch.device):
+    """The batch with its image tensor on ``device`` (as the trainers' ``prepare`` copies it)."""
+    if isinstance(batch, dict):
+        batch["images"] = batch["images"].to(device, non_blocking=True)
+    elif batch[0] is not None:
+        batch = (batch[0].to(device, non_blocking=True), *batch[1:])
+    return batch
+
+
 def detection(args, overrides: list[str], out: str) -> list[tuple[str, str]]:
     from backbones.engine.config import load_config
+    from backbones.engine.loader import SpanningBatchSampler, run_loader
+    from backbones.engine.state import keyed_generator
     from backbones.engine.trainer import distribute
     from detection.config import DetConfig
     from detection.data.batching import build_batch_sampler, collate_detection
     from detection.data.build import build_datasets, prepare_data_paths
+    from detection.engine import EpochSeeded
     from detection.modeling.build import build_detector
 
     coco = args.coco128
@@ -151,9 +181,20 @@ def detection(args, overrides: list[str], out: str) -> list[tuple[str, str]]:
 
     iters = max(len(batches), args.iters // 2)
     model_ips = cfg.solver.batch_size * iters / timed(step, iters, args.warmup, device)
+    del model, optimizer, batches
+
+    # the trainer's loader (detection/engine.py's), alone
+    sampler = build_batch_sampler(train_set.aspect_ratios(), cfg.solver.batch_size, shuffle=True, seed=cfg.seed,
+                                  distributed=False, drop_last=True)
+    spanning = SpanningBatchSampler(sampler, len(sampler), 0, 0, args.iters)
+    loader = run_loader(EpochSeeded(train_set, cfg.seed), spanning, collate, args.workers, device,
+                        keyed_generator(cfg.seed, 0, 0))
+    loader_ips = loader_rate(loader, device, lambda b: len(b["targets"]), args.iters)
     return [("trainer (tools/train_det.py, workers %d)" % args.workers, f"{trainer_ips:.1f}", util),
             ("model only (same batches, on the device)", f"{model_ips:.1f}", ""),
-            ("trainer / model only", f"{trainer_ips / model_ips:.0%}", f"trainer wall {wall:.0f} s")]
+            ("loader only (the trainer's, workers %d, to the device)" % args.workers, f"{loader_ips:.1f}", ""),
+            ("trainer / model only", f"{trainer_ips / model_ips:.0%}", f"trainer wall {wall:.0f} s"),
+            ("trainer / min(model only, loader only)", f"{trainer_ips / min(model_ips, loader_ips):.0%}", "")]
 
 
 def write_jpegs(root: str, n: int, classes: int = 10) -> None:
@@ -168,8 +209,11 @@ def write_jpegs(root: str, n: int, classes: int = 10) -> None:
 
 def pretraining(args, overrides: list[str], out: str) -> list[tuple[str, str]]:
     from backbones.engine.config import load_config
+    from backbones.engine.loader import SpanningBatchSampler, run_loader
+    from backbones.engine.state import keyed_generator
     from backbones.pretraining.config import PretrainConfig
-    from backbones.pretraining.trainer import build_classifier
+    from backbones.pretraining.data import ImageFolderDataset, ShardedSampler, collate_skip_none, train_transform
+    from backbones.pretraining.trainer import build_classifier, prepare_data
     from pretrain_speed import train_speed
 
     images = os.path.join(out, "jpegs")
@@ -195,11 +239,30 @@ def pretraining(args, overrides: list[str], out: str) -> list[tuple[str, str]]:
         model.compile()
     model_ips = train_speed(model, device, s.batch_size, cfg.data.crop_size, max(3, args.iters // 4), args.warmup,
                             {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[str(s.amp)], s.channels_last)
+    del model
+
+    # the trainer's loader for data.decode=workers (backbones/pretraining/trainer.py's), alone
+    d = cfg.data
+    classes, train_samples, _ = prepare_data(cfg)
+    train_set = ImageFolderDataset(train_samples, classes, train_transform(
+        d.scale_range, d.crop_size, d.flip, d.pca_lighting_std, d.crop_padding), seed=cfg.seed,
+        skip_corrupt=d.skip_corrupt)
+    sampler = ShardedSampler(len(train_set), shuffle=True, seed=cfg.seed)
+    iters_per_epoch = len(sampler) // s.batch_size
+    batches = max(2, args.epochs * iters_per_epoch)  # as many as the trainer runs
+    spanning = SpanningBatchSampler(sampler, iters_per_epoch, 0, 0, batches, s.batch_size)
+    loader = run_loader(train_set, spanning, collate_skip_none, args.workers, device, keyed_generator(cfg.seed, 0, 0))
+    loader_ips = loader_rate(loader, device, lambda b: len(b[1]) if b[1] is not None else 0, batches)
+
     rows = [(f"trainer (tools/pretrain_backbone.py, workers {args.workers}, data.decode={decode})", f"{ips:.1f}", util)
             for decode, ips, util, _ in trainer_rows]
     rows.append(("model only (one batch, on the device)", f"{model_ips:.1f}", ""))
+    rows.append((f"loader only (the trainer's, workers {args.workers}, data.decode=workers, to the device)",
+                 f"{loader_ips:.1f}", ""))
     rows += [(f"trainer / model only, data.decode={decode}", f"{ips / model_ips:.0%}", f"trainer wall {wall:.0f} s")
              for decode, ips, _, wall in trainer_rows]
+    rows += [(f"trainer / min(model only, loader only), data.decode={decode}",
+              f"{ips / min(model_ips, loader_ips):.0%}", "") for decode, ips, _, _ in trainer_rows]
     return rows
 
 
