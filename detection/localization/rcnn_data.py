@@ -181,10 +181,9 @@ class RoIDataset(Dataset):
         crop = warp_crops(image, box[None], self.crop_size)[0]
         deltas = self.box_coder.encode(torch.from_numpy(target[None]), torch.from_numpy(box[None]))[0]
         if flip:  # a mirrored crop: the centre offset changes sign
-            crop = crop[:, ::-1]
+            crop = cv2.flip(crop, 1)  # a new mirrored array (a reversed view would cost a slow strided copy)
             deltas = deltas * torch.tensor([-1.0, 1.0, 1.0, 1.0])
-        return (chw_tensor(crop), r.label,
-                bool(self.table["fg"][index]), deltas)
+        return chw_tensor(crop), r.label, bool(self.table["fg"][index]), deltas
 
 
 def collate_rois(batch):
