@@ -189,3 +189,66 @@ def test_per_image_ap50_of_the_report_by_hand():
         pytest.approx(51 * 0.5 / 101)
     assert image_ap50(gt, labels, [[0, 0, 10, 10]], [0.9], np.array([2])) == 0.0  # right place, wrong class
     assert image_ap50([], [], [], [], np.array([])) == 1.0 and image_ap50([], [], [[0, 0, 1, 1]], [0.5], np.array([1])) == 0.0
+
+
+def _crowded_set(tmp_path, n_images=40, n_categories=12, seed=0):
+    """A set where categories differ in size: ground truth of every area range, crowds, a category with no
+    ground truth, one never detected; detections jittered from the truth and scattered at random."""
+    rng = np.random.default_rng(seed)
+    categories = [{"id": 3 * c + 1, "name": f"c{c}"} for c in range(n_categories)]
+    images, annotations, detections = [], [], {}
+    for i in range(1, n_images + 1):
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": 320, "height": 240})
+        boxes, scores, labels = [], [], []
+        for _ in range(int(rng.integers(0, 12))):
+            c = int(min(rng.geometric(0.25), n_categories - 1))  # skewed: the first categories are large
+            w, h = rng.uniform(4, 200, 2)
+            x, y = rng.uniform(0, 320 - w), rng.uniform(0, 240 - h)
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": 3 * c + 1,
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": int(rng.random() < 0.05)})
+            if c != 1 and rng.random() < 0.8:  # category 1 (id 4) is never detected
+                jitter = rng.normal(0, 0.08 * min(w, h), 4)
+                boxes.append([x + jitter[0], y + jitter[1], x + w + jitter[2], y + h + jitter[3]])
+                scores.append(rng.uniform(0.2, 1.0))
+                labels.append(c + 1)
+        for _ in range(int(rng.integers(0, 20))):  # background detections, some of category 0 (no truth)
+            x, y = rng.uniform(0, 280), rng.uniform(0, 200)
+            boxes.append([x, y, x + rng.uniform(3, 40), y + rng.uniform(3, 40)])
+            scores.append(rng.uniform(0, 0.6))
+            labels.append(int(rng.integers(1, n_categories + 1)))
+        detections[i] = det(boxes, scores, labels) if boxes else det(np.zeros((0, 4)), [], [])
+    annotations = [a for a in annotations if a["category_id"] != 1]  # category 0 (id 1): no ground truth
+    path = tmp_path / "crowded.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    contiguous = {c + 1: cat["id"] for c, cat in enumerate(categories)}
+    return path, contiguous, [cat["name"] for cat in categories], detections
+
+
+def test_scoring_categories_in_processes_gives_pycocotools_numbers_to_the_bit(tmp_path):
+    from pycocotools.cocoeval import COCOeval
+
+    path, contiguous, names, detections = _crowded_set(tmp_path)
+    metrics, curves = {}, {}
+    for workers in (1, 3):
+        ev = COCOEvaluator(str(path), contiguous, names, workers=workers, output_dir=str(tmp_path / f"w{workers}"))
+        for image_id, d in detections.items():
+            ev.process([{"image_id": image_id}], [d])
+        metrics[workers] = ev.evaluate()
+        curves[workers] = np.load(tmp_path / f"w{workers}" / coco_eval.PR_CURVES_FILE)["precision"]
+    assert metrics[1]["AP"] > 0.2 and metrics[1]["per_class_AP"]["c1"] == 0.0  # a set that scores something
+    assert metrics[1]["per_class_AP"]["c0"] == -1.0  # no ground truth: undefined
+    assert metrics[3] == metrics[1] and np.array_equal(curves[3], curves[1])
+
+    # and the arrays themselves, against pycocotools' own evaluate() + accumulate()
+    ev = COCOEvaluator(str(path), contiguous, names)
+    for image_id, d in detections.items():
+        ev.process([{"image_id": image_id}], [d])
+    results = [r for rs in ev._results.values() for r in rs]
+    reference = COCOeval(ev.coco_gt, ev.coco_gt.loadRes([dict(r) for r in results]), iouType="bbox")
+    shared = COCOeval(ev.coco_gt, ev.coco_gt.loadRes([dict(r) for r in results]), iouType="bbox")
+    reference.evaluate()
+    reference.accumulate()
+    coco_eval.score_by_category(shared, workers=4)
+    for key in ("precision", "recall", "scores"):
+        assert np.array_equal(shared.eval[key], reference.eval[key]), key
+    assert shared.eval["counts"] == reference.eval["counts"]

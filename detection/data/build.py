@@ -125,7 +125,7 @@ class CocoFormat(DatasetFormat):
 
     def evaluators(self, cfg: DictConfig, dataset, output_dir: str | None) -> list:
         return [COCOEvaluator(dataset.coco, dataset.contiguous_to_cat_id, dataset.class_names, output_dir=output_dir,
-                              only_processed=cfg.eval.only_processed_images)]
+                              only_processed=cfg.eval.only_processed_images, workers=cfg.data.workers)]
 
 
 class XmlFormat(DatasetFormat):
@@ -207,7 +207,7 @@ class XmlFormat(DatasetFormat):
                                    only_processed=only_processed)]
         if cfg.eval.coco_metrics:
             evaluators.append(COCOEvaluator(dataset.coco, dataset.contiguous_to_cat_id, dataset.class_names,
-                                            only_processed=only_processed))
+                                            only_processed=only_processed, workers=cfg.data.workers))
         return evaluators
 
 

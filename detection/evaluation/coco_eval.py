@@ -7,8 +7,11 @@ with pycocotools' -1 for "undefined" (no ground truth in that area range or clas
 from __future__ import annotations
 
 import contextlib
+import copy
+import datetime
 import io
 import logging
+import multiprocessing
 import os
 
 import numpy as np
@@ -17,6 +20,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from backbones.engine.dist import all_gather_object, get_rank
+from backbones.engine.preemption import ignore_stop_signals
 from backbones.engine.run import write_json_atomic
 
 from .tables import METRIC_NAMES, format_per_class_table
@@ -44,12 +48,16 @@ class COCOEvaluator:
 
     An image's ``unscored_category_ids`` (ImageNet DET's validation blacklist, :mod:`detection.data.voc`)
     are classes not scored in it: its detections of them are dropped (their ground truth is not in the set).
+
+    ``workers`` > 1 scores the categories in that many forked processes (:func:`score_by_category`): the
+    same numbers, to the bit, in a fraction of the time that pycocotools takes alone on a large set.
     """
 
     name = "coco"  # the key its metrics take when it runs beside another evaluator
 
     def __init__(self, coco_gt, contiguous_to_cat_id: dict[int, int], class_names: list[str],
-                 output_dir: str | None = None, only_processed: bool = False, class_agnostic: bool = False):
+                 output_dir: str | None = None, only_processed: bool = False, class_agnostic: bool = False,
+                 workers: int = 1):
         self.coco_gt = coco_gt if isinstance(coco_gt, COCO) else _quiet(COCO, os.fspath(coco_gt))
         _complete_ground_truth(self.coco_gt)
         self.contiguous_to_cat_id = {int(k): int(v) for k, v in contiguous_to_cat_id.items()}
@@ -57,6 +65,7 @@ class COCOEvaluator:
         self.output_dir = output_dir
         self.only_processed = only_processed
         self.class_agnostic = class_agnostic
+        self.workers = workers
         self.unscored = {img_id: set(img["unscored_category_ids"]) for img_id, img in self.coco_gt.imgs.items()
                          if img.get("unscored_category_ids")}
         self.reset()
@@ -122,8 +131,11 @@ class COCOEvaluator:
         coco_eval = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
         coco_eval.params.imgIds = image_ids
         coco_eval.params.useCats = int(use_categories)
-        _quiet(coco_eval.evaluate)
-        _quiet(coco_eval.accumulate)
+        if use_categories and self.workers > 1:
+            score_by_category(coco_eval, self.workers)
+        else:  # the class-agnostic scoring is one category: nothing to share out
+            _quiet(coco_eval.evaluate)
+            _quiet(coco_eval.accumulate)
         _quiet(coco_eval.summarize)
         return coco_eval
 
@@ -147,6 +159,62 @@ class COCOEvaluator:
         with open(f"{path}.tmp.{os.getpid()}", "w", encoding="utf-8") as f:
             f.write(format_per_class_table(metrics["per_class_AP"]) + "\n")
         os.replace(f"{path}.tmp.{os.getpid()}", path)
+
+
+_SHARED: COCOeval | None = None  # the evaluation a forked scoring process reads (inherited, not pickled)
+
+
+def score_by_category(coco_eval: COCOeval, workers: int) -> None:
+    """``coco_eval.evaluate()`` and ``accumulate()`` with the categories shared out over ``workers`` forked
+    processes; ``coco_eval.eval`` then holds what one process would have computed, bit for bit.
+
+    pycocotools matches and accumulates every category on its own (a category's precision and recall read
+    only its own detections and ground truth), so each process scores some categories over all images and
+    sends back their slices of the precision, recall and score arrays (a few MB; the per-image match
+    records, ``evalImgs``, stay in the processes and are not kept). Categories go out largest first to
+    whichever process is free, since their sizes differ widely (COCO's person has about a quarter of the
+    boxes, which bounds the gain). Without ``fork`` (Windows, macOS' default) it scores in this process.
+    """
+    p = coco_eval.params
+    p.imgIds, p.catIds = list(np.unique(p.imgIds)), list(np.unique(p.catIds))  # as evaluate() does
+    if "fork" not in multiprocessing.get_all_start_methods() or len(p.catIds) < 2:
+        _quiet(coco_eval.evaluate)
+        _quiet(coco_eval.accumulate)
+        return
+    images = set(p.imgIds)
+    size = {c: 0 for c in p.catIds}
+    for coco in (coco_eval.cocoGt, coco_eval.cocoDt):
+        for ann in coco.anns.values():
+            if ann["category_id"] in size and ann["image_id"] in images:
+                size[ann["category_id"]] += 1
+    order = sorted(p.catIds, key=lambda c: -size[c])
+    T, R, K, A, M = len(p.iouThrs), len(p.recThrs), len(p.catIds), len(p.areaRng), len(p.maxDets)
+    precision, scores = -np.ones((T, R, K, A, M)), -np.ones((T, R, K, A, M))
+    recall = -np.ones((T, K, A, M))
+    column = {c: k for k, c in enumerate(p.catIds)}
+    global _SHARED
+    _SHARED = coco_eval
+    try:
+        with multiprocessing.get_context("fork").Pool(min(workers, K), initializer=ignore_stop_signals) as pool:
+            for cat_id, part in pool.imap_unordered(_score_category, order):
+                k = column[cat_id]
+                precision[:, :, k], recall[:, k], scores[:, :, k] = part
+    finally:
+        _SHARED = None
+    coco_eval._paramsEval = copy.deepcopy(p)
+    coco_eval.eval = {"params": p, "counts": [T, R, K, A, M], "precision": precision, "recall": recall,
+                      "scores": scores, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _score_category(cat_id: int):
+    """In a forked process: one category's precision [T, R, A, M], recall [T, A, M], scores [T, R, A, M]."""
+    one = COCOeval(_SHARED.cocoGt, _SHARED.cocoDt, iouType="bbox")
+    one.params = copy.deepcopy(_SHARED.params)
+    one.params.catIds = [cat_id]
+    _quiet(one.evaluate)
+    _quiet(one.accumulate)
+    e = one.eval
+    return cat_id, (e["precision"][:, :, 0], e["recall"][:, 0], e["scores"][:, :, 0])
 
 
 def _complete_ground_truth(coco: COCO) -> None:
