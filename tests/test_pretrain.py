@@ -128,6 +128,33 @@ def test_augmentation_draws_scale_position_and_flip_independently(pipeline, tmp_
     assert abs(float(centre_y.mean()) - 111.5) < 3 and abs(float(centre_x.mean()) - 111.5) < 3
 
 
+def test_scale_and_crop_is_resizing_then_cropping_to_one_level():
+    """The crop sampled straight from the source equals cv2.resize of the whole image followed by the crop
+    (and RandomCrop's centred zero padding where the resized image is smaller), within one level."""
+    from backbones.pretraining.data import ScaleAndCrop
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8), (0, 0), 2)
+    cases = {"downscale": ([60, 72], 48), "upscale": ([150, 200], 64), "pad the short side": ([40], 48),
+             "pad both sides": ([30], 48), "portrait": ([50, 61], 40)}
+    for name, (sizes, crop) in cases.items():
+        source = image.transpose(1, 0, 2).copy() if name == "portrait" else image
+        transform = ScaleAndCrop(sizes, crop)
+        for seed in range(12):
+            transform.set_random_seed(seed)
+            params = transform.get_params_dependent_on_data({"shape": source.shape}, {})
+            (rows, cols), (top, left) = params["resized"], params["corner"]
+            assert min(rows, cols) in sizes and abs(rows / cols - source.shape[0] / source.shape[1]) < 0.03
+            out = transform.apply(source, **params)
+            resized = cv2.resize(source, (cols, rows), interpolation=cv2.INTER_LINEAR)
+            canvas = np.zeros((max(rows, crop), max(cols, crop), 3), np.uint8)
+            canvas[max(0, -top):max(0, -top) + rows, max(0, -left):max(0, -left) + cols] = resized
+            expected = canvas[max(0, top):max(0, top) + crop, max(0, left):max(0, left) + crop]
+            assert out.shape == expected.shape == (crop, crop, 3), name
+            assert np.abs(out.astype(int) - expected).max() <= 1, (name, seed)
+            if name.startswith("pad"):
+                assert (out[:max(0, -top)] == 0).all() and (out[max(0, -top) + rows:] == 0).all()
+
+
 def test_pca_lighting_shifts_along_imagenet_components():
     img = np.full((4, 4, 3), 128, np.uint8)
     out = PCALighting(std=0.5, p=1.0)(image=img)["image"].astype(int) - 128
