@@ -27,7 +27,7 @@ class ScaleAndCrop(A.ImageOnlyTransform):
     The positions and scales are SmallestMaxSize + RandomCrop's; the pixel values differ from resizing first
     by at most one level (OpenCV's 1/32-pixel interpolation table against resize's finer weights; a test).
     For a 500x375 JPEG and sizes 256-480, 51-84 us against 161-382 us to resize the whole image (2-core EPYC,
-    one thread): about a sixth of a worker's time per training image. A resized side shorter than the crop
+    one thread): a fifth of a worker's time per training image. A resized side shorter than the crop
     is padded with zeros on both sides, as RandomCrop(pad_if_needed=True) pads it."""
 
     def __init__(self, sizes, crop: int, p: float = 1.0):

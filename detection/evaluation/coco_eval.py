@@ -13,6 +13,8 @@ import io
 import logging
 import multiprocessing
 import os
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 import torch
@@ -170,14 +172,15 @@ def score_by_category(coco_eval: COCOeval, workers: int) -> None:
 
     pycocotools matches and accumulates every category on its own (a category's precision and recall read
     only its own detections and ground truth), so each process scores some categories over all images and
-    sends back their slices of the precision, recall and score arrays (a few MB; the per-image match
-    records, ``evalImgs``, stay in the processes and are not kept). Categories go out largest first to
+    sends back its slices of the precision, recall and score arrays (about 0.2 MB a category; the per-image
+    match records, ``evalImgs``, stay in the processes and are not kept). Categories go out largest first to
     whichever process is free, since their sizes differ widely (COCO's person has about a quarter of the
-    boxes, which bounds the gain). Without ``fork`` (Windows, macOS' default) it scores in this process.
+    boxes, which bounds the gain). Forked processes on Linux only (elsewhere forking a process that holds
+    CUDA or the Objective-C runtime is unsafe or impossible): there it scores in this process.
     """
     p = coco_eval.params
     p.imgIds, p.catIds = list(np.unique(p.imgIds)), list(np.unique(p.catIds))  # as evaluate() does
-    if "fork" not in multiprocessing.get_all_start_methods() or len(p.catIds) < 2:
+    if not sys.platform.startswith("linux") or len(p.catIds) < 2:
         _quiet(coco_eval.evaluate)
         _quiet(coco_eval.accumulate)
         return
@@ -195,8 +198,12 @@ def score_by_category(coco_eval: COCOeval, workers: int) -> None:
     global _SHARED
     _SHARED = coco_eval
     try:
-        with multiprocessing.get_context("fork").Pool(min(workers, K), initializer=ignore_stop_signals) as pool:
-            for cat_id, part in pool.imap_unordered(_score_category, order):
+        # processes that leave stop signals to this one (it checkpoints), so none is sent to end them: the
+        # executor's shutdown tells them to exit once the queued categories are done, which takes seconds
+        with ProcessPoolExecutor(min(workers, K), mp_context=multiprocessing.get_context("fork"),
+                                 initializer=ignore_stop_signals) as pool:
+            for done in as_completed([pool.submit(_score_category, cat_id) for cat_id in order]):
+                cat_id, part = done.result()
                 k = column[cat_id]
                 precision[:, :, k], recall[:, k], scores[:, :, k] = part
     finally:
