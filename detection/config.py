@@ -91,7 +91,7 @@ class DetDataConfig:
     # loading
     filter_empty_train: bool = True  # images without boxes teach the RPN nothing in Faster R-CNN
     # loader worker processes per rank; rank 0 also scores a COCO evaluation's categories in as many (pycocotools
-    # alone is one core, about 48 s for a val2017-sized set on a 2-core EPYC; 28 s with 2)
+    # alone is one core: 48-53 s for a val2017-sized set on a 2-core EPYC, 27 s in 2; bench/coco_eval_speed.py)
     workers: int = 4
     skip_corrupt: bool = True  # an image that fails to decode mid-epoch is skipped and counted (else an error)
     # Every problem of a set is listed in one pass at load. strict: then stop; false: drop the bad records and
