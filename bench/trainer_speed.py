@@ -208,12 +208,14 @@ def write_jpegs(root: str, n: int, classes: int = 10) -> None:
 
 
 def pretraining(args, overrides: list[str], out: str) -> list[tuple[str, str]]:
+    from omegaconf import OmegaConf
+
     from backbones.engine.config import load_config
     from backbones.engine.loader import SpanningBatchSampler, run_loader
     from backbones.engine.state import keyed_generator
     from backbones.pretraining.config import PretrainConfig
-    from backbones.pretraining.data import ImageFolderDataset, ShardedSampler, collate_skip_none, train_transform
-    from backbones.pretraining.trainer import build_classifier, prepare_data
+    from backbones.pretraining.data import ShardedSampler, collate_skip_none
+    from backbones.pretraining.trainer import build_classifier, build_train_set, prepare_data
     from pretrain_speed import train_speed
 
     images = os.path.join(out, "jpegs")
@@ -242,11 +244,8 @@ def pretraining(args, overrides: list[str], out: str) -> list[tuple[str, str]]:
     del model
 
     # the trainer's loader for data.decode=workers (backbones/pretraining/trainer.py's), alone
-    d = cfg.data
     classes, train_samples, _ = prepare_data(cfg)
-    train_set = ImageFolderDataset(train_samples, classes, train_transform(
-        d.scale_range, d.crop_size, d.flip, d.pca_lighting_std, d.crop_padding), seed=cfg.seed,
-        skip_corrupt=d.skip_corrupt)
+    train_set = build_train_set(OmegaConf.merge(cfg, {"data": {"decode": "workers"}}), classes, train_samples)
     sampler = ShardedSampler(len(train_set), shuffle=True, seed=cfg.seed)
     iters_per_epoch = len(sampler) // s.batch_size
     batches = max(2, args.epochs * iters_per_epoch)  # as many as the trainer runs

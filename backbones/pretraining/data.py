@@ -38,7 +38,7 @@ class ScaleAndCrop(A.ImageOnlyTransform):
         height, width = params["shape"][:2]
         size = self.py_random.choice(self.sizes)
         scale = size / min(height, width)
-        resized = [size if height <= width else round(height * scale), size if width < height else round(width * scale)]
+        resized = (size, round(width * scale)) if height <= width else (round(height * scale), size)
         # the crop's corner in the resized image: uniform where it fits, else centred (negative: padding)
         corner = [int((n - self.crop + 1) * self.py_random.random()) if n >= self.crop else -((self.crop - n) // 2)
                   for n in resized]

@@ -58,6 +58,18 @@ def prepare_data(cfg: DictConfig):
     return classes, train_samples, val_samples
 
 
+def build_train_set(cfg: DictConfig, classes, train_samples):
+    """The training set of ``data.decode``: encoded files for the device to decode and augment, or images
+    the workers decode and augment (what ``bench/trainer_speed.py`` times alone too)."""
+    d = cfg.data
+    if d.decode == Decode.device:
+        return EncodedImageFolderDataset(train_samples, d.scale_range, d.crop_size, d.flip, d.pca_lighting_std,
+                                         seed=cfg.seed, skip_corrupt=d.skip_corrupt)
+    return ImageFolderDataset(train_samples, classes, train_transform(
+        d.scale_range, d.crop_size, d.flip, d.pca_lighting_std, d.crop_padding), seed=cfg.seed,
+        skip_corrupt=d.skip_corrupt)
+
+
 def lr_factor(cfg: DictConfig, iteration: int, iters_per_epoch: int) -> float:
     """Multiplier of the base learning rate at ``iteration``: the shared schedule counted in epochs
     (warm-up from 0.1 of the rate, then step or cosine)."""
@@ -92,13 +104,7 @@ def train(cfg: DictConfig, run_name: str) -> dict:
     ddp_model = distribute(model, device, world_size, s.channels_last, compile=s.compile)
 
     per_rank_batch = s.batch_size // world_size
-    if on_device:
-        train_set = EncodedImageFolderDataset(train_samples, d.scale_range, d.crop_size, d.flip, d.pca_lighting_std,
-                                              seed=cfg.seed, skip_corrupt=d.skip_corrupt)
-    else:
-        train_set = ImageFolderDataset(train_samples, classes, train_transform(
-            d.scale_range, d.crop_size, d.flip, d.pca_lighting_std, d.crop_padding), seed=cfg.seed,
-            skip_corrupt=d.skip_corrupt)
+    train_set = build_train_set(cfg, classes, train_samples)
     sampler = ShardedSampler(len(train_set), shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size)
     iters_per_epoch = len(sampler) // per_rank_batch
     if iters_per_epoch == 0:

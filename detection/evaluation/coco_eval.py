@@ -133,11 +133,7 @@ class COCOEvaluator:
         coco_eval = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
         coco_eval.params.imgIds = image_ids
         coco_eval.params.useCats = int(use_categories)
-        if use_categories and self.workers > 1:
-            score_by_category(coco_eval, self.workers)
-        else:  # the class-agnostic scoring is one category: nothing to share out
-            _quiet(coco_eval.evaluate)
-            _quiet(coco_eval.accumulate)
+        score_by_category(coco_eval, self.workers)
         _quiet(coco_eval.summarize)
         return coco_eval
 
@@ -176,11 +172,12 @@ def score_by_category(coco_eval: COCOeval, workers: int) -> None:
     match records, ``evalImgs``, stay in the processes and are not kept). Categories go out largest first to
     whichever process is free, since their sizes differ widely (COCO's person has about a quarter of the
     boxes, which bounds the gain). Forked processes on Linux only (elsewhere forking a process that holds
-    CUDA or the Objective-C runtime is unsafe or impossible): there it scores in this process.
+    CUDA or the Objective-C runtime is unsafe or impossible): there, with one worker, and for the
+    class-agnostic scoring (``useCats=0``: one category), it scores in this process.
     """
     p = coco_eval.params
     p.imgIds, p.catIds = list(np.unique(p.imgIds)), list(np.unique(p.catIds))  # as evaluate() does
-    if not sys.platform.startswith("linux") or len(p.catIds) < 2:
+    if workers < 2 or not p.useCats or len(p.catIds) < 2 or not sys.platform.startswith("linux"):
         _quiet(coco_eval.evaluate)
         _quiet(coco_eval.accumulate)
         return
