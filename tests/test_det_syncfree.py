@@ -9,10 +9,12 @@ import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from detection.modeling import Matcher, build_detector
-from detection.modeling.box_ops import batched_nms, clip_boxes, nonempty
+from detection.modeling.box_ops import batched_nms, box_iou_batched, clip_boxes, crowd_mask, nonempty, pad_stack
 from detection.modeling.roi_heads import postprocess_batch, postprocess_detections
+from detection.modeling.sampling import drops_padding, sample_balanced
 from detection.modeling.rpn import select_proposals
 from det_helpers import slim_cfg, two_image_batch
+from test_det_heads import tiny_res5_head
 
 
 # -- the per-image implementations before issue 9 (references) ----------------------------------------
@@ -51,6 +53,37 @@ def reference_matcher(matcher, match_quality_matrix):
         _, pred_idx = torch.nonzero(match_quality_matrix == best_per_gt[:, None], as_tuple=True)
         match_labels[pred_idx] = 1
     return matched_idx, match_labels
+
+
+def reference_label_and_sample_proposals(head, proposals, targets):
+    """``ROIHeads.label_and_sample_proposals`` one image at a time, as before the images were labelled together."""
+    sampled_boxes, sampled_labels, sampled_targets = [], [], []
+    for boxes, target in zip(proposals, targets):
+        gt_boxes, gt_labels = target["boxes"].float(), target["labels"]
+        boxes = boxes.float()
+        padding = ~nonempty(boxes)
+        if head.proposal_append_gt:
+            boxes = torch.cat([boxes, gt_boxes])
+            padding = torch.cat([padding, padding.new_zeros(len(gt_boxes))])
+        if gt_boxes.numel() == 0:
+            matched_idx = torch.zeros(len(boxes), dtype=torch.int64)
+            classes = torch.zeros(len(boxes), dtype=torch.int64)
+        else:
+            matched_idx, match_labels = head.matcher(torchvision.ops.box_iou(gt_boxes, boxes))
+            classes = gt_labels[matched_idx].masked_fill(match_labels == 0, 0).masked_fill(match_labels == -1, -1)
+        ignored = padding | ((classes == 0) & crowd_mask(target.get("crowd_boxes"), boxes, head.crowd_ioa_thresh))
+        classes = classes.masked_fill(ignored, -1)
+        idx, valid = sample_balanced(classes, head.batch_size_per_image, head.positive_fraction, head.generator)
+        if drops_padding(idx.device):
+            count = int(valid.sum())
+            idx, valid = idx[:count], valid[:count]
+        labels = classes[idx].masked_fill(~valid, -1)
+        sampled_boxes.append(boxes[idx])
+        sampled_labels.append(labels)
+        matched = gt_boxes[matched_idx[idx]] if gt_boxes.numel() else boxes[idx]
+        targets_i = head.box_predictor.box_coder.encode(matched, boxes[idx])
+        sampled_targets.append(torch.where((labels > 0)[:, None], targets_i, 0.0))
+    return sampled_boxes, sampled_labels, sampled_targets
 
 
 @pytest.mark.parametrize("low_quality", [False, True])
@@ -134,6 +167,124 @@ def test_postprocess_batch_equals_the_per_image_reference(seed):
         assert all(torch.equal(det[key], ref[key]) for key in ("boxes", "scores", "labels"))
 
 
+def ragged_ground_truth(g, counts, size=100.0):
+    return [overlapping_boxes((n,), size, g) for n in counts]
+
+
+@pytest.mark.parametrize("low_quality", [False, True])
+def test_matcher_on_a_padded_batch_matches_each_image_on_its_own(low_quality):
+    """Images' IoU matrices padded to the longest ground-truth list with -1 rows, matched together: each
+    image's matches and labels as alone (box_iou_batched gives torchvision's IoUs to the bit)."""
+    g = torch.Generator().manual_seed(1)
+    matcher = Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=low_quality)
+    predictions = overlapping_boxes((3, 50), 100.0, g)
+    gt, valid = pad_stack(ragged_ground_truth(g, [4, 0, 7]))
+    assert gt.shape == (3, 7, 4) and valid.sum(dim=1).tolist() == [4, 0, 7] and (gt[~valid] == 0).all()
+    iou = box_iou_batched(gt, predictions)
+    for i, n in enumerate([4, 0, 7]):
+        assert torch.equal(iou[i, :n], torchvision.ops.box_iou(gt[i, :n], predictions[i]))
+    matched_idx, labels = matcher(iou.masked_fill(~valid[..., None], -1.0))
+    for i, n in enumerate([4, 0, 7]):
+        expected = reference_matcher(matcher, torchvision.ops.box_iou(gt[i, :n], predictions[i]))
+        assert torch.equal(matched_idx[i], expected[0]) and torch.equal(labels[i], expected[1])
+    assert (labels[1] == 0).all()  # no ground truth: all background
+
+
+def positional_keys(shape, generator, device):
+    """Sampling keys that depend on an example's position only (the same for every image): the images labelled
+    together and one at a time then draw the same examples, where their positions agree."""
+    return torch.linspace(0.9, 0.1, 200)[torch.randperm(200, generator=torch.Generator().manual_seed(5))][
+        :shape[-1]].expand(shape).contiguous()
+
+
+@pytest.mark.parametrize("cpu_drops_padding", [False, True])
+def test_roi_sampling_of_a_batch_equals_each_image_on_its_own(cpu_drops_padding, monkeypatch):
+    """The RoI heads label and sample all images together (ground truth and crowd regions padded to the
+    longest): each image's RoIs, labels and box targets as the per-image implementation gives them, with the
+    same keys per position. Images of 0, 1, 3 and 6 objects, crowd regions in two, RPN padding rows in one."""
+    monkeypatch.setattr("detection.modeling.sampling.uniform_keys", positional_keys)
+    for module in ("detection.modeling.roi_heads", "test_det_syncfree"):
+        monkeypatch.setattr(f"{module}.drops_padding", lambda device: cpu_drops_padding)
+    g = torch.Generator().manual_seed(2)
+    counts = [3, 0, 6, 1]
+    gts = ragged_ground_truth(g, counts)
+    proposals = list(overlapping_boxes((4, 60), 100.0, g))
+    for i, gt in enumerate(gts):  # some proposals near each object, so that there is foreground
+        proposals[i][:len(gt)] = gt + torch.rand(len(gt), 4, generator=g) * 4 - 2
+    proposals[3][50:] = 0.0  # the RPN's padding
+    targets = [{"boxes": gt, "labels": torch.randint(1, 4, (len(gt),), generator=g)} for gt in gts]
+    targets[0]["crowd_boxes"] = torch.tensor([[0.0, 0.0, 60.0, 60.0]])
+    targets[2]["crowd_boxes"] = torch.tensor([[40.0, 40.0, 110.0, 110.0], [0.0, 50.0, 50.0, 100.0]])
+    targets[1]["crowd_boxes"] = torch.zeros(0, 4)
+    for batch_size, fraction in ((32, 0.25), (100, 0.5)):  # 100: more than an image's 60 + objects
+        head = tiny_res5_head(batch_size_per_image=batch_size, positive_fraction=fraction)
+        got = head.label_and_sample_proposals(proposals, targets)
+        expected = reference_label_and_sample_proposals(head, proposals, targets)
+        for i in range(4):
+            rows = len(expected[1][i])
+            # without the CPU's trimming every image has the batch's count of rows: more than its own
+            # where its own lists are shorter, the extra rows padding (label -1)
+            assert (got[1][i][rows:] == -1).all() and (len(got[1][i]) == rows if cpu_drops_padding else
+                                                       len(got[1][i]) == min(batch_size, 60 + max(counts)))
+            assert torch.equal(got[1][i][:rows], expected[1][i])
+            kept = expected[1][i] >= 0  # a padding row points at an arbitrary example: its box is not compared
+            for got_part, expected_part in zip(got[::2], expected[::2]):
+                assert torch.equal(got_part[i][:rows][kept], expected_part[i][kept])
+        assert sum(int((labels > 0).sum()) for labels in got[1]) >= 4
+        if batch_size == 100 and not cpu_drops_padding:  # every example is taken: the ignored ones are padding
+            assert all(int((labels == -1).sum()) for labels in expected[1][2:])
+
+
+def test_roi_sampling_launches_as_many_operators_for_8_images_as_for_2(monkeypatch):
+    """On a GPU the RoI heads' labelling comes after the RPN's NMS, which makes the host wait: the GPU idles
+    while the host launches it. Its operators do not grow with the batch (they were about 80 per image)."""
+    monkeypatch.setattr("detection.modeling.roi_heads.drops_padding", lambda device: False)
+    g = torch.Generator().manual_seed(3)
+    head = tiny_res5_head(batch_size_per_image=64)
+    counts = {}
+    for num_images in (2, 8):
+        gts = ragged_ground_truth(g, [(i % 4) + 1 for i in range(num_images)])
+        targets = [{"boxes": gt, "labels": torch.ones(len(gt), dtype=torch.int64),
+                    "crowd_boxes": gt[:1] if i == 1 else torch.zeros(0, 4)} for i, gt in enumerate(gts)]
+        proposals = list(overlapping_boxes((num_images, 100), 100.0, g))
+        with OperatorCounter() as counter:
+            head.label_and_sample_proposals(proposals, targets)
+        counts[num_images] = counter.count
+    assert counts[2] == counts[8] and counts[2] < 150, counts  # about 130 (per image: about 80 each)
+
+
+class OperatorSequence(TorchDispatchMode):
+    """The names of the operators dispatched, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_rpn_launches_its_training_labels_and_losses_before_its_nms(monkeypatch):
+    """The RPN's NMS makes the host wait for the GPU (its output size), which then idles while the host
+    launches what follows: in training the anchors' labels, sampling and losses come before it, and after it
+    only the proposals' selection, a fixed few operators per batch."""
+    monkeypatch.setattr("detection.modeling.box_ops.batched_nms_first",
+                        lambda boxes, scores, groups, thresh, count: batched_nms(boxes, scores, groups, thresh)[:count])
+    torch.manual_seed(0)
+    model = build_detector(slim_cfg("fpn"), num_classes=3).train()
+    batch = two_image_batch()
+    sizes = batch["image_sizes"]
+    features = model.rpn_inputs(model.features(model.preprocess(batch["images"], sizes)))
+    with OperatorSequence() as ops:
+        model.rpn(features, sizes, batch["targets"])
+    first_nms = ops.names.index("nms")
+    last_nms = len(ops.names) - 1 - ops.names[::-1].index("nms")
+    assert {"rand", "topk", "binary_cross_entropy_with_logits"} <= set(ops.names[:first_nms])
+    after = [name for name in ops.names[last_nms + 1:] if name not in OperatorCounter.VIEWS]
+    assert "rand" not in after and len(after) < 30, after
+
+
 # -- host synchronisations --------------------------------------------------------------------------
 
 
@@ -170,6 +321,22 @@ class HostSyncCounter(TorchDispatchMode):
                 "aten::nonzero", "aten::masked_select", "aten::_local_scalar_dense", "torchvision::nms")
                 or (name == "aten::repeat_interleave.Tensor" and (kwargs or {}).get("output_size") is None)):
             self.calls[name + (" (bool index)" if bool_index else "")] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class OperatorCounter(TorchDispatchMode):
+    """Operators dispatched, views and the host's own small tensors left out (each other one is a kernel
+    launch on a GPU)."""
+
+    VIEWS = {"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "permute", "transpose", "t", "expand",
+             "select", "slice", "as_strided", "alias", "unbind", "split", "detach", "lift_fresh", "_to_copy"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ not in self.VIEWS
         return func(*args, **(kwargs or {}))
 
 

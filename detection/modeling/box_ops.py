@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
 
 import torch
 import torchvision
@@ -111,30 +112,65 @@ def clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor
 
 
 def nonempty(boxes: torch.Tensor, min_size: float = 0.0) -> torch.Tensor:
-    """Mask of boxes whose sides are both longer than ``min_size`` pixels."""
-    return ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)
+    """Mask ``(...)`` of ``(..., 4)`` boxes whose sides are both longer than ``min_size`` pixels."""
+    return ((boxes[..., 2] - boxes[..., 0]) > min_size) & ((boxes[..., 3] - boxes[..., 1]) > min_size)
+
+
+def pad_stack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, N, ...)`` from B tensors ``(N_i, ...)`` on one device, zero-padded to the longest, and the mask
+    ``(B, N)`` of the rows that are real: per-image sets (ground truth, crowd regions) as one tensor, so that
+    what is done to them is a few operators for the whole batch, not a few per image (each a launch on a
+    GPU). Filled by one copy from their concatenation, to rows the host computes from the lengths alone."""
+    first, lengths = tensors[0], [len(t) for t in tensors]
+    longest, shape = max(lengths), tuple(first.shape[1:])
+    if min(lengths) == longest:
+        return torch.stack(list(tensors)), torch.ones(len(tensors), longest, dtype=torch.bool, device=first.device)
+    rows = [i * longest + j for i, n in enumerate(lengths) for j in range(n)]
+    valid = torch.tensor([[j < n for j in range(longest)] for n in lengths], dtype=torch.bool)
+    out = first.new_zeros((len(tensors) * longest,) + shape)
+    out.index_copy_(0, torch.tensor(rows).to(first.device, non_blocking=True), torch.cat(list(tensors)))
+    return out.view((len(tensors), longest) + shape), valid.to(first.device, non_blocking=True)
+
+
+def box_iou_batched(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """``(..., N, M)`` IoUs of ``(..., N, 4)`` and ``(..., M, 4)`` boxes: ``torchvision.ops.box_iou`` (which
+    takes one set of each) with leading batch dimensions, the same arithmetic in the same order, so the same
+    values to the bit."""
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    lt = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    rb = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area1[..., :, None] + area2[..., None, :] - inter)
 
 
 def pairwise_ioa(regions: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """(M, N) intersection of ``regions[m]`` and ``boxes[n]`` divided by the area of ``boxes[n]``.
+    """(..., M, N) intersection of ``regions[..., m, :]`` and ``boxes[..., n, :]`` divided by the area of
+    ``boxes[..., n, :]``.
 
     Used for crowd regions: a box this much inside a crowd box is neither clearly background nor a
     single object.
     """
-    lt = torch.max(regions[:, None, :2], boxes[None, :, :2])
-    rb = torch.min(regions[:, None, 2:], boxes[None, :, 2:])
+    lt = torch.max(regions[..., :, None, :2], boxes[..., None, :, :2])
+    rb = torch.min(regions[..., :, None, 2:], boxes[..., None, :, 2:])
     wh = (rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
-    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=1e-6)
-    return inter / area[None, :]
+    area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).clamp(min=1e-6)
+    return inter / area[..., None, :]
 
 
-def crowd_mask(crowd_boxes: torch.Tensor | None, boxes: torch.Tensor, thresh: float) -> torch.Tensor:
-    """Mask of ``boxes`` that lie ``>= thresh`` inside some crowd box (all False without crowd boxes)."""
+def crowd_mask(crowd_boxes: torch.Tensor | None, boxes: torch.Tensor, thresh: float,
+               crowd_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask ``(..., N)`` of ``boxes`` ``(..., N, 4)`` that lie ``>= thresh`` inside some crowd box
+    ``(..., M, 4)`` (all False without crowd boxes); ``crowd_valid`` ``(..., M)``: which crowd boxes are
+    real, where they are padded per image (``pad_stack``)."""
     if crowd_boxes is None or crowd_boxes.numel() == 0 or boxes.numel() == 0:
-        return torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+        return torch.zeros(boxes.shape[:-1], dtype=torch.bool, device=boxes.device)
     ioa = pairwise_ioa(crowd_boxes.to(device=boxes.device, dtype=torch.float32), boxes.float())
-    return ioa.max(dim=0).values >= thresh
+    if crowd_valid is not None:
+        ioa = ioa.masked_fill(~crowd_valid[..., None], -math.inf)
+    return ioa.amax(dim=-2) >= thresh
 
 
 def smooth_l1(input: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:

@@ -31,25 +31,28 @@ class Matcher:
         self.allow_low_quality_matches = allow_low_quality_matches
 
     def __call__(self, match_quality_matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``match_quality_matrix``: (num_gt, num_predictions) IoUs.
+        """``match_quality_matrix``: (num_gt, num_predictions) IoUs, or (..., num_gt, num_predictions) for
+        a batch of images, each matched on its own (an image's rows that are not ground truth, padding to
+        the batch's longest list, must hold -1: they then match nothing).
 
-        Returns ``(matched_idx, match_labels)``, both of length num_predictions: the index of the
-        best ground truth (0 when there is none) and its label (1, 0 or -1, int8).
+        Returns ``(matched_idx, match_labels)``, both (..., num_predictions): the index of the best ground
+        truth (0 when there is none) and its label (1, 0 or -1, int8).
         """
-        num_gt, num_pred = match_quality_matrix.shape
+        *batch, num_gt, num_pred = match_quality_matrix.shape
         device = match_quality_matrix.device
         if num_gt == 0:
-            return (torch.zeros(num_pred, dtype=torch.int64, device=device),
-                    torch.full((num_pred,), self.labels[0], dtype=torch.int8, device=device))
-        best_iou, matched_idx = match_quality_matrix.max(dim=0)
-        match_labels = torch.empty(num_pred, dtype=torch.int8, device=device)
+            return (torch.zeros(*batch, num_pred, dtype=torch.int64, device=device),
+                    torch.full((*batch, num_pred), self.labels[0], dtype=torch.int8, device=device))
+        best_iou, matched_idx = match_quality_matrix.max(dim=-2)  # ties: the first ground truth, as per image
+        match_labels = torch.empty(*batch, num_pred, dtype=torch.int8, device=device)
         for label, low, high in zip(self.labels, self.thresholds[:-1], self.thresholds[1:]):
             match_labels.masked_fill_((best_iou >= low) & (best_iou < high), label)  # not x[mask] =: no host sync
         if self.allow_low_quality_matches:
             # A ground truth that overlaps nothing (e.g. a degenerate box) would otherwise turn every
-            # prediction it ties with at IoU 0 into a positive; torchvision does that, we do not.
-            best_per_gt = match_quality_matrix.max(dim=1).values
+            # prediction it ties with at IoU 0 into a positive; torchvision does that, we do not. Padding
+            # rows (-1) are left out the same way.
+            best_per_gt = match_quality_matrix.max(dim=-1).values
             best_per_gt = torch.where(best_per_gt > 0, best_per_gt, torch.full_like(best_per_gt, math.nan))
             # a mask over predictions, not torchvision's nonzero: the same positives without a host sync
-            match_labels.masked_fill_((match_quality_matrix == best_per_gt[:, None]).any(dim=0), 1)
+            match_labels.masked_fill_((match_quality_matrix == best_per_gt[..., None]).any(dim=-2), 1)
         return matched_idx, match_labels

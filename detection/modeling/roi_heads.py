@@ -30,7 +30,7 @@ from torchvision.ops import box_iou
 from backbones.resnet import is_channels_last
 
 from .box_coder import BoxCoder
-from .box_ops import batched_nms, clip_boxes, crowd_mask, nonempty, smooth_l1
+from .box_ops import batched_nms, box_iou_batched, clip_boxes, crowd_mask, nonempty, pad_stack, smooth_l1
 from .matcher import Matcher
 from .poolers import ROIPooler
 from .sampling import drops_padding, sample_balanced
@@ -182,41 +182,55 @@ class ROIHeads(nn.Module):
         """Per image: the sampled RoIs (foreground first), their class labels (0 = background) and their box
         regression targets (meaningful for foreground only).
 
-        Each image gets ``min(batch_size_per_image, proposals + ground truth)`` RoIs, a size known without
-        waiting for the GPU. Where fewer examples can be sampled (ignored proposals: crowd regions, RPN
-        padding), the remaining RoIs are padding with label -1: the losses leave them out, sums and
-        normalisers alike, but they do pass through the box head (a trainable BatchNorm there would see
-        them). On the CPU they are dropped instead (``sampling.drops_padding``). Proposals without area are
-        the RPN's padding (see ``rpn.select_proposals``) and are ignored."""
-        sampled_boxes, sampled_labels, sampled_targets = [], [], []
-        box_coder = self.box_predictor.box_coder
-        for boxes, target in zip(proposals, targets):
-            gt_boxes = target["boxes"].to(device=boxes.device, dtype=torch.float32)
-            gt_labels = target["labels"].to(boxes.device)
-            boxes = boxes.float()
-            padding = ~nonempty(boxes)
-            if self.proposal_append_gt:
-                boxes = torch.cat([boxes, gt_boxes])
-                padding = torch.cat([padding, padding.new_zeros(len(gt_boxes))])
-            if gt_boxes.numel() == 0:
-                matched_idx = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
-                classes = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
-            else:
-                matched_idx, match_labels = self.matcher(box_iou(gt_boxes, boxes))
-                classes = gt_labels[matched_idx].masked_fill(match_labels == 0, 0).masked_fill(match_labels == -1, -1)
-            ignored = padding | ((classes == 0) & crowd_mask(target.get("crowd_boxes"), boxes, self.crowd_ioa_thresh))
-            classes = classes.masked_fill(ignored, -1)
-            idx, valid = sample_balanced(classes, self.batch_size_per_image, self.positive_fraction, self.generator)
-            if drops_padding(idx.device):  # the valid slots come first
-                count = int(valid.sum())
-                idx, valid = idx[:count], valid[:count]
-            labels = classes[idx].masked_fill(~valid, -1)
-            sampled_boxes.append(boxes[idx])
-            sampled_labels.append(labels)
-            matched = gt_boxes[matched_idx[idx]] if gt_boxes.numel() else boxes[idx]
-            targets_i = box_coder.encode(matched, boxes[idx])
-            sampled_targets.append(torch.where((labels > 0)[:, None], targets_i, 0.0))
-        return sampled_boxes, sampled_labels, sampled_targets
+        Every image gets ``min(batch_size_per_image, proposals + ground truth)`` RoIs, counted with the
+        batch's longest lists, a size known without waiting for the GPU. Where fewer examples can be sampled
+        (ignored proposals: crowd regions, RPN padding), the remaining RoIs are padding with label -1: the
+        losses leave them out, sums and normalisers alike, but they do pass through the box head (a trainable
+        BatchNorm there would see them). On the CPU they are dropped instead (``sampling.drops_padding``).
+        Proposals without area are the RPN's padding (see ``rpn.select_proposals``) and are ignored.
+
+        The images are labelled together, their proposals and ground truth padded to the batch's longest
+        (``pad_stack``): on a GPU this runs after the RPN's NMS has made the host wait, so the GPU idles
+        while the host launches it, and per image it was about 80 operators, 640 at batch 8. The labels are
+        those of each image on its own (tests/test_det_syncfree.py keeps that implementation as the
+        reference); the random draw covers the padded lists, so its numbers differ from one image at a
+        time, not its distribution."""
+        device = proposals[0].device
+        boxes, _ = pad_stack([p.float() for p in proposals])  # padded with (0, 0, 0, 0): ignored below
+        gt_boxes, gt_valid = pad_stack([t["boxes"].to(device=device, dtype=torch.float32) for t in targets])
+        gt_labels, _ = pad_stack([t["labels"].to(device) for t in targets])
+        padding = ~nonempty(boxes)
+        if self.proposal_append_gt:
+            boxes = torch.cat([boxes, gt_boxes], dim=1)
+            padding = torch.cat([padding, ~gt_valid], dim=1)
+        if gt_boxes.shape[1] == 0:
+            matched_idx = torch.zeros(boxes.shape[:2], dtype=torch.int64, device=device)
+            classes = torch.zeros(boxes.shape[:2], dtype=torch.int64, device=device)
+        else:
+            iou = box_iou_batched(gt_boxes, boxes).masked_fill(~gt_valid[..., None], -1.0)  # padding matches nothing
+            matched_idx, match_labels = self.matcher(iou)
+            classes = gt_labels.gather(1, matched_idx).masked_fill(match_labels == 0, 0).masked_fill(match_labels == -1, -1)
+        crowd = [t.get("crowd_boxes") for t in targets]
+        if any(c is not None and len(c) for c in crowd):
+            crowd_boxes, crowd_valid = pad_stack([c.to(device) if c is not None else boxes.new_zeros(0, 4) for c in crowd])
+            in_crowd = crowd_mask(crowd_boxes, boxes, self.crowd_ioa_thresh, crowd_valid)
+            padding |= (classes == 0) & in_crowd
+        classes = classes.masked_fill(padding, -1)
+        idx, valid = sample_balanced(classes, self.batch_size_per_image, self.positive_fraction, self.generator)
+        labels = classes.gather(1, idx).masked_fill(~valid, -1)
+        sampled = boxes.gather(1, idx[..., None].expand(-1, -1, 4))
+        foreground = (labels > 0)[..., None]
+        matched = sampled  # background and padding RoIs: their own box, zero deltas, nothing undefined
+        if gt_boxes.shape[1]:
+            matched_gt = gt_boxes.gather(1, matched_idx.gather(1, idx)[..., None].expand(-1, -1, 4))
+            matched = torch.where(foreground, matched_gt, sampled)
+        box_targets = self.box_predictor.box_coder.encode(matched.view(-1, 4), sampled.view(-1, 4)).view_as(sampled)
+        box_targets = torch.where(foreground, box_targets, 0.0)
+        if drops_padding(device):  # the valid slots come first
+            counts = valid.sum(dim=1).tolist()
+            return ([x[:n] for x, n in zip(sampled, counts)], [x[:n] for x, n in zip(labels, counts)],
+                    [x[:n] for x, n in zip(box_targets, counts)])
+        return list(sampled.unbind(0)), list(labels.unbind(0)), list(box_targets.unbind(0))
 
     def box_features(self, features: dict[str, torch.Tensor], proposals: Sequence[torch.Tensor]) -> torch.Tensor:
         """(sum K_i, C): one feature vector per box (RoI pooling + the post-RoI layers)."""

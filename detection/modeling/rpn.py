@@ -156,14 +156,17 @@ class RPN(nn.Module):
         logits, deltas = self.head(features)
         logits = [flatten_logits(x) for x in logits]
         deltas = [flatten_deltas(x) for x in deltas]
-        proposals = self.predict_proposals(anchors, logits, deltas, image_sizes)
         losses: dict[str, torch.Tensor] = {}
-        if self.training:
+        if self.training:  # before the proposals: see below
             if targets is None:
                 raise ValueError("RPN: targets are needed in training mode")
             all_anchors = torch.cat(anchors)
             labels, matched_boxes = self.label_and_sample_anchors(all_anchors, targets)
             losses = self.losses(all_anchors, torch.cat(logits, dim=1), torch.cat(deltas, dim=1), labels, matched_boxes)
+        # NMS makes the host wait for the GPU, which then idles while the host launches what comes after it;
+        # the anchors' labels and losses (a few hundred small operators at batch 8) are launched before it,
+        # while the GPU is still busy with the backbone. Nothing they compute depends on the proposals.
+        proposals = self.predict_proposals(anchors, logits, deltas, image_sizes)
         return proposals, losses
 
     # -- proposals ------------------------------------------------------------------------------
