@@ -59,13 +59,15 @@ def make_inputs(batch, height, width, device, seed=0):
     return images.to(device), targets
 
 
-def ours(depth, neck, fast=True, compile=None, paper_layout=False, pooler_kernel="auto"):
+def ours(depth, neck, fast=True, compile=None, paper_layout=False, pooler_kernel="auto", base_width=64):
     """resdet's detector: ``fast`` the defaults (frozen BN folded) in channels-last, else the plain layers in
     NCHW; ``compile``: its dense parts compiled in this mode of ``torch.compile``; ``paper_layout``: the
     stride in the first 1x1 of a block (the configs' default), else in the 3x3 as torchvision's;
-    ``pooler_kernel``: RoIAlign's (``model.roi_heads.pooler_kernel``)."""
+    ``pooler_kernel``: RoIAlign's (``model.roi_heads.pooler_kernel``); ``base_width``: the trunk's
+    channels (64 is ResNet's; narrower only where the work does not matter, as in ``host_ops.py``)."""
     cfg = OmegaConf.structured(DetConfig)
     cfg.model.backbone.depth = depth
+    cfg.model.backbone.base_width = base_width
     cfg.model.backbone.fold_frozen_bn = fast
     cfg.model.backbone.stride_in_1x1 = paper_layout
     cfg.model.roi_heads.pooler_kernel = RoIAlignKernel(pooler_kernel)
