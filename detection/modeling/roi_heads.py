@@ -209,10 +209,11 @@ class ROIHeads(nn.Module):
         else:
             iou = box_iou_batched(gt_boxes, boxes).masked_fill(~gt_valid[..., None], -1.0)  # padding matches nothing
             matched_idx, match_labels = self.matcher(iou)
-            classes = gt_labels.gather(1, matched_idx).masked_fill(match_labels == 0, 0).masked_fill(match_labels == -1, -1)
+            classes = gt_labels.gather(1, matched_idx).masked_fill(match_labels == 0, 0)
+            classes = classes.masked_fill(match_labels == -1, -1)
         crowd = [t.get("crowd_boxes") for t in targets]
         if any(c is not None and len(c) for c in crowd):
-            crowd_boxes, crowd_valid = pad_stack([c.to(device) if c is not None else boxes.new_zeros(0, 4) for c in crowd])
+            crowd_boxes, crowd_valid = pad_stack([boxes.new_zeros(0, 4) if c is None else c.to(device) for c in crowd])
             in_crowd = crowd_mask(crowd_boxes, boxes, self.crowd_ioa_thresh, crowd_valid)
             padding |= (classes == 0) & in_crowd
         classes = classes.masked_fill(padding, -1)
