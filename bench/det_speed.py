@@ -144,14 +144,20 @@ VIEW_OPS = {"view", "_unsafe_view", "_reshape_alias", "reshape", "unsqueeze", "s
 
 
 class OpCounter(TorchDispatchMode):
-    """Operators dispatched to a kernel, views left out (they launch nothing)."""
+    """Operators dispatched to a kernel, in order (``names``), views left out (they launch nothing)."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.names: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.overloadpacket.__name__ not in VIEW_OPS
+        name = func.overloadpacket.__name__
+        if name not in VIEW_OPS:
+            self.names.append(name)
         return func(*args, **(kwargs or {}))
 
 

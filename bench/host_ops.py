@@ -24,13 +24,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import detection.modeling.box_ops as box_ops  # noqa: E402
 import detection.modeling.poolers as poolers  # noqa: E402
 import detection.modeling.roi_heads as roi_heads  # noqa: E402
 import detection.modeling.rpn as rpn  # noqa: E402
-from det_speed import (VIEW_OPS, calm_residual_branches, make_inputs, ours, run_ours, run_tv,  # noqa: E402
+from det_speed import (OpCounter, calm_residual_branches, make_inputs, ours, run_ours, run_tv,  # noqa: E402
                        torchvision_c4, torchvision_fpn)
 
 MODELS = {"r50c4": (50, "none", "R50-C4"), "r101c4": (101, "none", "R101-C4"), "r50fpn": (50, "fpn", "R50-FPN")}
@@ -44,37 +43,23 @@ def cuda_code_paths() -> None:
                                  box_ops.batched_nms(boxes, scores, groups, iou_thresh)[:count])
 
 
-class OperatorLog(TorchDispatchMode):
-    """Every operator dispatched that is not a view, in order."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in VIEW_OPS:
-            self.names.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 def count(model, runner, images, targets) -> tuple[int, int, int]:
     """(training step, forward, forward after the last NMS) operators, after one step to warm up."""
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9,
                                 foreach=True)  # CUDA's default
 
-    def step(log=None):
+    def step(log: OpCounter | None = None) -> list[str]:
+        """One SGD step; the operators ``log`` holds once the forward is done."""
         loss = runner(model, images, targets, True)
-        if log is not None:
-            forward = list(log.names)
+        forward = list(log.names) if log is not None else []
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return forward if log is not None else None
+        return forward
 
     step()
-    with OperatorLog() as log:
+    with OpCounter() as log:
         forward = step(log)
     after = forward[::-1].index("nms") if "nms" in forward else len(forward)
     return len(log.names), len(forward), after

@@ -1,6 +1,6 @@
 """Small shared pieces of the detection tests: random boxes, a slim detector config (as a schema and as tool
-overrides), a two-image batch, the data overrides of a synthetic COCO set, and the pairing of exported detections with
-PyTorch's."""
+overrides), a two-image batch, a tiny C4 RoI head, the data overrides of a synthetic COCO set, and the pairing of
+exported detections with PyTorch's."""
 import json
 from pathlib import Path
 
@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from detection.modeling import DetectorConfig
+from backbones import build_resnet
+from detection.modeling import DetectorConfig, FastRCNNOutputLayers, ROIPooler, Res5ROIHeads
 from detection.modeling.config import Neck
 
 
@@ -109,3 +110,10 @@ def unmatched_detections(got, expected, score_thresh, box_tol=1.0, score_tol=1e-
             unmatched.append((box, score, label))
     extra = [j for j in range(len(got_boxes)) if j not in used and got_scores[j] > score_thresh + score_tol]
     return unmatched + [(got_boxes[j], got_scores[j], got_labels[j]) for j in extra]
+
+
+def tiny_res5_head(num_classes=3, **kwargs):
+    """A C4 RoI head on a ResNet-18 res5 of width 8 (``ROIHeads`` keyword arguments pass through)."""
+    resnet = build_resnet(18, num_classes=0, base_width=8)
+    predictor = FastRCNNOutputLayers(resnet.stage_channels["res5"], num_classes)
+    return Res5ROIHeads(resnet.res5, ROIPooler(14, [1 / 16]), predictor, "res4", **kwargs)

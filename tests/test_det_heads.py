@@ -7,19 +7,16 @@ import torch
 from omegaconf import OmegaConf
 from torchvision.ops import box_iou
 
-from backbones import build_resnet
 from detection.modeling import (
     AnchorGenerator,
     DetectorConfig,
     FastRCNNOutputLayers,
-    ROIPooler,
     RPN,
     RPNHead,
-    Res5ROIHeads,
     build_detector,
 )
 from detection.modeling.config import PredictorInit
-from det_helpers import random_boxes
+from det_helpers import random_boxes, tiny_res5_head
 
 
 # -- RPN -------------------------------------------------------------------------------------------
@@ -81,12 +78,6 @@ def test_rpn_crowd_anchors_are_ignored():
 
 
 # -- RoI heads -------------------------------------------------------------------------------------
-
-
-def tiny_res5_head(num_classes=3, **kwargs):
-    resnet = build_resnet(18, num_classes=0, base_width=8)
-    predictor = FastRCNNOutputLayers(resnet.stage_channels["res5"], num_classes)
-    return Res5ROIHeads(resnet.res5, ROIPooler(14, [1 / 16]), predictor, "res4", **kwargs)
 
 
 def test_roi_sampler_hand_made_case(monkeypatch):

@@ -13,8 +13,7 @@ from detection.modeling.box_ops import batched_nms, box_iou_batched, clip_boxes,
 from detection.modeling.roi_heads import postprocess_batch, postprocess_detections
 from detection.modeling.sampling import drops_padding, sample_balanced
 from detection.modeling.rpn import select_proposals
-from det_helpers import slim_cfg, two_image_batch
-from test_det_heads import tiny_res5_head
+from det_helpers import slim_cfg, tiny_res5_head, two_image_batch
 
 
 # -- the per-image implementations before issue 9 (references) ----------------------------------------
@@ -235,6 +234,27 @@ def test_roi_sampling_of_a_batch_equals_each_image_on_its_own(cpu_drops_padding,
             assert all(int((labels == -1).sum()) for labels in expected[1][2:])
 
 
+class OperatorCounter(TorchDispatchMode):
+    """The operators dispatched, in order (``names``), views left out: each other one is a kernel launch on a
+    GPU."""
+
+    VIEWS = {"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "permute", "transpose", "t", "expand",
+             "select", "slice", "as_strided", "alias", "unbind", "split", "detach", "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    @property
+    def count(self):
+        return len(self.names)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.VIEWS:
+            self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def test_roi_sampling_launches_as_many_operators_for_8_images_as_for_2(monkeypatch):
     """On a GPU the RoI heads' labelling comes after the RPN's NMS, which makes the host wait: the GPU idles
     while the host launches it. Its operators do not grow with the batch (they were about 80 per image)."""
@@ -253,18 +273,6 @@ def test_roi_sampling_launches_as_many_operators_for_8_images_as_for_2(monkeypat
     assert counts[2] == counts[8] and counts[2] < 150, counts  # about 120 (per image: about 80 each)
 
 
-class OperatorSequence(TorchDispatchMode):
-    """The names of the operators dispatched, in order."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_rpn_launches_its_training_labels_and_losses_before_its_nms(monkeypatch):
     """The RPN's NMS makes the host wait for the GPU (its output size), which then idles while the host
     launches what follows: in training the anchors' labels, sampling and losses come before it, and after it
@@ -276,12 +284,12 @@ def test_rpn_launches_its_training_labels_and_losses_before_its_nms(monkeypatch)
     batch = two_image_batch()
     sizes = batch["image_sizes"]
     features = model.rpn_inputs(model.features(model.preprocess(batch["images"], sizes)))
-    with OperatorSequence() as ops:
+    with OperatorCounter() as ops:
         model.rpn(features, sizes, batch["targets"])
     first_nms = ops.names.index("nms")
     last_nms = len(ops.names) - 1 - ops.names[::-1].index("nms")
     assert {"rand", "topk", "binary_cross_entropy_with_logits"} <= set(ops.names[:first_nms])
-    after = [name for name in ops.names[last_nms + 1:] if name not in OperatorCounter.VIEWS]
+    after = ops.names[last_nms + 1:]
     assert "rand" not in after and len(after) < 30, after
 
 
@@ -321,22 +329,6 @@ class HostSyncCounter(TorchDispatchMode):
                 "aten::nonzero", "aten::masked_select", "aten::_local_scalar_dense", "torchvision::nms")
                 or (name == "aten::repeat_interleave.Tensor" and (kwargs or {}).get("output_size") is None)):
             self.calls[name + (" (bool index)" if bool_index else "")] += 1
-        return func(*args, **(kwargs or {}))
-
-
-class OperatorCounter(TorchDispatchMode):
-    """Operators dispatched, views and the host's own small tensors left out (each other one is a kernel
-    launch on a GPU)."""
-
-    VIEWS = {"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "permute", "transpose", "t", "expand",
-             "select", "slice", "as_strided", "alias", "unbind", "split", "detach", "lift_fresh", "_to_copy"}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.overloadpacket.__name__ not in self.VIEWS
         return func(*args, **(kwargs or {}))
 
 

@@ -1,4 +1,5 @@
-"""Small box utilities the heads share (xyxy boxes in pixels); IoU itself is torchvision.ops.box_iou."""
+"""Small box utilities the heads share (xyxy boxes in pixels); IoU itself is torchvision.ops.box_iou, and
+``box_iou_batched`` the same arithmetic with batch dimensions."""
 from __future__ import annotations
 
 import math
