@@ -38,7 +38,7 @@ MODELS = {"r50c4": (50, "none", "R50-C4"), "r101c4": (101, "none", "R101-C4"), "
 def cuda_code_paths() -> None:
     """resdet's CPU-only shortcuts off, for the rest of the process."""
     poolers.separable_roi_align_is_cheaper = lambda *args: False
-    rpn.drops_padding = roi_heads.drops_padding = lambda device: False
+    rpn.sizes_follow_data = roi_heads.sizes_follow_data = poolers.sizes_follow_data = lambda device: False
     box_ops.batched_nms_first = (lambda boxes, scores, groups, iou_thresh, count:
                                  box_ops.batched_nms(boxes, scores, groups, iou_thresh)[:count])
 

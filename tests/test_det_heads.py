@@ -110,7 +110,7 @@ def test_roi_sampler_hand_made_case(monkeypatch):
     head.batch_size_per_image = 100
     crowd = torch.tensor([[95.0, 0.0, 160.0, 45.0]])
     for gpu_path in (True, False):
-        monkeypatch.setattr("detection.modeling.roi_heads.drops_padding", lambda device: not gpu_path)
+        monkeypatch.setattr("detection.modeling.roi_heads.sizes_follow_data", lambda device: not gpu_path)
         boxes, labels, _ = head.label_and_sample_proposals(
             [torch.tensor(bg)], [{"boxes": gt, "labels": torch.tensor([1]), "crowd_boxes": crowd}])
         # >= 0.7 of the box inside the crowd box: x1 = 100..130 (x1 = 130: 30/40 = 0.75), not 135..145 (<= 0.625)

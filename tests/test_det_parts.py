@@ -260,6 +260,37 @@ def test_pooler_level_assignment_and_scatter():
         assert ROIPooler(14, [1 / 16], pooler_type=kind)(features[2:3], per_image).shape == (4, 3, 14, 14)
 
 
+@pytest.mark.parametrize("pooler_type,sampling_ratio", [("ROIAlignV2", 0), ("ROIAlign", 0), ("ROIAlignV2", 2),
+                                                         ("ROIPool", 0)])
+@pytest.mark.parametrize("bin_step", [1, 2])
+def test_fpn_pooler_without_host_sync_equals_pooling_each_levels_rois(pooler_type, sampling_ratio, bin_step,
+                                                                      monkeypatch):
+    """A GPU's FPN pooler pools every RoI on every level (the other levels' RoIs shrunk to a point) instead of
+    grouping the RoIs by level with a nonzero per level, which waits for the device: the same pooled features
+    and the same gradients for the feature maps, to the bit, with torchvision's kernel (float64)."""
+    g = torch.Generator().manual_seed(3)
+    features = [torch.randn(3, 4, 256 // s, 320 // s, dtype=torch.float64, generator=g) for s in (4, 8, 16, 32)]
+    corner = torch.rand(60, 2, generator=g, dtype=torch.float64) * 200
+    boxes = torch.cat([corner, corner + torch.rand(60, 2, generator=g, dtype=torch.float64) ** 2 * 600 + 1], 1)
+    per_image = [boxes[:25], boxes[25:25], boxes[25:]]  # one image without RoIs
+    weights = None
+    results = []
+    for follow_data in (True, False):
+        monkeypatch.setattr("detection.modeling.poolers.sizes_follow_data", lambda device: follow_data)
+        pooler = ROIPooler(7, [1 / 4, 1 / 8, 1 / 16, 1 / 32], sampling_ratio, pooler_type, kernel="torchvision")
+        maps = [f.clone().requires_grad_() for f in features]
+        out = pooler(maps, per_image, bin_step=bin_step)
+        weights = torch.randn(out.shape, dtype=torch.float64, generator=g) if weights is None else weights
+        (out * weights).sum().backward()
+        results.append((out, [m.grad for m in maps]))
+    (grouped, grouped_grads), (masked, masked_grads) = results
+    levels = assign_boxes_to_levels(boxes, 2, 5)
+    assert sorted(set(levels.tolist())) == [0, 1, 2, 3]  # every level has RoIs
+    assert torch.equal(masked, grouped) and grouped.flatten(1).abs().amax(1).min() > 0  # no row left empty
+    for a, b in zip(masked_grads, grouped_grads):
+        assert torch.equal(a, b)
+
+
 def test_roi_pool_takes_bf16_features_under_cpu_autocast():
     """The paper's RoIPool with bf16 features (solver.amp=bf16 on the CPU): torchvision's CPU kernel has no
     autocast rule and refused them beside float32 boxes, so the R101-C4 config failed at its first step. A max
@@ -327,6 +358,7 @@ def test_separable_roi_align_equals_torchvision_kernel(aligned, sampling_ratio, 
 TRITON_ROI_ALIGN_PROBE = """
 import torch
 from torchvision.ops import roi_align
+import detection.modeling.poolers as poolers
 from detection.modeling import ROIPooler
 from detection.modeling.roi_align_triton import INTERPRETED, roi_align_triton
 assert INTERPRETED
@@ -374,6 +406,18 @@ boxes_per_image = [boxes[:4].float(), boxes[4:].float()]
 features32 = features[:2].float()
 torch.testing.assert_close(pooler([features32], boxes_per_image, bin_step=2),
                            reference([features32], boxes_per_image, bin_step=2), rtol=1e-5, atol=1e-5)
+# FPN levels as a GPU pools them: every RoI on every level, the others' shrunk to a point (one sample a bin)
+pyramid = [torch.randn(2, 5, 640 // s, 640 // s, generator=g) for s in (4, 8, 16, 32)]
+sides = torch.tensor([[30.0], [150.0], [300.0], [600.0], [90.0]])  # P2, P3, P4, P5, P2
+levels_boxes = [torch.cat([corner[:5].float() / 10 + 3.5, corner[:5].float() / 10 + sides], 1)]
+levels_boxes.append(levels_boxes[0][[3, 1]] + 7)
+scales = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
+expected = ROIPooler(3, scales, 1, "ROIAlignV2", kernel="torchvision")(pyramid, levels_boxes)
+assert expected.flatten(1).abs().amax(1).min() > 0
+poolers.sizes_follow_data = lambda device: False
+got = ROIPooler(3, scales, 1, "ROIAlignV2", kernel="triton")(pyramid, levels_boxes)
+assert got.dtype == torch.float32
+torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 print("ok")
 """
 

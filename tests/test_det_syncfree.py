@@ -9,9 +9,10 @@ import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from detection.modeling import Matcher, build_detector
-from detection.modeling.box_ops import batched_nms, box_iou_batched, clip_boxes, crowd_mask, nonempty, pad_stack
+from detection.modeling.box_ops import (batched_nms, box_iou_batched, clip_boxes, crowd_mask, nonempty, pad_stack,
+                                        sizes_follow_data)
 from detection.modeling.roi_heads import postprocess_batch, postprocess_detections
-from detection.modeling.sampling import drops_padding, sample_balanced
+from detection.modeling.sampling import sample_balanced
 from detection.modeling.rpn import select_proposals
 from det_helpers import slim_cfg, tiny_res5_head, two_image_batch
 
@@ -73,7 +74,7 @@ def reference_label_and_sample_proposals(head, proposals, targets):
         ignored = padding | ((classes == 0) & crowd_mask(target.get("crowd_boxes"), boxes, head.crowd_ioa_thresh))
         classes = classes.masked_fill(ignored, -1)
         idx, valid = sample_balanced(classes, head.batch_size_per_image, head.positive_fraction, head.generator)
-        if drops_padding(idx.device):
+        if sizes_follow_data(idx.device):
             count = int(valid.sum())
             idx, valid = idx[:count], valid[:count]
         labels = classes[idx].masked_fill(~valid, -1)
@@ -196,14 +197,14 @@ def positional_keys(shape, generator, device):
         :shape[-1]].expand(shape).contiguous()
 
 
-@pytest.mark.parametrize("cpu_drops_padding", [False, True])
-def test_roi_sampling_of_a_batch_equals_each_image_on_its_own(cpu_drops_padding, monkeypatch):
+@pytest.mark.parametrize("sizes_from_data", [False, True])
+def test_roi_sampling_of_a_batch_equals_each_image_on_its_own(sizes_from_data, monkeypatch):
     """The RoI heads label and sample all images together (ground truth and crowd regions padded to the
     longest): each image's RoIs, labels and box targets as the per-image implementation gives them, with the
     same keys per position. Images of 0, 1, 3 and 6 objects, crowd regions in two, RPN padding rows in one."""
     monkeypatch.setattr("detection.modeling.sampling.uniform_keys", positional_keys)
     for module in ("detection.modeling.roi_heads", "test_det_syncfree"):
-        monkeypatch.setattr(f"{module}.drops_padding", lambda device: cpu_drops_padding)
+        monkeypatch.setattr(f"{module}.sizes_follow_data", lambda device: sizes_from_data)
     g = torch.Generator().manual_seed(2)
     counts = [3, 0, 6, 1]
     gts = ragged_ground_truth(g, counts)
@@ -223,14 +224,14 @@ def test_roi_sampling_of_a_batch_equals_each_image_on_its_own(cpu_drops_padding,
             rows = len(expected[1][i])
             # without the CPU's trimming every image has the batch's count of rows: more than its own
             # where its own lists are shorter, the extra rows padding (label -1)
-            assert (got[1][i][rows:] == -1).all() and (len(got[1][i]) == rows if cpu_drops_padding else
+            assert (got[1][i][rows:] == -1).all() and (len(got[1][i]) == rows if sizes_from_data else
                                                        len(got[1][i]) == min(batch_size, 60 + max(counts)))
             assert torch.equal(got[1][i][:rows], expected[1][i])
             kept = expected[1][i] >= 0  # a padding row points at an arbitrary example: its box is not compared
             for got_part, expected_part in zip(got[::2], expected[::2]):
                 assert torch.equal(got_part[i][:rows][kept], expected_part[i][kept])
         assert sum(int((labels > 0).sum()) for labels in got[1]) >= 4
-        if batch_size == 100 and not cpu_drops_padding:  # every example is taken: the ignored ones are padding
+        if batch_size == 100 and not sizes_from_data:  # every example is taken: the ignored ones are padding
             assert all(int((labels == -1).sum()) for labels in expected[1][2:])
 
 
@@ -258,7 +259,7 @@ class OperatorCounter(TorchDispatchMode):
 def test_roi_sampling_launches_as_many_operators_for_8_images_as_for_2(monkeypatch):
     """On a GPU the RoI heads' labelling comes after the RPN's NMS, which makes the host wait: the GPU idles
     while the host launches it. Its operators do not grow with the batch (they were about 80 per image)."""
-    monkeypatch.setattr("detection.modeling.roi_heads.drops_padding", lambda device: False)
+    monkeypatch.setattr("detection.modeling.roi_heads.sizes_follow_data", lambda device: False)
     g = torch.Generator().manual_seed(3)
     head = tiny_res5_head(batch_size_per_image=64)
     counts = {}
@@ -349,13 +350,13 @@ def count_head_syncs(model, batch):
 @pytest.mark.parametrize("neck,context", [("none", False), ("fpn", False), ("none", True)])
 def test_rpn_and_roi_heads_synchronise_a_fixed_few_times_per_batch(neck, context, monkeypatch):
     """Training: the RPN's NMS, one per image. Inference: those, and post-processing's candidates
-    above the score threshold, its one NMS and the read of the detections per image. The FPN pooler's
-    grouping of RoIs by level (a nonzero per level, per batch) remains. Counted on the CPU for CUDA's
-    path: the CPU's own shortcuts (the separable RoIAlign, NMS stopped in chunks, proposals and RoI samples
-    without their padding) are switched off."""
+    above the score threshold, its one NMS and the read of the detections per image. Nothing more with FPN:
+    its pooler does not group the RoIs by level (a nonzero per level) on a GPU. Counted on the CPU for
+    CUDA's path: the CPU's own shortcuts (the separable RoIAlign, NMS stopped in chunks, proposals and RoI
+    samples without their padding, RoIs grouped by level) are switched off."""
     monkeypatch.setattr("detection.modeling.poolers.separable_roi_align_is_cheaper", lambda *args: False)
-    for module in ("rpn", "roi_heads"):
-        monkeypatch.setattr(f"detection.modeling.{module}.drops_padding", lambda device: False)
+    for module in ("rpn", "roi_heads", "poolers"):
+        monkeypatch.setattr(f"detection.modeling.{module}.sizes_follow_data", lambda device: False)
     monkeypatch.setattr("detection.modeling.box_ops.batched_nms_first",
                         lambda boxes, scores, groups, thresh, count: batched_nms(boxes, scores, groups, thresh)[:count])
     torch.manual_seed(0)
@@ -365,17 +366,16 @@ def test_rpn_and_roi_heads_synchronise_a_fixed_few_times_per_batch(neck, context
     batch = two_image_batch()
     batch["targets"][1]["boxes"] = torch.tensor([[5.0, 50.0, 60.0, 75.0]])  # a foreground RoI in each image
     batch["targets"][1]["labels"] = torch.tensor([2])
-    pooler = Counter({"aten::nonzero": 4}) if neck == "fpn" else Counter()
     model.train()
     model.set_sampling_generator(torch.Generator().manual_seed(0))
     calls, _ = count_head_syncs(model, batch)
     print(f"training ({neck}, context {context}): {dict(calls)}")
-    assert calls == Counter({"torchvision::nms": 2}) + pooler
+    assert calls == Counter({"torchvision::nms": 2})
     model.eval()
     with torch.no_grad():
         calls, detections = count_head_syncs(model, batch)
     print(f"inference ({neck}, context {context}): {dict(calls)}")
-    assert calls == Counter({"torchvision::nms": 3, "aten::nonzero": 1, "Tensor.tolist": 1}) + pooler
+    assert calls == Counter({"torchvision::nms": 3, "aten::nonzero": 1, "Tensor.tolist": 1})
     assert len(detections) == 2 and all(len(d["boxes"]) > 0 for d in detections)
 
 
@@ -397,7 +397,7 @@ def test_cpu_drops_the_padding_of_proposals_and_roi_samples_with_the_same_result
     results = []
     for drop in (False, True):
         for module in ("rpn", "roi_heads"):
-            monkeypatch.setattr(f"detection.modeling.{module}.drops_padding", lambda device: drop)
+            monkeypatch.setattr(f"detection.modeling.{module}.sizes_follow_data", lambda device: drop)
         model.eval()
         with torch.no_grad():
             features = model.features(model.preprocess(batch["images"], sizes))

@@ -10,6 +10,23 @@ import torch
 import torchvision
 
 
+def sizes_follow_data(device: torch.device) -> bool:
+    """Whether the heads' fixed sizes give way to the data's own on this device. Reading a data-dependent
+    size (a count, a ``nonzero``) makes the host wait for the device, so a GPU keeps fixed sizes; on the CPU
+    the read costs nothing and the fixed sizes would carry work for nothing:
+
+    * inference hands the RoI heads each image's valid proposals only, and training its valid RoI samples
+      only (on COCO-sized images a GPU has next to no padding there: NMS leaves more than ``post_nms_topk``
+      candidates, and more than ``batch_size_per_image`` can be sampled; on small images or with an
+      untrained RPN most rows can be padding, which res5 or the box head would carry: R50-FPN inference at
+      96x128, 1000 rows, a few hundred of them proposals);
+    * the FPN pooler pools each level's RoIs only, where a GPU pools every RoI on every level with the
+      other levels' RoIs shrunk to a point (``poolers.ROIPooler``).
+
+    The random draws are the same either way, and so are the losses and detections up to float rounding.
+    Not in an exported graph, whose sizes may not depend on the data."""
+    return device.type == "cpu" and not (torch.compiler.is_exporting() or torch.jit.is_tracing())
+
 def _groups_apart(boxes: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """Boxes shifted by their group's index times the extent of all boxes, so that boxes of different
     groups never overlap; in float64 (float32 under ``torch.export``, see :func:`batched_nms`)."""

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align, roi_pool
 
+from .box_ops import sizes_follow_data
 from .config import PoolerType, RoIAlignKernel
 from .roi_align_triton import roi_align_triton
 
@@ -40,8 +41,9 @@ def boxes_to_rois(boxes: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def assign_boxes_to_levels(boxes: torch.Tensor, min_level: int, max_level: int, canonical_box_size: float = 224,
                            canonical_level: int = 4) -> torch.Tensor:
-    """Index (0 = ``min_level``) of the pyramid level each (K, 4) box is pooled from."""
-    sizes = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    """Index (0 = ``min_level``) of the pyramid level each (K, 4) box is pooled from; a box of no or negative
+    area: the finest level."""
+    sizes = torch.sqrt(((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0))
     levels = torch.floor(canonical_level + torch.log2(sizes / canonical_box_size + 1e-8))
     return (levels.clamp(min=min_level, max=max_level) - min_level).to(torch.int64)
 
@@ -223,11 +225,24 @@ class ROIPooler(nn.Module):
             return self.pool(features[0], rois, self.scales[0], bin_step)
         levels = assign_boxes_to_levels(rois[:, 1:], self.min_level, self.max_level, self.canonical_box_size,
                                         self.canonical_level)
-        channels = features[0].shape[1]
-        out = features[0].new_zeros((rois.shape[0], channels) + kept_bins(self.output_size, bin_step))
+        if sizes_follow_data(rois.device):  # each level's RoIs only
+            channels = features[0].shape[1]
+            out = features[0].new_zeros((rois.shape[0], channels) + kept_bins(self.output_size, bin_step))
+            for level, (fmap, scale) in enumerate(zip(features, self.scales)):
+                idx = torch.nonzero(levels == level, as_tuple=True)[0]
+                out[idx] = self.pool(fmap, rois[idx], scale, bin_step).to(out.dtype)
+            return out
+        # Without a host synchronisation (a GPU): a level's RoIs are known on the device only, so every level
+        # pools every RoI, the other levels' shrunk to a point at their top-left corner, and each row is taken
+        # from its own level. A point has no samples with adaptive sampling (``sampling_ratio`` 0, aligned),
+        # so those rows cost a write of zeros, not the bilinear taps; each row's own level computes it as
+        # above, to the bit. The extra rows' gradients are zeros, which add nothing.
+        points = torch.cat([rois[:, :3], rois[:, 1:3]], dim=1)
+        out = None
         for level, (fmap, scale) in enumerate(zip(features, self.scales)):
-            idx = torch.nonzero(levels == level, as_tuple=True)[0]
-            out[idx] = self.pool(fmap, rois[idx], scale, bin_step).to(out.dtype)
+            member = (levels == level)[:, None]
+            pooled = self.pool(fmap, torch.where(member, rois, points), scale, bin_step).to(features[0].dtype)
+            out = pooled if out is None else torch.where(member[..., None, None], pooled, out)
         return out
 
 

@@ -30,10 +30,11 @@ from torchvision.ops import box_iou
 from backbones.resnet import is_channels_last
 
 from .box_coder import BoxCoder
-from .box_ops import batched_nms, box_iou_batched, clip_boxes, crowd_mask, nonempty, pad_stack, smooth_l1
+from .box_ops import (batched_nms, box_iou_batched, clip_boxes, crowd_mask, nonempty, pad_stack, sizes_follow_data,
+                      smooth_l1)
 from .matcher import Matcher
 from .poolers import ROIPooler
-from .sampling import drops_padding, sample_balanced
+from .sampling import sample_balanced
 
 
 class FastRCNNOutputLayers(nn.Module):
@@ -186,7 +187,7 @@ class ROIHeads(nn.Module):
         batch's longest lists, a size known without waiting for the GPU. Where fewer examples can be sampled
         (ignored proposals: crowd regions, RPN padding), the remaining RoIs are padding with label -1: the
         losses leave them out, sums and normalisers alike, but they do pass through the box head (a trainable
-        BatchNorm there would see them). On the CPU they are dropped instead (``sampling.drops_padding``).
+        BatchNorm there would see them). On the CPU they are dropped instead (``box_ops.sizes_follow_data``).
         Proposals without area are the RPN's padding (see ``rpn.select_proposals``) and are ignored.
 
         The images are labelled together, their proposals and ground truth padded to the batch's longest
@@ -227,7 +228,7 @@ class ROIHeads(nn.Module):
             matched = torch.where(foreground, matched_gt, sampled)
         box_targets = self.box_predictor.box_coder.encode(matched.view(-1, 4), sampled.view(-1, 4)).view_as(sampled)
         box_targets = torch.where(foreground, box_targets, 0.0)
-        if drops_padding(device):  # the valid slots come first
+        if sizes_follow_data(device):  # the valid slots come first
             counts = valid.sum(dim=1).tolist()
             return ([x[:n] for x, n in zip(sampled, counts)], [x[:n] for x, n in zip(labels, counts)],
                     [x[:n] for x, n in zip(box_targets, counts)])

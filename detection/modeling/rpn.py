@@ -27,9 +27,9 @@ from torchvision.ops import box_iou
 
 from .anchor_generator import AnchorGenerator
 from .box_coder import BoxCoder
-from .box_ops import batched_nms_per_image, clip_boxes, crowd_mask, nonempty, smooth_l1
+from .box_ops import batched_nms_per_image, clip_boxes, crowd_mask, nonempty, sizes_follow_data, smooth_l1
 from .matcher import Matcher
-from .sampling import drops_padding, sample_balanced, sampled_labels
+from .sampling import sample_balanced, sampled_labels
 
 
 class RPNHead(nn.Module):
@@ -193,7 +193,7 @@ class RPN(nn.Module):
         levels = torch.cat(cand_levels)
         boxes, _, valid = select_proposals(boxes, scores, levels, image_sizes, self.nms_thresh,
                                            self.post_nms_topk[self.training], self.min_size)
-        if not self.training and drops_padding(boxes.device):
+        if not self.training and sizes_follow_data(boxes.device):
             return [b[:n] for b, n in zip(boxes, valid.sum(dim=1).tolist())]
         return list(boxes.unbind(0))
 

@@ -64,14 +64,3 @@ def sampled_labels(labels: torch.Tensor, indices: torch.Tensor, valid: torch.Ten
     out.scatter_(-1, target, labels.gather(-1, indices))
     return out[..., :dump]
 
-
-def drops_padding(device: torch.device) -> bool:
-    """Whether the fixed sizes above give way to the data's own on this device: inference hands the RoI heads
-    each image's valid proposals only, and training its valid RoI samples only. Reading how many are valid
-    makes the host wait for the device, so a GPU keeps the padding (on COCO-sized images there is next to
-    none: NMS leaves more than ``post_nms_topk`` candidates, and more than ``batch_size_per_image`` can be
-    sampled); on the CPU the read costs nothing, and on small images or with an untrained RPN most rows can
-    be padding, which res5 or the box head would carry for nothing (R50-FPN inference at 96x128: 1000
-    rows, a few hundred of them proposals). The random draws are the same either way, and so are the losses
-    and detections up to float rounding. Not in an exported graph, whose sizes may not depend on the data."""
-    return device.type == "cpu" and not (torch.compiler.is_exporting() or torch.jit.is_tracing())
