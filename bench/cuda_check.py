@@ -2,7 +2,8 @@
 """resdet's detector on CUDA against the same detector on the CPU, float32, same weights: the losses, the
 gradient of every parameter (RoIAlign's backward feeds the trunk's) and the detections of the plain path
 (frozen BN as layers, NCHW), the fast path (folded, channels-last) and, on CUDA, the fast path with the
-Triton RoIAlign (``pooler_kernel=triton``), each against the plain path on the CPU. Sampling is exhaustive
+Triton RoIAlign and NMS (``pooler_kernel=triton``, ``nms_kernel=triton``), each against the plain path on the
+CPU. Sampling is exhaustive
 (every anchor and RoI taken), so no random draw differs between the devices; TF32 is off so the GPU
 computes in true float32. The tests check the same on the CPU alone.
 
@@ -19,13 +20,14 @@ from torchvision.ops import FrozenBatchNorm2d  # noqa: E402
 
 from detection.modeling import DetectorConfig  # noqa: E402
 from detection.modeling.build import build_detector  # noqa: E402
-from detection.modeling.config import Neck, RoIAlignKernel  # noqa: E402
+from detection.modeling.config import Neck, NMSKernel, RoIAlignKernel  # noqa: E402
 
 
-def slim(neck: str, fold: bool, pooler_kernel: str = "auto"):
+def slim(neck: str, fold: bool, kernel: str = "auto"):
+    """``kernel``: RoIAlign's and the RPN's NMS's."""
     cfg = OmegaConf.structured(DetectorConfig)
     cfg.backbone.depth, cfg.backbone.base_width, cfg.backbone.fold_frozen_bn = 50, 16, fold
-    cfg.roi_heads.pooler_kernel = RoIAlignKernel(pooler_kernel)
+    cfg.roi_heads.pooler_kernel, cfg.rpn.nms_kernel = RoIAlignKernel(kernel), NMSKernel(kernel)
     cfg.neck, cfg.fpn_channels = Neck(neck), 32
     cfg.rpn.anchor_sizes = [16.0, 32.0, 64.0, 128.0, 256.0] if neck == "fpn" else [16.0, 32.0, 64.0]
     cfg.rpn.batch_size_per_image, cfg.roi_heads.batch_size_per_image = 10**6, 10**6  # exhaustive sampling
@@ -84,7 +86,7 @@ def main():
         cpu_losses, cpu_grads, cpu_dets = run(reference, "cpu")
         paths = [("plain", False, "auto"), ("fast", True, "auto")]
         if device == "cuda":
-            paths.append(("fast + Triton RoIAlign", True, "triton"))
+            paths.append(("fast + Triton RoIAlign and NMS", True, "triton"))
         for name, fast, kernel in paths:
             model = build_detector(slim(neck, fast, kernel), num_classes=3)
             model.load_state_dict(reference.state_dict())

@@ -10,7 +10,8 @@ defaults: frozen BN folded into the convolutions, and channels-last), all in tor
 the 3x3) so that both sides do the same arithmetic; ``paper`` is the fast path in the paper's layout, the
 configs' default (stride in the 1x1: res5 reads a quarter of the 14x14 RoI bins, and only those are pooled;
 C4 only); ``triton`` the fast path with RoIAlign as Triton kernels on channels-last features in their own
-dtype (``model.roi_heads.pooler_kernel=triton``, CUDA), ``paper-triton`` both; with ``--variants compile``, the
+dtype (``model.roi_heads.pooler_kernel=triton``, CUDA) and the RPN's NMS as Triton kernels without a host
+synchronisation (``model.rpn.nms_kernel=triton``), ``paper-triton`` both; with ``--variants compile``, the
 fast path with its trunk, neck, RPN convolutions and box head compiled (inductor), or with ``compile-ro``
 compiled in ``mode="reduce-overhead"`` (CUDA graphs of those parts). Training img/s, inference ms/img, peak
 GPU memory, and what one training step and one inference cost the host: on CUDA the synchronisations
@@ -39,7 +40,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor  # noqa: 
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign  # noqa: E402
 
 from detection.config import DetConfig  # noqa: E402
-from detection.modeling.config import Neck, RoIAlignKernel  # noqa: E402
+from detection.modeling.config import Neck, NMSKernel, RoIAlignKernel  # noqa: E402
 from detection.modeling.build import build_detector  # noqa: E402
 
 NUM_CLASSES = 80
@@ -59,18 +60,21 @@ def make_inputs(batch, height, width, device, seed=0):
     return images.to(device), targets
 
 
-def ours(depth, neck, fast=True, compile=None, paper_layout=False, pooler_kernel="auto", base_width=64):
+def ours(depth, neck, fast=True, compile=None, paper_layout=False, pooler_kernel="auto", base_width=64,
+         nms_kernel="auto"):
     """resdet's detector: ``fast`` the defaults (frozen BN folded) in channels-last, else the plain layers in
     NCHW; ``compile``: its dense parts compiled in this mode of ``torch.compile``; ``paper_layout``: the
     stride in the first 1x1 of a block (the configs' default), else in the 3x3 as torchvision's;
     ``pooler_kernel``: RoIAlign's (``model.roi_heads.pooler_kernel``); ``base_width``: the trunk's
-    channels (64 is ResNet's; narrower only where the work does not matter, as in ``host_ops.py``)."""
+    channels (64 is ResNet's; narrower only where the work does not matter, as in ``host_ops.py``);
+    ``nms_kernel``: the RPN's NMS (``model.rpn.nms_kernel``)."""
     cfg = OmegaConf.structured(DetConfig)
     cfg.model.backbone.depth = depth
     cfg.model.backbone.base_width = base_width
     cfg.model.backbone.fold_frozen_bn = fast
     cfg.model.backbone.stride_in_1x1 = paper_layout
     cfg.model.roi_heads.pooler_kernel = RoIAlignKernel(pooler_kernel)
+    cfg.model.rpn.nms_kernel = NMSKernel(nms_kernel)
     cfg.model.neck = Neck(neck)
     if neck == "fpn":
         cfg.model.roi_heads.pooler_resolution = 7
@@ -272,7 +276,7 @@ def main():
     parser.add_argument("--models", default="r50c4,r101c4,r50fpn")
     parser.add_argument("--variants", default="plain,fast,paper,torchvision",
                         help="of plain, fast, paper (fast in the paper's layout, C4 only), triton (fast with "
-                             "Triton's RoIAlign, CUDA), paper-triton (both), compile (fast + compiled parts, "
+                             "Triton's RoIAlign and NMS, CUDA), paper-triton (both), compile (fast + compiled parts, "
                              "inductor), compile-ro (the same in mode reduce-overhead: CUDA graphs), torchvision")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -288,10 +292,11 @@ def main():
             "fast": (f"resdet {label}, fast (default)", functools.partial(ours, depth, neck, True), run_ours),
             "paper": (f"resdet {label}, fast, paper's layout",
                       functools.partial(ours, depth, neck, paper_layout=True), run_ours),
-            "triton": (f"resdet {label}, fast, Triton RoIAlign",
-                       functools.partial(ours, depth, neck, pooler_kernel="triton"), run_ours),
-            "paper-triton": (f"resdet {label}, fast, paper's layout, Triton RoIAlign",
-                             functools.partial(ours, depth, neck, paper_layout=True, pooler_kernel="triton"), run_ours),
+            "triton": (f"resdet {label}, fast, Triton RoIAlign + NMS",
+                       functools.partial(ours, depth, neck, pooler_kernel="triton", nms_kernel="triton"), run_ours),
+            "paper-triton": (f"resdet {label}, fast, paper's layout, Triton RoIAlign + NMS",
+                             functools.partial(ours, depth, neck, paper_layout=True, pooler_kernel="triton",
+                                               nms_kernel="triton"), run_ours),
             "compile": (f"resdet {label}, fast + compile", functools.partial(ours, depth, neck, True, "default"),
                         run_ours),
             "compile-ro": (f"resdet {label}, fast + compile reduce-overhead",

@@ -1,7 +1,10 @@
 """Small shared pieces of the detection tests: random boxes, a slim detector config (as a schema and as tool
 overrides), a two-image batch, a tiny C4 RoI head, the data overrides of a synthetic COCO set, and the pairing of
-exported detections with PyTorch's."""
+exported detections with PyTorch's, and a Triton kernel compiled for an H100."""
 import json
+import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -117,3 +120,27 @@ def tiny_res5_head(num_classes=3, **kwargs):
     resnet = build_resnet(18, num_classes=0, base_width=8)
     predictor = FastRCNNOutputLayers(resnet.stage_channels["res5"], num_classes)
     return Res5ROIHeads(resnet.res5, ROIPooler(14, [1 / 16]), predictor, "res4", **kwargs)
+
+
+def compile_for_h100(kernel, types: dict, constants: dict, num_warps: int, multiples_of_16=()) -> tuple[str, str]:
+    """A Triton kernel compiled for an H100 (sm_90 cubin; Triton's own ptxas, no GPU needed): ``types`` of its
+    arguments (Triton's names: ``*fp32``, ``fp32``; others ``i32``), ``constants`` for its constexprs and the
+    arguments a launch specialises, ``multiples_of_16`` the arguments a launch would find divisible by 16
+    (pointers, sizes, strides). Returns its SASS and its resource usage (Triton's nvdisasm and cuobjdump)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in multiples_of_16
+                              if n not in constants})
+    cubin = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["cubin"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass, usage = (subprocess.run(command, capture_output=True, text=True, check=True).stdout for command in (
+            [triton.knobs.nvidia.nvdisasm.path, path],
+            [triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", path]))
+    return sass, usage

@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -28,7 +27,7 @@ from detection.modeling.box_ops import batched_nms_first
 from detection.modeling.poolers import roi_align_separable, separable_roi_align_is_cheaper
 from detection.modeling.sampling import sampled_labels
 from conftest import ROOT
-from det_helpers import random_boxes
+from det_helpers import compile_for_h100, random_boxes
 
 
 # -- anchors, box coding, matching ---------------------------------------------------------------
@@ -440,28 +439,14 @@ def build_for_h100(kernel, dtype: str, constants: dict, num_warps: int) -> tuple
     on channels-last tensors specialises it: unit channel strides (Triton makes an int argument equal to 1 a
     constant), pointers, channel count and the other strides multiples of 16. Returns its SASS and its resource
     usage (Triton's nvdisasm and cuobjdump)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     names = kernel.arg_names  # mapped, rois, pooled, channels, height, width, mapped's 4 strides, pooled's 4, ...
     mapped, rois, pooled = names[:3]
     strides = [*names[6:10], *names[10:14]]
     constants = {**constants, names[7]: 1, names[11]: 1}  # the channel strides
     types = {mapped: "*fp32" if mapped == "grad_in" else f"*{dtype}", pooled: f"*{dtype}", rois: "*fp32",
              "spatial_scale": "fp32"}
-    signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
-    aligned = [n for n in (mapped, rois, pooled, "channels", *strides) if n not in constants]
-    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()},
-                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    cubin = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["cubin"]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        sass, usage = (subprocess.run(command, capture_output=True, text=True, check=True).stdout for command in (
-            [triton.knobs.nvidia.nvdisasm.path, path],
-            [triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", path]))
-        return sass, usage
+    return compile_for_h100(kernel, types, constants, num_warps, multiples_of_16=(mapped, rois, pooled, "channels",
+                                                                                  *strides))
 
 
 def test_triton_roi_align_compiles_for_an_h100():

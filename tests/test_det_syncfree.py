@@ -1,6 +1,10 @@
 """The RPN and the RoI heads without host synchronisation (issue 9): the batched proposal selection and
 post-processing against the per-image implementations they replace (kept here as references), and a
 count of the operations that make the host wait for the device in one training and one inference step."""
+import os
+import re
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -14,7 +18,8 @@ from detection.modeling.box_ops import (batched_nms, box_iou_batched, clip_boxes
 from detection.modeling.roi_heads import postprocess_batch, postprocess_detections
 from detection.modeling.sampling import sample_balanced
 from detection.modeling.rpn import select_proposals
-from det_helpers import slim_cfg, tiny_res5_head, two_image_batch
+from conftest import ROOT
+from det_helpers import compile_for_h100, slim_cfg, tiny_res5_head, two_image_batch
 
 
 # -- the per-image implementations before issue 9 (references) ----------------------------------------
@@ -419,3 +424,107 @@ def test_cpu_drops_the_padding_of_proposals_and_roi_samples_with_the_same_result
     assert dropped_rows < padded_rows, rows  # fewer than batch_size_per_image could be sampled
     for k in padded_losses:
         torch.testing.assert_close(dropped_losses[k], padded_losses[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+# In a fresh process: Triton decides at import whether its kernels run interpreted (TRITON_INTERPRET=1, on the
+# CPU), and they must here, where there is no GPU.
+TRITON_NMS_PROBE = """
+import sys
+from collections import Counter
+sys.path.insert(0, "tests")
+import torch
+import torchvision
+import detection.modeling.box_ops as box_ops
+from detection.modeling import build_detector, poolers, roi_heads, rpn
+from detection.modeling.nms_triton import nms_ranks_triton
+from detection.modeling.roi_align_triton import INTERPRETED
+from det_helpers import slim_cfg, two_image_batch
+from test_det_syncfree import count_head_syncs
+assert INTERPRETED
+
+
+def reference(boxes, scores, groups, thresh, max_keep):
+    out = torch.full(scores.shape, scores.shape[1], dtype=torch.int64)
+    for i in range(len(boxes)):
+        keep = torchvision.ops.batched_nms(boxes[i], scores[i], groups if groups.dim() == 1 else groups[i], thresh)
+        out[i, keep[:max_keep]] = torch.arange(len(keep[:max_keep]))
+    return out
+
+
+g = torch.Generator().manual_seed(0)
+# images, boxes, groups (per image or shared), IoU threshold, kept at most
+for images, count, groups, thresh, max_keep, shared in ((3, 300, 3, 0.5, 1000, True), (2, 257, 1, 0.7, 40, True),
+                                                        (2, 100, 4, 0.6, 100, False), (1, 5, 1, 0.3, 10, True),
+                                                        (2, 64, 2, 0.6, 0, True), (2, 0, 1, 0.7, 10, True)):
+    centres = torch.rand(images, count, 2, generator=g) * 200
+    sizes = torch.rand(images, count, 2, generator=g) * 60 + 5
+    boxes = torch.cat([centres - sizes / 2, centres + sizes / 2], 2)
+    scores = torch.rand(images, count, generator=g)
+    if count >= 64:  # as select_proposals leaves them: invalid boxes (0, 0, 0, 0) with -inf scores
+        boxes[:, 10:20], scores[:, 10:20] = 0.0, float("-inf")
+        boxes[:, 30:32] = boxes[:, 40:42] + 0.25  # near-duplicates
+    level = torch.randint(0, groups, (count,) if shared else (images, count), generator=g)
+    got = nms_ranks_triton(boxes, scores, level, thresh, max_keep)
+    expected = reference(boxes, scores, level, thresh, max_keep)
+    assert torch.equal(got, expected), (images, count, groups, thresh, max_keep)
+    assert count < 64 or 0 < int((got < count).sum()) < images * count or max_keep == 0
+
+# the detector's RPN on CUDA's path, the CPU's shortcuts off: the same proposals and losses, and no host wait
+for module in (rpn, roi_heads, poolers):
+    module.sizes_follow_data = lambda device: False
+poolers.separable_roi_align_is_cheaper = lambda *args: False
+box_ops.batched_nms_first = (lambda boxes, scores, groups, thresh, count:
+                             box_ops.batched_nms(boxes, scores, groups, thresh)[:count])
+for neck in ("none", "fpn"):
+    torch.manual_seed(0)
+    model = build_detector(slim_cfg(neck), num_classes=3)
+    batch = two_image_batch()
+    results = {}
+    for kernel in ("auto", "triton"):
+        model.rpn.nms_kernel = kernel
+        model.train()
+        model.set_sampling_generator(torch.Generator().manual_seed(0))
+        calls, _ = count_head_syncs(model, batch)
+        losses = model(batch)
+        model.eval()
+        with torch.no_grad():
+            features = model.features(model.preprocess(batch["images"], batch["image_sizes"]))
+            proposals, _ = model.rpn(model.rpn_inputs(features), batch["image_sizes"])
+        results[kernel] = calls, losses, proposals
+    assert results["auto"][0] == Counter({"torchvision::nms": 2}) and results["triton"][0] == Counter(), results
+    for name, value in results["auto"][1].items():
+        assert torch.equal(results["triton"][1][name], value), name
+    for a, b in zip(results["auto"][2], results["triton"][2]):
+        assert torch.equal(a, b) and (a.abs().sum(1) > 0).sum() > 10
+print("ok")
+"""
+
+
+def test_triton_nms_equals_torchvision_and_spares_the_rpn_its_host_waits():
+    """The RPN's NMS as Triton kernels (model.rpn.nms_kernel=triton), in Triton's interpreter on the CPU: each
+    box's rank among the kept ones equals torchvision's batched NMS per image (groups shared or per image,
+    stopped after ``max_keep``, invalid padding boxes, near-duplicates, no boxes); in the detector the same
+    proposals and losses as torchvision's NMS, and no host synchronisation in a training step's RPN and RoI
+    heads, forward and backward (torchvision's: one per image). Off CUDA without the interpreter, a clear
+    error."""
+    from detection.modeling.nms_triton import nms_ranks_triton
+    with pytest.raises(RuntimeError, match="nms_kernel=auto"):
+        nms_ranks_triton(torch.zeros(1, 2, 4), torch.zeros(1, 2), torch.zeros(2, dtype=torch.int64), 0.5, 1)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", TRITON_NMS_PROBE], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-3000:])
+
+
+def test_triton_nms_compiles_for_an_h100():
+    """The interpreter runs the kernels as Python; a GPU runs them compiled, whose front end accepts less. Both
+    kernels compile to an H100's machine code as ``nms_ranks_triton`` launches them (4 warps; the greedy pass
+    for up to 16384 boxes, C4's 12000 training candidates), and nothing spills to local memory."""
+    from detection.modeling import nms_triton as kernels
+    pointers = {"boxes": "*fp32", "groups": "*i32", "bits": "*i32", "ranks": "*i64", "iou_threshold": "fp32"}
+    for kernel, constants in ((kernels._suppression_bits, {"BLOCK_I": 32, "BLOCK_W": 4}),
+                              (kernels._greedy_ranks, {"WORDS": 512})):
+        sass, usage = compile_for_h100(kernel, pointers, constants, num_warps=4,
+                                       multiples_of_16=[n for n in pointers if n in kernel.arg_names[:4]])
+        assert all(re.search(rf"\b{memory}:0\b", usage) for memory in ("STACK", "LOCAL")), usage
+        assert "LDG" in sass and "STG" in sass

@@ -148,6 +148,7 @@ def build_detector(model_cfg, num_classes: int) -> GeneralizedRCNN:
         pre_nms_topk_test=r.pre_nms_topk_test,
         post_nms_topk_test=r.post_nms_topk_test,
         nms_thresh=r.nms_thresh,
+        nms_kernel=r.nms_kernel,
         min_size=r.min_size,
         loss=r.box_loss,
         smooth_l1_beta=r.smooth_l1_beta,

@@ -31,6 +31,12 @@ class RoIAlignKernel(Choice):
     triton = "triton"  # CUDA: channels-last, in the features' dtype (detection/modeling/roi_align_triton.py)
 
 
+class NMSKernel(Choice):
+    auto = "auto"  # torchvision's op (on the CPU stopped once post_nms_topk are kept)
+    torchvision = "torchvision"  # torchvision.ops.nms, one per image: the host waits for each one's output
+    triton = "triton"  # CUDA: all images in one launch, no host wait (detection/modeling/nms_triton.py)
+
+
 class PredictorInit(Choice):
     normal = "normal"  # class scores N(0, 0.01), box deltas N(0, 0.001), zero biases: Fast R-CNN's and Detectron2's
     linear_default = "linear_default"  # PyTorch's nn.Linear default (uniform, +-1/sqrt(fan_in)): torchvision's
@@ -67,6 +73,7 @@ class RPNConfig:
     pre_nms_topk_test: int = 6000
     post_nms_topk_test: int = 1000
     nms_thresh: float = 0.7
+    nms_kernel: NMSKernel = NMSKernel.auto  # the same proposals from each (equal scores aside); speed differs
     min_size: float = 0.0  # proposals with a side <= this (pixels) are dropped
     batch_size_per_image: int = 256  # anchors sampled per image for the losses
     positive_fraction: float = 0.5

@@ -28,8 +28,13 @@ from torchvision.ops import box_iou
 from .anchor_generator import AnchorGenerator
 from .box_coder import BoxCoder
 from .box_ops import batched_nms_per_image, clip_boxes, crowd_mask, nonempty, sizes_follow_data, smooth_l1
+from .config import NMSKernel
 from .matcher import Matcher
+from .nms_triton import nms_ranks_triton
 from .sampling import sample_balanced, sampled_labels
+
+
+NMS_KERNELS = tuple(k.value for k in NMSKernel)
 
 
 class RPNHead(nn.Module):
@@ -66,7 +71,7 @@ def flatten_deltas(x: torch.Tensor) -> torch.Tensor:
 
 def select_proposals(boxes: torch.Tensor, scores: torch.Tensor, level_ids: torch.Tensor,
                      image_sizes: Sequence[tuple[int, int]], nms_thresh: float, post_nms_topk: int,
-                     min_size: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     min_size: float = 0.0, nms_kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidate boxes ``(N, C, 4)``, scores ``(N, C)`` and the level of each candidate ``(C,)`` -> each
     image's proposals: clip, leave out empty/non-finite boxes, NMS per (image, level), the
     ``post_nms_topk`` best.
@@ -80,7 +85,8 @@ def select_proposals(boxes: torch.Tensor, scores: torch.Tensor, level_ids: torch
     top-k over a fixed size, ranked by their position in its NMS's output. NMS runs once per image, not
     once for the batch: its cost grows with the square of its input, so 8 images of 12000 candidates in
     one call would cost 8 times the IoUs and the greedy pass of 8 calls; on a GPU the 8 calls overlap
-    (``batched_nms_per_image``).
+    (``batched_nms_per_image``). ``nms_kernel="triton"`` (CUDA): one launch for every image, which gives the
+    positions without the NMS's own synchronisation (``nms_triton``).
     """
     num_images, num_candidates = scores.shape
     boxes = torch.stack([clip_boxes(boxes[i], tuple(image_sizes[i])) for i in range(num_images)])
@@ -90,10 +96,14 @@ def select_proposals(boxes: torch.Tensor, scores: torch.Tensor, level_ids: torch
     scores = scores.masked_fill(~valid, float("-inf"))
     # each candidate's position in its image's NMS output (sorted by decreasing score); dropped, invalid: last
     last = num_candidates
-    position = torch.full((num_images, num_candidates), last, dtype=torch.int64, device=scores.device)
     top = min(post_nms_topk, num_candidates)
-    for i, keep in enumerate(batched_nms_per_image(boxes, scores, level_ids.to(scores.device), nms_thresh, top)):
-        position[i].scatter_(0, keep, torch.arange(keep.shape[0], device=scores.device))
+    if nms_kernel == "triton":
+        position = nms_ranks_triton(boxes, scores, level_ids.to(scores.device), nms_thresh, top)
+    else:
+        position = torch.full((num_images, num_candidates), last, dtype=torch.int64, device=scores.device)
+        for i, keep in enumerate(batched_nms_per_image(boxes, scores, level_ids.to(scores.device), nms_thresh,
+                                                       top)):
+            position[i].scatter_(0, keep, torch.arange(keep.shape[0], device=scores.device))
     position = position.masked_fill(~valid, last)
     position, idx = position.topk(top, dim=1, largest=False)
     kept = position < last
@@ -127,6 +137,7 @@ class RPN(nn.Module):
         pre_nms_topk_test: int = 6000,
         post_nms_topk_test: int = 1000,
         nms_thresh: float = 0.7,
+        nms_kernel: str = "auto",
         min_size: float = 0.0,
         loss: str = "smooth_l1",
         smooth_l1_beta: float = 1.0 / 9,
@@ -143,7 +154,10 @@ class RPN(nn.Module):
         self.positive_fraction = positive_fraction
         self.pre_nms_topk = {True: pre_nms_topk_train, False: pre_nms_topk_test}
         self.post_nms_topk = {True: post_nms_topk_train, False: post_nms_topk_test}
+        if nms_kernel not in NMS_KERNELS:
+            raise ValueError(f"RPN: nms_kernel must be one of {NMS_KERNELS}, got {nms_kernel!r}")
         self.nms_thresh = nms_thresh
+        self.nms_kernel = nms_kernel
         self.min_size = min_size
         self.smooth_l1_beta = 0.0 if loss == "l1" else smooth_l1_beta
         self.crowd_ioa_thresh = crowd_ioa_thresh
@@ -192,7 +206,7 @@ class RPN(nn.Module):
         scores = torch.cat(cand_scores, dim=1)
         levels = torch.cat(cand_levels)
         boxes, _, valid = select_proposals(boxes, scores, levels, image_sizes, self.nms_thresh,
-                                           self.post_nms_topk[self.training], self.min_size)
+                                           self.post_nms_topk[self.training], self.min_size, self.nms_kernel)
         if not self.training and sizes_follow_data(boxes.device):
             return [b[:n] for b, n in zip(boxes, valid.sum(dim=1).tolist())]
         return list(boxes.unbind(0))
