@@ -2,7 +2,7 @@
 """resdet's detector on CUDA against the same detector on the CPU, float32, same weights: the losses, the
 gradient of every parameter (RoIAlign's backward feeds the trunk's) and the detections of the plain path
 (frozen BN as layers, NCHW), the fast path (folded, channels-last) and, on CUDA, the fast path with the
-Triton RoIAlign and NMS (``pooler_kernel=triton``, ``nms_kernel=triton``), each against the plain path on the
+Triton RoIAlign and NMS (``roi_heads.pooler_kernel=triton``, ``nms_kernel=triton``), each against the plain path on the
 CPU. Sampling is exhaustive
 (every anchor and RoI taken), so no random draw differs between the devices; TF32 is off so the GPU
 computes in true float32. The tests check the same on the CPU alone.
@@ -27,7 +27,7 @@ def slim(neck: str, fold: bool, kernel: str = "auto"):
     """``kernel``: RoIAlign's and the RPN's NMS's."""
     cfg = OmegaConf.structured(DetectorConfig)
     cfg.backbone.depth, cfg.backbone.base_width, cfg.backbone.fold_frozen_bn = 50, 16, fold
-    cfg.roi_heads.pooler_kernel, cfg.rpn.nms_kernel = RoIAlignKernel(kernel), NMSKernel(kernel)
+    cfg.roi_heads.pooler_kernel, cfg.nms_kernel = RoIAlignKernel(kernel), NMSKernel(kernel)
     cfg.neck, cfg.fpn_channels = Neck(neck), 32
     cfg.rpn.anchor_sizes = [16.0, 32.0, 64.0, 128.0, 256.0] if neck == "fpn" else [16.0, 32.0, 64.0]
     cfg.rpn.batch_size_per_image, cfg.roi_heads.batch_size_per_image = 10**6, 10**6  # exhaustive sampling

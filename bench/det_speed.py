@@ -10,8 +10,8 @@ defaults: frozen BN folded into the convolutions, and channels-last), all in tor
 the 3x3) so that both sides do the same arithmetic; ``paper`` is the fast path in the paper's layout, the
 configs' default (stride in the 1x1: res5 reads a quarter of the 14x14 RoI bins, and only those are pooled;
 C4 only); ``triton`` the fast path with RoIAlign as Triton kernels on channels-last features in their own
-dtype (``model.roi_heads.pooler_kernel=triton``, CUDA) and the RPN's NMS as Triton kernels without a host
-synchronisation (``model.rpn.nms_kernel=triton``), ``paper-triton`` both; with ``--variants compile``, the
+dtype (``model.roi_heads.pooler_kernel=triton``, CUDA) and NMS as Triton kernels without a host
+synchronisation (``model.nms_kernel=triton``), ``paper-triton`` both; with ``--variants compile``, the
 fast path with its trunk, neck, RPN convolutions and box head compiled (inductor), or with ``compile-ro``
 compiled in ``mode="reduce-overhead"`` (CUDA graphs of those parts). Training img/s, inference ms/img, peak
 GPU memory, and what one training step and one inference cost the host: on CUDA the synchronisations
@@ -67,14 +67,14 @@ def ours(depth, neck, fast=True, compile=None, paper_layout=False, pooler_kernel
     stride in the first 1x1 of a block (the configs' default), else in the 3x3 as torchvision's;
     ``pooler_kernel``: RoIAlign's (``model.roi_heads.pooler_kernel``); ``base_width``: the trunk's
     channels (64 is ResNet's; narrower only where the work does not matter, as in ``host_ops.py``);
-    ``nms_kernel``: the RPN's NMS (``model.rpn.nms_kernel``)."""
+    ``nms_kernel``: the RPN's and post-processing's NMS (``model.nms_kernel``)."""
     cfg = OmegaConf.structured(DetConfig)
     cfg.model.backbone.depth = depth
     cfg.model.backbone.base_width = base_width
     cfg.model.backbone.fold_frozen_bn = fast
     cfg.model.backbone.stride_in_1x1 = paper_layout
     cfg.model.roi_heads.pooler_kernel = RoIAlignKernel(pooler_kernel)
-    cfg.model.rpn.nms_kernel = NMSKernel(nms_kernel)
+    cfg.model.nms_kernel = NMSKernel(nms_kernel)
     cfg.model.neck = Neck(neck)
     if neck == "fpn":
         cfg.model.roi_heads.pooler_resolution = 7

@@ -439,7 +439,9 @@ from detection.modeling import build_detector, poolers, roi_heads, rpn
 from detection.modeling.nms_triton import nms_ranks_triton
 from detection.modeling.roi_align_triton import INTERPRETED
 from det_helpers import slim_cfg, two_image_batch
-from test_det_syncfree import count_head_syncs
+from detection.modeling.box_ops import clip_boxes
+from detection.modeling.roi_heads import postprocess_batch, postprocess_batch_fixed
+from test_det_syncfree import count_head_syncs, overlapping_boxes, spoil
 assert INTERPRETED
 
 
@@ -469,6 +471,20 @@ for images, count, groups, thresh, max_keep, shared in ((3, 300, 3, 0.5, 1000, T
     assert torch.equal(got, expected), (images, count, groups, thresh, max_keep)
     assert count < 64 or 0 < int((got < count).sum()) < images * count or max_keep == 0
 
+# post-processing: every (image, class) pair through it at once, one host wait
+counts, classes = [40, 0, 65, 23], 5
+boxes = clip_boxes(overlapping_boxes((sum(counts), classes), 80.0, g), (80, 80))
+scores = torch.softmax(torch.randn(sum(counts), classes + 1, generator=g) * 2, dim=1)[:, 1:].contiguous()
+spoil(boxes, scores, g)
+valid = torch.rand(sum(counts), generator=g) > 0.2
+for thresh, per_image in ((0.05, 100), (0.2, 7), (0.0, 1000), (0.99, 100)):
+    got = postprocess_batch_fixed(boxes, scores, counts, thresh, 0.5, per_image, valid=valid)
+    expected = postprocess_batch(boxes, scores, counts, thresh, 0.5, per_image, valid=valid)
+    assert [len(d["boxes"]) for d in got] == [len(d["boxes"]) for d in expected], (thresh, per_image)
+    for a, b in zip(got, expected):
+        assert all(torch.equal(a[key], b[key]) for key in ("boxes", "scores", "labels")), (thresh, per_image)
+assert len(got[0]["boxes"]) == 0 and len(expected[2]["boxes"]) == 0  # nothing above 0.99
+
 # the detector's RPN on CUDA's path, the CPU's shortcuts off: the same proposals and losses, and no host wait
 for module in (rpn, roi_heads, poolers):
     module.sizes_follow_data = lambda device: False
@@ -481,7 +497,7 @@ for neck in ("none", "fpn"):
     batch = two_image_batch()
     results = {}
     for kernel in ("auto", "triton"):
-        model.rpn.nms_kernel = kernel
+        model.rpn.nms_kernel = model.roi_heads.box_predictor.nms_kernel = kernel
         model.train()
         model.set_sampling_generator(torch.Generator().manual_seed(0))
         calls, _ = count_head_syncs(model, batch)
@@ -490,23 +506,30 @@ for neck in ("none", "fpn"):
         with torch.no_grad():
             features = model.features(model.preprocess(batch["images"], batch["image_sizes"]))
             proposals, _ = model.rpn(model.rpn_inputs(features), batch["image_sizes"])
-        results[kernel] = calls, losses, proposals
-    assert results["auto"][0] == Counter({"torchvision::nms": 2}) and results["triton"][0] == Counter(), results
-    for name, value in results["auto"][1].items():
-        assert torch.equal(results["triton"][1][name], value), name
-    for a, b in zip(results["auto"][2], results["triton"][2]):
+            inference_calls, detections = count_head_syncs(model, batch)
+        results[kernel] = calls, losses, proposals, inference_calls, detections
+    auto, triton = results["auto"], results["triton"]
+    assert auto[0] == Counter({"torchvision::nms": 2}) and triton[0] == Counter(), results
+    assert triton[3] == Counter({"Tensor.tolist": 1}), triton[3]  # the detections' count per image, at the end
+    for name, value in auto[1].items():
+        assert torch.equal(triton[1][name], value), name
+    for a, b in zip(auto[2], triton[2]):
         assert torch.equal(a, b) and (a.abs().sum(1) > 0).sum() > 10
+    for a, b in zip(auto[4], triton[4]):
+        assert len(a["boxes"]) > 0 and all(torch.equal(a[key], b[key]) for key in ("boxes", "scores", "labels"))
 print("ok")
 """
 
 
-def test_triton_nms_equals_torchvision_and_spares_the_rpn_its_host_waits():
-    """The RPN's NMS as Triton kernels (model.rpn.nms_kernel=triton), in Triton's interpreter on the CPU: each
-    box's rank among the kept ones equals torchvision's batched NMS per image (groups shared or per image,
-    stopped after ``max_keep``, invalid padding boxes, near-duplicates, no boxes); in the detector the same
-    proposals and losses as torchvision's NMS, and no host synchronisation in a training step's RPN and RoI
-    heads, forward and backward (torchvision's: one per image). Off CUDA without the interpreter, a clear
-    error."""
+def test_triton_nms_equals_torchvision_and_spares_the_heads_their_host_waits():
+    """NMS as Triton kernels (model.nms_kernel=triton), in Triton's interpreter on the CPU: each box's rank among
+    the kept ones equals torchvision's batched NMS per image (groups shared or per image, stopped after
+    ``max_keep``, invalid padding boxes, near-duplicates, no boxes); post-processing through it gives
+    ``postprocess_batch``'s detections (images without RoIs or without detections, invalid and non-finite
+    rows). In the detector: the same proposals, losses and detections as with torchvision's NMS; no host
+    synchronisation in a training step's RPN and RoI heads, forward and backward (torchvision's: one per
+    image), and in inference only the read of each image's number of detections at the end (torchvision's:
+    five at 2 images). Off CUDA without the interpreter, a clear error."""
     from detection.modeling.nms_triton import nms_ranks_triton
     with pytest.raises(RuntimeError, match="nms_kernel=auto"):
         nms_ranks_triton(torch.zeros(1, 2, 4), torch.zeros(1, 2), torch.zeros(2, dtype=torch.int64), 0.5, 1)

@@ -148,7 +148,7 @@ def build_detector(model_cfg, num_classes: int) -> GeneralizedRCNN:
         pre_nms_topk_test=r.pre_nms_topk_test,
         post_nms_topk_test=r.post_nms_topk_test,
         nms_thresh=r.nms_thresh,
-        nms_kernel=r.nms_kernel,
+        nms_kernel=str(model_cfg.nms_kernel),
         min_size=r.min_size,
         loss=r.box_loss,
         smooth_l1_beta=r.smooth_l1_beta,
@@ -164,7 +164,7 @@ def build_detector(model_cfg, num_classes: int) -> GeneralizedRCNN:
         return FastRCNNOutputLayers(in_features, num_classes, BoxCoder(_floats(h.bbox_reg_weights)),
                                     smooth_l1_beta=h.smooth_l1_beta, score_thresh=h.score_thresh,
                                     nms_thresh=h.nms_thresh, detections_per_img=h.detections_per_img,
-                                    init=str(h.predictor_init))
+                                    init=str(h.predictor_init), nms_kernel=str(model_cfg.nms_kernel))
 
     if neck is not None:
         levels = neck.out_features[:4]  # P2..P5; P6 is for the RPN only

@@ -32,9 +32,9 @@ class RoIAlignKernel(Choice):
 
 
 class NMSKernel(Choice):
-    auto = "auto"  # torchvision's op (on the CPU stopped once post_nms_topk are kept)
-    torchvision = "torchvision"  # torchvision.ops.nms, one per image: the host waits for each one's output
-    triton = "triton"  # CUDA: all images in one launch, no host wait (detection/modeling/nms_triton.py)
+    auto = "auto"  # torchvision's op (in the RPN on the CPU, stopped once post_nms_topk are kept)
+    torchvision = "torchvision"  # torchvision.ops.nms: the host waits for each one's output
+    triton = "triton"  # CUDA: every image in one launch, no host wait (detection/modeling/nms_triton.py)
 
 
 class PredictorInit(Choice):
@@ -73,7 +73,6 @@ class RPNConfig:
     pre_nms_topk_test: int = 6000
     post_nms_topk_test: int = 1000
     nms_thresh: float = 0.7
-    nms_kernel: NMSKernel = NMSKernel.auto  # the same proposals from each (equal scores aside); speed differs
     min_size: float = 0.0  # proposals with a side <= this (pixels) are dropped
     batch_size_per_image: int = 256  # anchors sampled per image for the losses
     positive_fraction: float = 0.5
@@ -113,6 +112,8 @@ class DetectorConfig:
     fpn_channels: int = 256
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_heads: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
+    # The RPN's and post-processing's NMS: the same boxes from each (equal scores aside); speed differs.
+    nms_kernel: NMSKernel = NMSKernel.auto
     # RGB, 0-255 scale. Empty = the backbone checkpoint's normalisation (x 255) when weights are
     # given, else ImageNet's. The values end up as buffers in the detector's state_dict.
     pixel_mean: list[float] = field(default_factory=list)

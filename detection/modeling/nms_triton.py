@@ -95,9 +95,9 @@ def nms_ranks_triton(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Te
     box's place among its image's kept boxes in decreasing score (``batched_nms_first``'s order), ``N`` where
     it is not kept. Equal scores keep their input order (a stable sort; torchvision leaves that order open)."""
     if triton is None or (boxes.device.type != "cuda" and not INTERPRETED):
-        raise RuntimeError(f"model.rpn.nms_kernel=triton runs on CUDA with Triton installed (here: "
+        raise RuntimeError(f"model.nms_kernel=triton runs on CUDA with Triton installed (here: "
                            f"{boxes.device.type}, Triton {'present' if triton else 'missing'}); "
-                           "fix: model.rpn.nms_kernel=auto")
+                           "fix: model.nms_kernel=auto")
     num_images, count = scores.shape
     ranks = torch.full((num_images, count), count, dtype=torch.int64, device=scores.device)
     if count == 0 or num_images == 0 or max_keep <= 0:

@@ -33,6 +33,7 @@ from .box_coder import BoxCoder
 from .box_ops import (batched_nms, box_iou_batched, clip_boxes, crowd_mask, nonempty, pad_stack, sizes_follow_data,
                       smooth_l1)
 from .matcher import Matcher
+from .nms_triton import nms_ranks_triton
 from .poolers import ROIPooler
 from .sampling import sample_balanced
 
@@ -40,7 +41,7 @@ from .sampling import sample_balanced
 class FastRCNNOutputLayers(nn.Module):
     def __init__(self, in_features: int, num_classes: int, box_coder: BoxCoder | None = None,
                  smooth_l1_beta: float = 0.0, score_thresh: float = 0.05, nms_thresh: float = 0.5,
-                 detections_per_img: int = 100, init: str = "normal"):
+                 detections_per_img: int = 100, init: str = "normal", nms_kernel: str = "auto"):
         super().__init__()
         self.num_classes = num_classes
         self.cls_score = nn.Linear(in_features, num_classes + 1)  # index 0: background
@@ -56,6 +57,7 @@ class FastRCNNOutputLayers(nn.Module):
         self.smooth_l1_beta = smooth_l1_beta
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
+        self.nms_kernel = nms_kernel
         self.detections_per_img = detections_per_img
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +89,9 @@ class FastRCNNOutputLayers(nn.Module):
         all_proposals = torch.cat(list(proposals))
         boxes = self.box_coder.decode(box_deltas.float(), all_proposals).view(-1, self.num_classes, 4)
         boxes = torch.cat([clip_boxes(b, tuple(size)) for b, size in zip(boxes.split(counts), image_sizes)])
+        if self.nms_kernel == "triton" and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            return postprocess_batch_fixed(boxes, scores[:, 1:], counts, self.score_thresh, self.nms_thresh,
+                                           self.detections_per_img, valid=nonempty(all_proposals))
         return postprocess_batch(boxes, scores[:, 1:], counts, self.score_thresh, self.nms_thresh,
                                  self.detections_per_img, valid=nonempty(all_proposals))
 
@@ -131,6 +136,37 @@ def postprocess_batch(boxes: torch.Tensor, scores: torch.Tensor, counts: Sequenc
             per_image.append(keep[start:start + min(n, detections_per_img)])
             start += n
     return [{"boxes": boxes[k], "scores": scores[k], "labels": cls_idx[k] + 1} for k in per_image]
+
+
+def postprocess_batch_fixed(boxes: torch.Tensor, scores: torch.Tensor, counts: Sequence[int], score_thresh: float,
+                            nms_thresh: float, detections_per_img: int, valid: torch.Tensor | None = None
+                            ) -> list[dict[str, torch.Tensor]]:
+    """:func:`postprocess_batch` with one host wait, the last (each image's number of detections), where that
+    waits three times: every (image, class) pair's RoIs go through the Triton NMS (``nms_triton``, CUDA) at
+    once, the pairs as its images, the boxes at or below the threshold scored -inf (the greedy pass keeps them
+    last; they are then left out), and each image's ``detections_per_img`` best come from a top-k over its
+    kept boxes. The same detections; equal scores may come in another order."""
+    num_classes = scores.shape[1]
+    rows = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=1)
+    if valid is not None:
+        rows = rows & valid
+    candidate = rows[:, None] & (scores > score_thresh)
+    scores = scores.masked_fill(~candidate, float("-inf"))
+    boxes = torch.where(candidate[..., None], boxes, 0.0)  # finite
+    boxes, _ = pad_stack(boxes.split(list(counts)))  # (B, R, K, 4); padding rows (0, 0, 0, 0)
+    scores, real = pad_stack(scores.split(list(counts)))
+    scores = scores.masked_fill(~real[..., None], float("-inf"))
+    num_images, num_rois = scores.shape[:2]
+    per_pair_boxes = boxes.permute(0, 2, 1, 3).reshape(num_images * num_classes, num_rois, 4)
+    per_pair_scores = scores.permute(0, 2, 1).reshape(num_images * num_classes, num_rois)
+    ranks = nms_ranks_triton(per_pair_boxes, per_pair_scores, torch.zeros_like(per_pair_scores, dtype=torch.int64),
+                             nms_thresh, detections_per_img)
+    kept_scores = per_pair_scores.masked_fill(ranks == num_rois, float("-inf")).view(num_images, -1)
+    top_scores, idx = kept_scores.topk(min(detections_per_img, kept_scores.shape[1]), dim=1)  # (class, RoI) order
+    top_boxes = per_pair_boxes.view(num_images, -1, 4).gather(1, idx[..., None].expand(-1, -1, 4))
+    found = (top_scores > float("-inf")).sum(dim=1).tolist()  # the host's one wait
+    return [{"boxes": b[:n], "scores": s[:n], "labels": torch.div(i[:n], num_rois, rounding_mode="floor") + 1}
+            for b, s, i, n in zip(top_boxes, top_scores, idx, found)]
 
 
 def postprocess_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: float, nms_thresh: float,

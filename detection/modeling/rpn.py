@@ -97,7 +97,8 @@ def select_proposals(boxes: torch.Tensor, scores: torch.Tensor, level_ids: torch
     # each candidate's position in its image's NMS output (sorted by decreasing score); dropped, invalid: last
     last = num_candidates
     top = min(post_nms_topk, num_candidates)
-    if nms_kernel == "triton":
+    if nms_kernel == "triton" and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        # (a compiled or exported graph keeps torchvision's op, which it knows)
         position = nms_ranks_triton(boxes, scores, level_ids.to(scores.device), nms_thresh, top)
     else:
         position = torch.full((num_images, num_candidates), last, dtype=torch.int64, device=scores.device)
