@@ -2,8 +2,8 @@
 """resdet's detector on CUDA against the same detector on the CPU, float32, same weights: the losses, the
 gradient of every parameter (RoIAlign's backward feeds the trunk's) and the detections of the plain path
 (frozen BN as layers, NCHW), the fast path (folded, channels-last) and, on CUDA, the fast path with the
-Triton RoIAlign and NMS (``roi_heads.pooler_kernel=triton``, ``nms_kernel=triton``), each against the plain path on the
-CPU. Sampling is exhaustive
+Triton RoIAlign and NMS (``roi_heads.pooler_kernel=triton``, ``nms_kernel=triton``), also with the inference
+replayed from a CUDA graph (``eval.cuda_graphs``), each against the plain path on the CPU. Sampling is exhaustive
 (every anchor and RoI taken), so no random draw differs between the devices; TF32 is off so the GPU
 computes in true float32. The tests check the same on the CPU alone.
 
@@ -21,6 +21,7 @@ from torchvision.ops import FrozenBatchNorm2d  # noqa: E402
 from detection.modeling import DetectorConfig  # noqa: E402
 from detection.modeling.build import build_detector  # noqa: E402
 from detection.modeling.config import Neck, NMSKernel, RoIAlignKernel  # noqa: E402
+from detection.modeling.graphed import GraphedDetector  # noqa: E402
 
 
 def slim(neck: str, fold: bool, kernel: str = "auto"):
@@ -59,15 +60,20 @@ def unmatched(dets, reference) -> float:
     return dist.amin(dim=1).max().item()
 
 
-def run(model, device):
+def run(model, device, graphed: bool = False):
+    """Losses and gradients of one training step, and the detections; ``graphed``: inference replayed from a
+    CUDA graph (``GraphedDetector``), twice, so that the second answer is a replay's."""
     model.to(device).train()
     out = model(batch(device))
     sum(out.values()).backward()
     losses = {k: float(v.detach()) for k, v in out.items()}
     grads = torch.cat([p.grad.flatten().cpu() for p in model.parameters() if p.grad is not None])
     model.eval()
+    infer = GraphedDetector(model) if graphed else model
     with torch.no_grad():
-        detections = [{k: v.cpu() for k, v in d.items()} for d in model(batch(device))]
+        if graphed:
+            infer(batch(device))
+        detections = [{k: v.cpu() for k, v in d.items()} for d in infer(batch(device))]
     return losses, grads, detections
 
 
@@ -84,15 +90,16 @@ def main():
                     m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
                     m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2.0)
         cpu_losses, cpu_grads, cpu_dets = run(reference, "cpu")
-        paths = [("plain", False, "auto"), ("fast", True, "auto")]
+        paths = [("plain", False, "auto", False), ("fast", True, "auto", False)]
         if device == "cuda":
-            paths.append(("fast + Triton RoIAlign and NMS", True, "triton"))
-        for name, fast, kernel in paths:
+            paths += [("fast + Triton RoIAlign and NMS", True, "triton", False),
+                      ("fast + Triton, inference as a CUDA graph", True, "triton", True)]
+        for name, fast, kernel, graphed in paths:
             model = build_detector(slim(neck, fast, kernel), num_classes=3)
             model.load_state_dict(reference.state_dict())
             if fast:
                 model.to(memory_format=torch.channels_last)
-            losses, grads, dets = run(model, device)
+            losses, grads, dets = run(model, device, graphed)
             rel = max(abs(losses[k] - cpu_losses[k]) / max(abs(cpu_losses[k]), 1e-6) for k in losses)
             grad_rel = float((grads - cpu_grads).norm() / cpu_grads.norm())
             same_counts = [len(a["boxes"]) for a in dets] == [len(b["boxes"]) for b in cpu_dets]

@@ -11,12 +11,13 @@ the 3x3) so that both sides do the same arithmetic; ``paper`` is the fast path i
 configs' default (stride in the 1x1: res5 reads a quarter of the 14x14 RoI bins, and only those are pooled;
 C4 only); ``triton`` the fast path with RoIAlign as Triton kernels on channels-last features in their own
 dtype (``model.roi_heads.pooler_kernel=triton``, CUDA) and NMS as Triton kernels without a host
-synchronisation (``model.nms_kernel=triton``), ``paper-triton`` both; with ``--variants compile``, the
-fast path with its trunk, neck, RPN convolutions and box head compiled (inductor), or with ``compile-ro``
-compiled in ``mode="reduce-overhead"`` (CUDA graphs of those parts). Training img/s, inference ms/img, peak
-GPU memory, and what one training step and one inference cost the host: on CUDA the synchronisations
-(blocking CUDA runtime calls) and kernel launches the profiler counts, on the CPU the operators dispatched
-(views left out; on a GPU about one launch each).
+synchronisation (``model.nms_kernel=triton``), ``paper-triton`` both; ``graph`` that, with its inference
+replayed as one CUDA graph (``eval.cuda_graphs``: ``GraphedDetector``; training as ``triton``); with
+``--variants compile``, the fast path with its trunk, neck, RPN convolutions and box head compiled (inductor),
+or with ``compile-ro`` compiled in ``mode="reduce-overhead"`` (CUDA graphs of those parts). Training img/s,
+inference ms/img, peak GPU memory, and what one training step and one inference cost the host: on CUDA the
+synchronisations (blocking CUDA runtime calls) and kernel launches the profiler counts, on the CPU the
+operators dispatched (views left out; on a GPU about one launch each).
 
     python bench/det_speed.py                                     # CPU: small images, few steps
     python bench/det_speed.py --device cuda --batch 8 --height 800 --width 1216 --amp bf16 --iters 20 --variants plain,fast,compile,torchvision
@@ -26,6 +27,7 @@ import functools
 import os
 import sys
 import time
+import weakref
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,6 +44,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign  # noqa: E402
 from detection.config import DetConfig  # noqa: E402
 from detection.modeling.config import Neck, NMSKernel, RoIAlignKernel  # noqa: E402
 from detection.modeling.build import build_detector  # noqa: E402
+from detection.modeling.graphed import GraphedDetector  # noqa: E402
 
 NUM_CLASSES = 80
 
@@ -131,6 +134,17 @@ def run_ours(model, images, targets, train):
     batch = {"images": images, "image_sizes": [tuple(images.shape[-2:])] * len(images), "targets": targets}
     out = model(batch)
     return sum(out.values()) if train else out
+
+
+GRAPHED: "weakref.WeakKeyDictionary[torch.nn.Module, GraphedDetector]" = weakref.WeakKeyDictionary()
+
+
+def run_graphed(model, images, targets, train):
+    """``run_ours``, inference through a ``GraphedDetector`` of the model (one per model: its graphs)."""
+    if train:
+        return run_ours(model, images, targets, train)
+    graphed = GRAPHED.setdefault(model, GraphedDetector(model))
+    return graphed({"images": images, "image_sizes": [tuple(images.shape[-2:])] * len(images)})
 
 
 def run_tv(model, images, targets, train):
@@ -276,7 +290,8 @@ def main():
     parser.add_argument("--models", default="r50c4,r101c4,r50fpn")
     parser.add_argument("--variants", default="plain,fast,paper,torchvision",
                         help="of plain, fast, paper (fast in the paper's layout, C4 only), triton (fast with "
-                             "Triton's RoIAlign and NMS, CUDA), paper-triton (both), compile (fast + compiled parts, "
+                             "Triton's RoIAlign and NMS, CUDA), paper-triton (both), graph (triton, inference as a "
+                             "CUDA graph), compile (fast + compiled parts, "
                              "inductor), compile-ro (the same in mode reduce-overhead: CUDA graphs), torchvision")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -297,6 +312,8 @@ def main():
             "paper-triton": (f"resdet {label}, fast, paper's layout, Triton RoIAlign + NMS",
                              functools.partial(ours, depth, neck, paper_layout=True, pooler_kernel="triton",
                                                nms_kernel="triton"), run_ours),
+            "graph": (f"resdet {label}, fast, Triton RoIAlign + NMS, inference as a CUDA graph",
+                      functools.partial(ours, depth, neck, pooler_kernel="triton", nms_kernel="triton"), run_graphed),
             "compile": (f"resdet {label}, fast + compile", functools.partial(ours, depth, neck, True, "default"),
                         run_ours),
             "compile-ro": (f"resdet {label}, fast + compile reduce-overhead",

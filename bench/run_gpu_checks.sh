@@ -4,10 +4,10 @@
 # machine runs one command for at most 600 s, and its start-up comes out of the same 15 minutes); the last step
 # gets what the others left:
 #   0. bench/cuda_check.py: the detector on CUDA gives the CPU's losses, gradients and detections (float32: plain,
-#      fast, fast with the Triton RoIAlign)
+#      fast, fast with the Triton RoIAlign and NMS, and that with its inference replayed from a CUDA graph)
 #   1. bench/det_speed.py: R101-C4 and R50-FPN, resdet's plain and fast paths against torchvision (same inputs),
-#      the fast path with the Triton RoIAlign, and R101-C4 in the paper's layout (stride in the 1x1) with each
-#      RoIAlign
+#      the fast path with the Triton RoIAlign and NMS, that with its inference as one CUDA graph (eval.cuda_graphs:
+#      the bs-1 inference targets), and R101-C4 in the paper's layout (stride in the 1x1) with each RoIAlign
 #   2. bench/trainer_speed.py det: tools/train_det.py on coco128 against the same detector alone and its loader alone
 #   3. bench/trainer_speed.py pretrain: tools/pretrain_backbone.py (ResNet-50) on 500x375 JPEGs against the model
 #      alone, with the workers decoding and with data.decode=device (nvJPEG)
@@ -33,8 +33,8 @@ $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvisio
 nproc | tee -a "$OUT/gpu.txt"
 
 timeout ${CHECK_TIMEOUT:-60} $PY bench/cuda_check.py 2>&1 | tee "$OUT/cuda_check.txt"
-timeout ${DET_TIMEOUT:-190} $PY bench/det_speed.py $DET --variants plain,fast,triton,paper,paper-triton,torchvision 2>&1 \
-    | tee "$OUT/det_speed.txt"
+timeout ${DET_TIMEOUT:-215} $PY bench/det_speed.py $DET --variants plain,fast,triton,graph,paper,paper-triton,torchvision \
+    2>&1 | tee "$OUT/det_speed.txt"
 # fine-tuning's set-up (frozen BN from res2 up) on real COCO images, the C4 config's own sizes and bf16
 timeout ${TRAINER_TIMEOUT:-80} $PY bench/trainer_speed.py det --device cuda --iters 80 --workers "$WORKERS" \
     --coco128 "$COCO128" model.backbone.norm=frozen_bn model.backbone.freeze_at=2 2>&1 | tee "$OUT/trainer_det.txt"

@@ -18,6 +18,7 @@ from .config import DetConfig
 from .data.batching import collate_detection
 from .data.transforms import build_transform
 from .modeling.build import build_detector
+from .modeling.config import NMSKernel
 from .modeling.test_time import for_testing, options_from_config
 
 
@@ -28,6 +29,20 @@ def resolve_checkpoint(run_dir: str, which: str) -> str:
     return path
 
 
+def check_cuda_graphs(cfg: DictConfig, compile: bool) -> None:
+    """``eval.cuda_graphs``' requirements, all at once, before any weight is loaded."""
+    problems = []
+    if cfg.model.nms_kernel != NMSKernel.triton:
+        problems.append("it needs the NMS without host synchronisation: model.nms_kernel=triton")
+    if compile and cfg.eval.compile_mode == CompileMode.reduce_overhead:
+        problems.append("eval.compile_mode=reduce_overhead records graphs of its own: use eval.compile_mode=default")
+    if options_from_config(cfg.eval).enabled:
+        problems.append("the test-time options (eval.box_refinement, eval.test_scales, eval.flip) run eagerly: "
+                        "turn them off")
+    if problems:
+        raise ConfigError("eval.cuda_graphs=true: " + "; ".join(problems))
+
+
 def load_trained_detector(run_dir: str, cfg: DictConfig, which: str, device, compile: bool = False):
     """Rebuild the run's detector and load its weights (the backbone file is not needed any more), in the
     memory format it was trained and evaluated in (``solver.channels_last``: faster on CUDA, and under bf16
@@ -36,6 +51,8 @@ def load_trained_detector(run_dir: str, cfg: DictConfig, which: str, device, com
 
     Returns ``(model, checkpoint path, class names)``; the class names travel in the checkpoint.
     """
+    if cfg.eval.cuda_graphs:
+        check_cuda_graphs(cfg, compile)
     if compile and cfg.eval.compile_mode == CompileMode.reduce_overhead and options_from_config(cfg.eval).enabled:
         raise ConfigError("eval.compile_mode=reduce_overhead keeps one set of features per image size (CUDA "
                           "graphs reuse their outputs), and the test-time options (eval.box_refinement, "
@@ -79,7 +96,8 @@ class Predictor:
         last | best | PATH), with config ``overrides`` (``key=value``, e.g. ``eval.flip=true``)."""
         cfg = load_config(DetConfig, os.path.join(run_dir, "config.yaml"), list(overrides))
         model, _, class_names = load_trained_detector(run_dir, cfg, checkpoint, device, cfg.eval.compile)
-        model = for_testing([model], options_from_config(cfg.eval), cfg.data.min_size_test, cfg.data.size_divisibility)
+        model = for_testing([model], options_from_config(cfg.eval), cfg.data.min_size_test, cfg.data.size_divisibility,
+                            cuda_graphs=cfg.eval.cuda_graphs)
         return cls(model, cfg, class_names, device, score_thresh)
 
     @torch.no_grad()

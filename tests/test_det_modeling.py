@@ -188,6 +188,34 @@ def test_cuda_graph_compile_mode_refuses_the_test_time_options_before_loading(op
         load_trained_detector(str(tmp_path), tested, "last", "cpu", compile=False)
 
 
+def test_cuda_graphs_name_every_unmet_requirement_before_loading(tmp_path):
+    """eval.cuda_graphs records the whole inference: it needs the NMS without host waits, and cannot serve the
+    test-time options or compile_mode=reduce_overhead's own graphs. Every problem in one error before any weight
+    is read; met, the load goes on (here to the missing checkpoint). The graph wrapper refuses a model without
+    that NMS too, and for_testing an ensemble or a test-time option."""
+    from backbones.engine.errors import ConfigError
+    from detection.config import DetConfig
+    from detection.modeling.graphed import GraphedDetector
+    from detection.modeling.test_time import for_testing
+    from detection.predictor import load_trained_detector
+
+    cfg = OmegaConf.structured(DetConfig)
+    OmegaConf.update(cfg, "eval.cuda_graphs", True)
+    wrong = OmegaConf.merge(cfg, OmegaConf.from_dotlist(["eval.compile_mode=reduce_overhead", "eval.flip=true"]))
+    with pytest.raises(ConfigError, match=r"model.nms_kernel=triton.*eval.compile_mode=default.*eval.flip"):
+        load_trained_detector(str(tmp_path), wrong, "last", "cpu", compile=True)
+    OmegaConf.update(cfg, "model.nms_kernel", "triton")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_trained_detector(str(tmp_path), cfg, "last", "cpu", compile=True)
+    model = build_detector(slim_cfg("none"), num_classes=3)
+    with pytest.raises(ConfigError, match="model.nms_kernel=triton"):
+        GraphedDetector(model)
+    model.rpn.nms_kernel = model.roi_heads.box_predictor.nms_kernel = "triton"
+    assert isinstance(for_testing([model], TestTimeOptions(), 600, cuda_graphs=True), GraphedDetector)
+    with pytest.raises(ConfigError, match="eval.cuda_graphs"):
+        for_testing([model, model], TestTimeOptions(), 600, cuda_graphs=True)
+
+
 def torchvision_twin(model, cfg, num_classes):
     """torchvision's ``FasterRCNN`` holding ``model``'s very modules and weights (trunk, RPN head, res5,
     predictor): the independent reference for everything around them (anchors, matching, losses,

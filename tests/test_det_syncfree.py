@@ -440,8 +440,9 @@ from detection.modeling.nms_triton import nms_ranks_triton
 from detection.modeling.roi_align_triton import INTERPRETED
 from det_helpers import slim_cfg, two_image_batch
 from detection.modeling.box_ops import clip_boxes
-from detection.modeling.roi_heads import postprocess_batch, postprocess_batch_fixed
-from test_det_syncfree import count_head_syncs, overlapping_boxes, spoil
+from detection.modeling.roi_heads import postprocess_batch, postprocess_padded
+from detection.modeling.graphed import GraphedDetector
+from test_det_syncfree import HostSyncCounter, count_head_syncs, overlapping_boxes, spoil
 assert INTERPRETED
 
 
@@ -478,12 +479,15 @@ scores = torch.softmax(torch.randn(sum(counts), classes + 1, generator=g) * 2, d
 spoil(boxes, scores, g)
 valid = torch.rand(sum(counts), generator=g) > 0.2
 for thresh, per_image in ((0.05, 100), (0.2, 7), (0.0, 1000), (0.99, 100)):
-    got = postprocess_batch_fixed(boxes, scores, counts, thresh, 0.5, per_image, valid=valid)
+    got = postprocess_padded(boxes, scores, counts, thresh, 0.5, per_image, valid=valid).unpad()
     expected = postprocess_batch(boxes, scores, counts, thresh, 0.5, per_image, valid=valid)
     assert [len(d["boxes"]) for d in got] == [len(d["boxes"]) for d in expected], (thresh, per_image)
     for a, b in zip(got, expected):
         assert all(torch.equal(a[key], b[key]) for key in ("boxes", "scores", "labels")), (thresh, per_image)
 assert len(got[0]["boxes"]) == 0 and len(expected[2]["boxes"]) == 0  # nothing above 0.99
+(got,) = postprocess_padded(boxes[:40], scores[:40], [40], 0.05, 0.5, 100).unpad()  # one image
+(expected,) = postprocess_batch(boxes[:40], scores[:40], [40], 0.05, 0.5, 100)
+assert len(got["boxes"]) > 0 and all(torch.equal(got[key], expected[key]) for key in ("boxes", "scores", "labels"))
 
 # the detector's RPN on CUDA's path, the CPU's shortcuts off: the same proposals and losses, and no host wait
 for module in (rpn, roi_heads, poolers):
@@ -491,9 +495,11 @@ for module in (rpn, roi_heads, poolers):
 poolers.separable_roi_align_is_cheaper = lambda *args: False
 box_ops.batched_nms_first = (lambda boxes, scores, groups, thresh, count:
                              box_ops.batched_nms(boxes, scores, groups, thresh)[:count])
-for neck in ("none", "fpn"):
+for neck, context in (("none", False), ("fpn", False), ("none", True)):
     torch.manual_seed(0)
-    model = build_detector(slim_cfg(neck), num_classes=3)
+    cfg = slim_cfg(neck)
+    cfg.roi_heads.global_context = context
+    model = build_detector(cfg, num_classes=3)
     batch = two_image_batch()
     results = {}
     for kernel in ("auto", "triton"):
@@ -517,6 +523,21 @@ for neck in ("none", "fpn"):
         assert torch.equal(a, b) and (a.abs().sum(1) > 0).sum() > 10
     for a, b in zip(auto[4], triton[4]):
         assert len(a["boxes"]) > 0 and all(torch.equal(a[key], b[key]) for key in ("boxes", "scores", "labels"))
+    # what eval.cuda_graphs records: the whole inference without a host wait, padded; unpadded, the detections
+    with torch.no_grad(), HostSyncCounter() as counter:
+        padded = model.padded_detections(batch["images"], batch["image_sizes"])
+    assert counter.calls == Counter(), counter.calls
+    assert padded.boxes.shape == (2, 100, 4) and padded.labels.shape == padded.scores.shape == (2, 100)
+    for a, b in zip(padded.unpad(), triton[4]):
+        assert all(torch.equal(a[key], b[key]) for key in ("boxes", "scores", "labels"))
+    # GraphedDetector's own path (off CUDA: eager), detections in each image's own pixels as the model gives them
+    frames = [{"orig_size": (192, 256), "scale": (0.5, 0.5), "flipped": False},
+              {"orig_size": (160, 200), "scale": (0.5, 0.5), "flipped": True}]
+    framed = {**batch, "targets": frames}
+    graphed = GraphedDetector(model).eval()
+    with torch.no_grad():
+        for a, b in zip(graphed(framed), model(framed)):
+            assert len(a["boxes"]) > 0 and all(torch.equal(a[key], b[key]) for key in ("boxes", "scores", "labels"))
 print("ok")
 """
 

@@ -28,7 +28,7 @@ import torch
 
 from backbones.engine.cli import exit_tool, split_checkpoint
 from backbones.engine.config import load_config
-from backbones.engine.errors import CheckpointError, ResdetError
+from backbones.engine.errors import CheckpointError, ConfigError, ResdetError
 from backbones.engine.dist import cleanup, init_distributed, is_main_process
 from backbones.engine.precision import AMP_DTYPES
 from backbones.engine.run import write_json_atomic
@@ -97,6 +97,8 @@ def main(argv=None) -> int:
         parser.error("--context is a rung of --ladder; evaluate that run on its own otherwise")
     try:
         cfg = load_config(DetConfig, os.path.join(args.run, "config.yaml"), overrides)
+        if cfg.eval.cuda_graphs and (args.ladder or args.ensemble):
+            raise ConfigError("eval.cuda_graphs replays the plain detector: --ladder and --ensemble run eagerly")
         _, _, device = init_distributed()
         if cfg.device == "cpu":
             device = torch.device("cpu")
@@ -114,7 +116,8 @@ def main(argv=None) -> int:
 
         def run_eval(members, options, output_dir):
             start = time.time()
-            tester = for_testing(members, options, d.min_size_test, d.size_divisibility)
+            tester = for_testing(members, options, d.min_size_test, d.size_divisibility,
+                                 cuda_graphs=cfg.eval.cuda_graphs)
             evaluators = build_evaluators(cfg, val_set, output_dir if is_main_process() else None)
             metrics = evaluate(tester, loader, evaluators, device, amp)
             return metrics, (time.time() - start) / max(len(val_set), 1)

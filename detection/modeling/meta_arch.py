@@ -26,6 +26,7 @@ from torch import nn
 from backbones.resnet import is_channels_last
 
 from .postprocessing import detections_to_image
+from .roi_heads import PaddedDetections, postprocess_padded
 
 
 class GeneralizedRCNN(nn.Module):
@@ -81,6 +82,19 @@ class GeneralizedRCNN(nn.Module):
 
     def rpn_inputs(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [features[f] for f in self.rpn_in_features] if self.rpn_in_features else list(features.values())
+
+    @torch.no_grad()
+    def padded_detections(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> PaddedDetections:
+        """Inference from the uint8 images to each image's detections in the network input's pixels, padded to
+        a fixed size, with no host synchronisation (``model.nms_kernel=triton``; on a GPU also
+        ``sizes_follow_data``'s fixed sizes): what a CUDA graph captures (:mod:`.graphed`)."""
+        predictor = self.roi_heads.box_predictor
+        if self.rpn.nms_kernel != "triton" or predictor.nms_kernel != "triton":
+            raise ValueError("padded_detections needs the NMS without host synchronisation: model.nms_kernel=triton")
+        features = self.features(self.preprocess(images, image_sizes))
+        proposals, _ = self.rpn(self.rpn_inputs(features), image_sizes)
+        class_logits, box_deltas = self.roi_heads.predict(features, proposals, image_sizes)
+        return postprocess_padded(**predictor.candidates(class_logits, box_deltas, proposals, image_sizes))
 
     def forward(self, batch: dict):
         image_sizes = [(int(h), int(w)) for h, w in batch["image_sizes"]]

@@ -20,7 +20,7 @@ sibling layers (which then take twice the features), trained end to end.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,22 +78,30 @@ class FastRCNNOutputLayers(nn.Module):
         loss_box = torch.where(fg[:, None], loss_box, 0.0).sum() / num_sampled
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box}
 
-    @torch.no_grad()
-    def inference(self, class_logits: torch.Tensor, box_deltas: torch.Tensor, proposals: Sequence[torch.Tensor],
-                  image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
-        """Per image: softmax scores, per-class decoded and clipped boxes, scores > ``score_thresh``,
-        NMS per class, the ``detections_per_img`` best. Labels are 1..K. All images at once
-        (``postprocess_batch``); proposals without area (the RPN's padding) give no detection."""
+    def candidates(self, class_logits: torch.Tensor, box_deltas: torch.Tensor, proposals: Sequence[torch.Tensor],
+                   image_sizes: Sequence[tuple[int, int]]) -> dict:
+        """Post-processing's input: per-class decoded and clipped boxes (R, K, 4), foreground softmax scores
+        (R, K), RoIs per image, and which RoIs are proposals (the RPN's padding has no area)."""
         counts = [p.shape[0] for p in proposals]  # not len(): a symbolic size under torch.export
         scores = F.softmax(class_logits.float(), dim=1)
         all_proposals = torch.cat(list(proposals))
         boxes = self.box_coder.decode(box_deltas.float(), all_proposals).view(-1, self.num_classes, 4)
         boxes = torch.cat([clip_boxes(b, tuple(size)) for b, size in zip(boxes.split(counts), image_sizes)])
+        return {"boxes": boxes, "scores": scores[:, 1:], "counts": counts, "score_thresh": self.score_thresh,
+                "nms_thresh": self.nms_thresh, "detections_per_img": self.detections_per_img,
+                "valid": nonempty(all_proposals)}
+
+    @torch.no_grad()
+    def inference(self, class_logits: torch.Tensor, box_deltas: torch.Tensor, proposals: Sequence[torch.Tensor],
+                  image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        """Per image: softmax scores, per-class decoded and clipped boxes, scores > ``score_thresh``,
+        NMS per class, the ``detections_per_img`` best. Labels are 1..K. All images at once
+        (``postprocess_batch``, or ``postprocess_padded`` with the Triton NMS); proposals without area (the
+        RPN's padding) give no detection."""
+        candidates = self.candidates(class_logits, box_deltas, proposals, image_sizes)
         if self.nms_kernel == "triton" and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
-            return postprocess_batch_fixed(boxes, scores[:, 1:], counts, self.score_thresh, self.nms_thresh,
-                                           self.detections_per_img, valid=nonempty(all_proposals))
-        return postprocess_batch(boxes, scores[:, 1:], counts, self.score_thresh, self.nms_thresh,
-                                 self.detections_per_img, valid=nonempty(all_proposals))
+            return postprocess_padded(**candidates).unpad()
+        return postprocess_batch(**candidates)
 
 
 def score_candidates(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: float,
@@ -138,14 +146,32 @@ def postprocess_batch(boxes: torch.Tensor, scores: torch.Tensor, counts: Sequenc
     return [{"boxes": boxes[k], "scores": scores[k], "labels": cls_idx[k] + 1} for k in per_image]
 
 
-def postprocess_batch_fixed(boxes: torch.Tensor, scores: torch.Tensor, counts: Sequence[int], score_thresh: float,
-                            nms_thresh: float, detections_per_img: int, valid: torch.Tensor | None = None
-                            ) -> list[dict[str, torch.Tensor]]:
-    """:func:`postprocess_batch` with one host wait, the last (each image's number of detections), where that
-    waits three times: every (image, class) pair's RoIs go through the Triton NMS (``nms_triton``, CUDA) at
-    once, the pairs as its images, the boxes at or below the threshold scored -inf (the greedy pass keeps them
-    last; they are then left out), and each image's ``detections_per_img`` best come from a top-k over its
-    kept boxes. The same detections; equal scores may come in another order."""
+class PaddedDetections(NamedTuple):
+    """Each image's detections as fixed-size tensors: ``boxes`` (B, D, 4), ``scores`` (B, D), ``labels``
+    (B, D) 1..K, best first, of which the first ``counts`` (B,) are detections and the rest padding."""
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    counts: torch.Tensor
+
+    def unpad(self, copy: bool = False) -> list[dict[str, torch.Tensor]]:
+        """Per image ``{"boxes", "scores", "labels"}`` of its detections: reading ``counts`` makes the host wait
+        for the device, once. ``copy``: tensors of their own, not views (of a CUDA graph's outputs, which
+        its next replay overwrites)."""
+        take = (lambda t: t.clone()) if copy else (lambda t: t)
+        return [{"boxes": take(b[:n]), "scores": take(s[:n]), "labels": take(lbl[:n])}
+                for b, s, lbl, n in zip(self.boxes, self.scores, self.labels, self.counts.tolist())]
+
+
+def postprocess_padded(boxes: torch.Tensor, scores: torch.Tensor, counts: Sequence[int], score_thresh: float,
+                       nms_thresh: float, detections_per_img: int, valid: torch.Tensor | None = None
+                       ) -> PaddedDetections:
+    """:func:`postprocess_batch` without a host wait, its detections padded to a fixed size (the host waits
+    once, when ``PaddedDetections.unpad`` reads their count, where ``postprocess_batch`` waits three times):
+    every (image, class) pair's RoIs go through the Triton NMS (``nms_triton``, CUDA) at once, the pairs as
+    its images, the boxes at or below the threshold scored -inf (the greedy pass keeps them last; they are
+    then left out), and each image's ``detections_per_img`` best come from a top-k over its kept boxes. The
+    same detections; equal scores may come in another order."""
     num_classes = scores.shape[1]
     rows = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=1)
     if valid is not None:
@@ -163,10 +189,9 @@ def postprocess_batch_fixed(boxes: torch.Tensor, scores: torch.Tensor, counts: S
                              nms_thresh, detections_per_img)
     kept_scores = per_pair_scores.masked_fill(ranks == num_rois, float("-inf")).view(num_images, -1)
     top_scores, idx = kept_scores.topk(min(detections_per_img, kept_scores.shape[1]), dim=1)  # (class, RoI) order
-    top_boxes = per_pair_boxes.view(num_images, -1, 4).gather(1, idx[..., None].expand(-1, -1, 4))
-    found = (top_scores > float("-inf")).sum(dim=1).tolist()  # the host's one wait
-    return [{"boxes": b[:n], "scores": s[:n], "labels": torch.div(i[:n], num_rois, rounding_mode="floor") + 1}
-            for b, s, i, n in zip(top_boxes, top_scores, idx, found)]
+    top_boxes = per_pair_boxes.reshape(num_images, -1, 4).gather(1, idx[..., None].expand(-1, -1, 4))
+    return PaddedDetections(top_boxes, top_scores, torch.div(idx, num_rois, rounding_mode="floor") + 1,
+                            (top_scores > float("-inf")).sum(dim=1))
 
 
 def postprocess_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thresh: float, nms_thresh: float,
@@ -283,9 +308,11 @@ class ROIHeads(nn.Module):
         """(B, C): each whole image pooled as one RoI through the same post-RoI layers (the ResNet paper's
         global context, appendix B)."""
         device = next(iter(features.values())).device
-        if all(isinstance(side, int) for size in image_sizes for side in size):
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if all(isinstance(side, int) for size in image_sizes for side in size) and not capturing:
             whole = torch.tensor([[0.0, 0.0, w, h] for h, w in image_sizes]).to(device, non_blocking=True)
-        else:  # sizes are symbols of an exported graph (detection/export.py), which torch.tensor cannot hold
+        else:  # sizes are symbols of an exported graph (detection/export.py), which torch.tensor cannot hold; a
+            # CUDA graph cannot hold a copy from the host's pageable memory
             whole = torch.stack([torch.scalar_tensor(side, dtype=torch.float32, device=device)
                                  for h, w in image_sizes for side in (0, 0, w, h)]).view(-1, 4)
         return self.box_features(features, list(whole.split(1)))

@@ -71,7 +71,8 @@ def flatten_deltas(x: torch.Tensor) -> torch.Tensor:
 
 def select_proposals(boxes: torch.Tensor, scores: torch.Tensor, level_ids: torch.Tensor,
                      image_sizes: Sequence[tuple[int, int]], nms_thresh: float, post_nms_topk: int,
-                     min_size: float = 0.0, nms_kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     min_size: float = 0.0, nms_kernel: str = "auto"
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidate boxes ``(N, C, 4)``, scores ``(N, C)`` and the level of each candidate ``(C,)`` -> each
     image's proposals: clip, leave out empty/non-finite boxes, NMS per (image, level), the
     ``post_nms_topk`` best.

@@ -27,7 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backbones.engine.errors import ConfigError
+
 from .box_ops import clip_boxes, nonempty
+from .graphed import GraphedDetector
 from .meta_arch import GeneralizedRCNN
 from .postprocessing import detections_to_image
 from .roi_heads import postprocess_detections
@@ -234,8 +237,12 @@ def paper_test_scales(base_size: int) -> tuple[int, ...]:
 
 
 def for_testing(members: Sequence[GeneralizedRCNN], options: TestTimeOptions, base_size: int,
-                size_divisibility: int = 32) -> nn.Module:
-    """The module to evaluate: the detector itself when there is one and no option is on."""
+                size_divisibility: int = 32, cuda_graphs: bool = False) -> nn.Module:
+    """The module to evaluate: the detector itself when there is one and no option is on, replayed from CUDA
+    graphs with ``cuda_graphs`` (``eval.cuda_graphs``: a loaded model's, whose weights do not change)."""
     if len(members) == 1 and not options.enabled:
-        return members[0]
+        return GraphedDetector(members[0]) if cuda_graphs else members[0]
+    if cuda_graphs:
+        raise ConfigError("eval.cuda_graphs replays the plain detector; the test-time options (eval.box_refinement, "
+                          "eval.test_scales, eval.flip) and ensembles run eagerly: turn one or the other off")
     return TestTimeDetector(members, options, base_size, size_divisibility)
