@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import torch
 
+from .config import NMSKernel
 from .roi_align_triton import INTERPRETED, triton
+
+NMS_KERNELS = tuple(k.value for k in NMSKernel)
 
 if triton is not None:
     import triton.language as tl

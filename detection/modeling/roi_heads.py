@@ -33,7 +33,7 @@ from .box_coder import BoxCoder
 from .box_ops import (batched_nms, box_iou_batched, clip_boxes, crowd_mask, nonempty, pad_stack, sizes_follow_data,
                       smooth_l1)
 from .matcher import Matcher
-from .nms_triton import nms_ranks_triton
+from .nms_triton import NMS_KERNELS, nms_ranks_triton
 from .poolers import ROIPooler
 from .sampling import sample_balanced
 
@@ -57,6 +57,8 @@ class FastRCNNOutputLayers(nn.Module):
         self.smooth_l1_beta = smooth_l1_beta
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
+        if nms_kernel not in NMS_KERNELS:
+            raise ValueError(f"FastRCNNOutputLayers: nms_kernel must be one of {NMS_KERNELS}, got {nms_kernel!r}")
         self.nms_kernel = nms_kernel
         self.detections_per_img = detections_per_img
 

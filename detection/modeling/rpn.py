@@ -28,13 +28,9 @@ from torchvision.ops import box_iou
 from .anchor_generator import AnchorGenerator
 from .box_coder import BoxCoder
 from .box_ops import batched_nms_per_image, clip_boxes, crowd_mask, nonempty, sizes_follow_data, smooth_l1
-from .config import NMSKernel
 from .matcher import Matcher
-from .nms_triton import nms_ranks_triton
+from .nms_triton import NMS_KERNELS, nms_ranks_triton
 from .sampling import sample_balanced, sampled_labels
-
-
-NMS_KERNELS = tuple(k.value for k in NMSKernel)
 
 
 class RPNHead(nn.Module):
