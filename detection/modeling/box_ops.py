@@ -27,6 +27,7 @@ def sizes_follow_data(device: torch.device) -> bool:
     Not in an exported graph, whose sizes may not depend on the data."""
     return device.type == "cpu" and not (torch.compiler.is_exporting() or torch.jit.is_tracing())
 
+
 def _groups_apart(boxes: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """Boxes shifted by their group's index times the extent of all boxes, so that boxes of different
     groups never overlap; in float64 (float32 under ``torch.export``, see :func:`batched_nms`)."""
