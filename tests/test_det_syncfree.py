@@ -499,6 +499,7 @@ for neck, context in (("none", False), ("fpn", False), ("none", True)):
     torch.manual_seed(0)
     cfg = slim_cfg(neck)
     cfg.roi_heads.global_context = context
+    cfg.rpn.pre_nms_topk_train = cfg.rpn.pre_nms_topk_test = 100  # per level: the interpreter is slow
     model = build_detector(cfg, num_classes=3)
     batch = two_image_batch()
     results = {}
