@@ -69,7 +69,7 @@ def run(model, device, graphed: bool = False):
     losses = {k: float(v.detach()) for k, v in out.items()}
     grads = torch.cat([p.grad.flatten().cpu() for p in model.parameters() if p.grad is not None])
     model.eval()
-    infer = GraphedDetector(model) if graphed else model
+    infer = GraphedDetector(model, strict=True) if graphed else model
     with torch.no_grad():
         if graphed:
             infer(batch(device))

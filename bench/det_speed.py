@@ -143,7 +143,9 @@ def run_graphed(model, images, targets, train):
     """``run_ours``, inference through a ``GraphedDetector`` of the model (one per model: its graphs)."""
     if train:
         return run_ours(model, images, targets, train)
-    graphed = GRAPHED.setdefault(model, GraphedDetector(model))
+    if model not in GRAPHED:
+        GRAPHED[model] = GraphedDetector(model, strict=True)
+    graphed = GRAPHED[model]
     return graphed({"images": images, "image_sizes": [tuple(images.shape[-2:])] * len(images)})
 
 

@@ -10,11 +10,15 @@ torch.compile's ``reduce-overhead`` mode graphs only the dense parts it compiles
 bookkeeping between them (RPN decoding and selection, pooling, post-processing: about 200 of R50-FPN's
 operators) stays eager.
 
-One graph per batch shape and image sizes (the data pipeline pads a batch to a few sizes: ``data.
-size_divisibility``), recorded at its first batch after two eager warm-up runs (Triton compiles its kernels and
-cuDNN picks its algorithms there). The weights must not change once a graph is recorded (the graph reads the
+One graph per batch shape and image sizes, recorded at its first batch after two eager warm-up runs (Triton
+compiles its kernels and cuDNN picks its algorithms there), so it pays where sizes repeat: a camera's frames,
+a service that resizes to one size. The image sizes are constants of a graph (the padding's mask, the
+clipping), so images of many sizes (COCO's) would each record one: after ``max_graphs`` graphs the other sizes
+run the same padded inference eagerly. A graph that cannot be recorded (an operation CUDA graphs do not allow)
+says why once in the log and leaves its size eager too; ``strict`` raises instead (the benches and
+``bench/cuda_check.py``). The weights must not change once a graph is recorded (the graph reads the
 parameters and the folded BN weights where they were): for a loaded model (``tools/eval_det.py``,
-``Predictor``), not for evaluation during training. Off CUDA the same padded inference runs eagerly.
+``Predictor``), not for evaluation during training. Off CUDA the padded inference runs eagerly.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 
 from backbones.engine.errors import ConfigError
+from backbones.engine.run import get_logger
 
 from .postprocessing import detections_to_image
 from .roi_heads import PaddedDetections
@@ -32,14 +37,16 @@ class GraphedDetector(nn.Module):
     original image's pixels where the batch's targets carry its frame), replayed from a CUDA graph per batch
     shape on a GPU."""
 
-    def __init__(self, model: nn.Module, warmup: int = 2):
+    def __init__(self, model: nn.Module, warmup: int = 2, max_graphs: int = 16, strict: bool = False):
         super().__init__()
         if model.rpn.nms_kernel != "triton" or model.roi_heads.box_predictor.nms_kernel != "triton":
             raise ConfigError("eval.cuda_graphs records the whole inference, which the host must not wait in: it "
                               "needs the NMS without host synchronisation; fix: model.nms_kernel=triton")
         self.model = model
-        self.warmup = warmup
+        self.warmup, self.max_graphs, self.strict = warmup, max_graphs, strict
         self.graphs: dict[tuple, tuple] = {}
+        self.eager: set[tuple] = set()  # sizes that run eagerly: over max_graphs, or their recording failed
+        self.full = False  # max_graphs reached (said once)
         self.pool = None
 
     @torch.no_grad()
@@ -48,17 +55,34 @@ class GraphedDetector(nn.Module):
             raise RuntimeError("GraphedDetector runs inference only: call .eval() first")
         images = batch["images"]
         sizes = [(int(h), int(w)) for h, w in batch["image_sizes"]]
-        if images.device.type != "cuda":
-            padded = self.model.padded_detections(images, sizes)
-        else:
-            padded = self.replay(images, sizes)
-        return detections_to_image(padded.unpad(copy=images.device.type == "cuda"), batch.get("targets"))
+        padded = self.replay(images, sizes) if images.device.type == "cuda" else None
+        if padded is None:
+            return detections_to_image(self.model.padded_detections(images, sizes).unpad(), batch.get("targets"))
+        return detections_to_image(padded.unpad(copy=True), batch.get("targets"))
 
-    def replay(self, images: torch.Tensor, sizes: list[tuple[int, int]]) -> PaddedDetections:
+    def replay(self, images: torch.Tensor, sizes: list[tuple[int, int]]) -> PaddedDetections | None:
+        """The graph's padded detections for these images (recorded first if new), or None: run eagerly."""
         key = (tuple(images.shape), images.dtype, images.device, tuple(sizes), torch.is_autocast_enabled("cuda"),
                torch.get_autocast_dtype("cuda"))
+        if key in self.eager:
+            return None
         if key not in self.graphs:
-            self.graphs[key] = self.record(images, sizes)
+            if len(self.graphs) >= self.max_graphs:
+                if not self.full:
+                    get_logger().info("CUDA graphs: %d recorded (GraphedDetector.max_graphs); images of other "
+                                      "sizes run eagerly", len(self.graphs))
+                self.full = True
+                self.eager.add(key)
+                return None
+            try:
+                self.graphs[key] = self.record(images, sizes)
+            except RuntimeError as exc:
+                if self.strict:
+                    raise
+                get_logger().warning("CUDA graph of batch %s, sizes %s not recorded (%s: %s); running it eagerly",
+                                     tuple(images.shape), sizes, type(exc).__name__, str(exc).splitlines()[0])
+                self.eager.add(key)
+                return None
         static_images, graph, padded, _ = self.graphs[key]
         static_images.copy_(images)
         graph.replay()
@@ -73,6 +97,8 @@ class GraphedDetector(nn.Module):
                 self.model.padded_detections(static_images, sizes)
         torch.cuda.current_stream(images.device).wait_stream(side)
         if self.pool is None:
+            # one memory pool for every graph: each call replays one graph and copies its outputs before the
+            # next replay, so one graph overwriting another's freed temporaries (or outputs) harms nothing
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
