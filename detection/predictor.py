@@ -29,9 +29,11 @@ def resolve_checkpoint(run_dir: str, which: str) -> str:
     return path
 
 
-def check_cuda_graphs(cfg: DictConfig, compile: bool) -> None:
+def check_cuda_graphs(cfg: DictConfig, compile: bool, device) -> None:
     """``eval.cuda_graphs``' requirements, all at once, before any weight is loaded."""
     problems = []
+    if torch.device(device).type != "cuda":
+        problems.append(f"it records CUDA graphs and runs on a GPU, not on {device}: set eval.cuda_graphs=false there")
     if cfg.model.nms_kernel != NMSKernel.triton:
         problems.append("it needs the NMS without host synchronisation: model.nms_kernel=triton")
     if compile and cfg.eval.compile_mode == CompileMode.reduce_overhead:
@@ -52,7 +54,7 @@ def load_trained_detector(run_dir: str, cfg: DictConfig, which: str, device, com
     Returns ``(model, checkpoint path, class names)``; the class names travel in the checkpoint.
     """
     if cfg.eval.cuda_graphs:
-        check_cuda_graphs(cfg, compile)
+        check_cuda_graphs(cfg, compile, device)
     if compile and cfg.eval.compile_mode == CompileMode.reduce_overhead and options_from_config(cfg.eval).enabled:
         raise ConfigError("eval.compile_mode=reduce_overhead keeps one set of features per image size (CUDA "
                           "graphs reuse their outputs), and the test-time options (eval.box_refinement, "

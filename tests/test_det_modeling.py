@@ -202,11 +202,12 @@ def test_cuda_graphs_name_every_unmet_requirement_before_loading(tmp_path):
     cfg = OmegaConf.structured(DetConfig)
     OmegaConf.update(cfg, "eval.cuda_graphs", True)
     wrong = OmegaConf.merge(cfg, OmegaConf.from_dotlist(["eval.compile_mode=reduce_overhead", "eval.flip=true"]))
-    with pytest.raises(ConfigError, match=r"model.nms_kernel=triton.*eval.compile_mode=default.*eval.flip"):
+    with pytest.raises(ConfigError, match=r"on a GPU, not on cpu.*model.nms_kernel=triton.*eval.compile_mode=default"
+                                          r".*eval.flip"):
         load_trained_detector(str(tmp_path), wrong, "last", "cpu", compile=True)
     OmegaConf.update(cfg, "model.nms_kernel", "triton")
-    with pytest.raises(CheckpointError, match="checkpoint not found"):
-        load_trained_detector(str(tmp_path), cfg, "last", "cpu", compile=True)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):  # nothing touches the GPU before
+        load_trained_detector(str(tmp_path), cfg, "last", "cuda", compile=True)
     model = build_detector(slim_cfg("none"), num_classes=3)
     with pytest.raises(ConfigError, match="model.nms_kernel=triton"):
         GraphedDetector(model)
