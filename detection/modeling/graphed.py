@@ -101,7 +101,8 @@ class GraphedDetector(nn.Module):
             # next replay, so one graph overwriting another's freed temporaries (or outputs) harms nothing
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the data loader's pin-memory thread may allocate or copy meanwhile, which is harmless
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             padded = self.model.padded_detections(static_images, sizes)
         # the anchors the graph reads live in the anchor generator's cache, which may drop them for other
         # sizes: held here, their memory cannot be handed to another tensor while the graph reads it
