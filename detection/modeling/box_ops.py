@@ -151,16 +151,22 @@ def pad_stack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     return out.view((len(tensors), longest) + shape), valid.to(first.device, non_blocking=True)
 
 
+def pairwise_intersection(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """``(..., N, M)`` intersection areas of ``(..., N, 4)`` and ``(..., M, 4)`` boxes (torchvision's
+    ``box_iou`` arithmetic)."""
+    lt = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    rb = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    return wh[..., 0] * wh[..., 1]
+
+
 def box_iou_batched(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """``(..., N, M)`` IoUs of ``(..., N, 4)`` and ``(..., M, 4)`` boxes: ``torchvision.ops.box_iou`` (which
     takes one set of each) with leading batch dimensions, the same arithmetic in the same order, so the same
     values to the bit."""
     area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
     area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    lt = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
-    rb = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
+    inter = pairwise_intersection(boxes1, boxes2)
     return inter / (area1[..., :, None] + area2[..., None, :] - inter)
 
 
@@ -171,10 +177,7 @@ def pairwise_ioa(regions: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     Used for crowd regions: a box this much inside a crowd box is neither clearly background nor a
     single object.
     """
-    lt = torch.max(regions[..., :, None, :2], boxes[..., None, :, :2])
-    rb = torch.min(regions[..., :, None, 2:], boxes[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
+    inter = pairwise_intersection(regions, boxes)
     area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).clamp(min=1e-6)
     return inter / area[..., None, :]
 

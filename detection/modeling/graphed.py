@@ -39,7 +39,7 @@ class GraphedDetector(nn.Module):
 
     def __init__(self, model: nn.Module, warmup: int = 2, max_graphs: int = 16, strict: bool = False):
         super().__init__()
-        if model.rpn.nms_kernel != "triton" or model.roi_heads.box_predictor.nms_kernel != "triton":
+        if not model.waits_nowhere_in_inference:
             raise ConfigError("eval.cuda_graphs records the whole inference, which the host must not wait in: it "
                               "needs the NMS without host synchronisation; fix: model.nms_kernel=triton")
         self.model = model

@@ -83,13 +83,19 @@ class GeneralizedRCNN(nn.Module):
     def rpn_inputs(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [features[f] for f in self.rpn_in_features] if self.rpn_in_features else list(features.values())
 
+    @property
+    def waits_nowhere_in_inference(self) -> bool:
+        """Whether inference makes no host synchronisation before its end: the NMS as Triton kernels in the RPN
+        and in post-processing (``model.nms_kernel=triton``)."""
+        return self.rpn.nms_kernel == "triton" and self.roi_heads.box_predictor.nms_kernel == "triton"
+
     @torch.no_grad()
     def padded_detections(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> PaddedDetections:
         """Inference from the uint8 images to each image's detections in the network input's pixels, padded to
         a fixed size, with no host synchronisation (``model.nms_kernel=triton``; on a GPU also
         ``sizes_follow_data``'s fixed sizes): what a CUDA graph captures (:mod:`.graphed`)."""
         predictor = self.roi_heads.box_predictor
-        if self.rpn.nms_kernel != "triton" or predictor.nms_kernel != "triton":
+        if not self.waits_nowhere_in_inference:
             raise ValueError("padded_detections needs the NMS without host synchronisation: model.nms_kernel=triton")
         features = self.features(self.preprocess(images, image_sizes))
         proposals, _ = self.rpn(self.rpn_inputs(features), image_sizes)

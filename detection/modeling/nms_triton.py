@@ -26,9 +26,15 @@ from __future__ import annotations
 import torch
 
 from .config import NMSKernel
-from .roi_align_triton import INTERPRETED, triton
+from .roi_align_triton import check_triton_runs, triton
 
 NMS_KERNELS = tuple(k.value for k in NMSKernel)
+
+
+def takes_triton_nms(nms_kernel: str) -> bool:
+    """Whether NMS runs as these kernels: asked for, and not inside a compiled or exported graph (which keeps
+    torchvision's op, which it knows)."""
+    return nms_kernel == "triton" and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 if triton is not None:
     import triton.language as tl
@@ -97,14 +103,10 @@ def nms_ranks_triton(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Te
     (B, N)) never suppressing each other, stopped once ``max_keep`` boxes are kept. Returns (B, N) int64: each
     box's place among its image's kept boxes in decreasing score (``batched_nms_first``'s order), ``N`` where
     it is not kept. Equal scores keep their input order (a stable sort; torchvision leaves that order open)."""
-    if triton is None or (boxes.device.type != "cuda" and not INTERPRETED):
-        raise RuntimeError(f"model.nms_kernel=triton runs on CUDA with Triton installed (here: "
-                           f"{boxes.device.type}, Triton {'present' if triton else 'missing'}); "
-                           "fix: model.nms_kernel=auto")
+    check_triton_runs(boxes.device, "model.nms_kernel")
     num_images, count = scores.shape
-    ranks = torch.full((num_images, count), count, dtype=torch.int64, device=scores.device)
     if count == 0 or num_images == 0 or max_keep <= 0:
-        return ranks
+        return torch.full((num_images, count), count, dtype=torch.int64, device=scores.device)
     order = scores.argsort(dim=1, descending=True, stable=True)
     sorted_boxes = boxes.float().gather(1, order[..., None].expand(-1, -1, 4)).contiguous()
     sorted_groups = groups.expand(num_images, count).gather(1, order).to(torch.int32).contiguous()
@@ -113,7 +115,7 @@ def nms_ranks_triton(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Te
     block_i, block_w = 32, 4
     _suppression_bits[(num_images, triton.cdiv(count, block_i), triton.cdiv(words, block_w))](
         sorted_boxes, sorted_groups, bits, count, words, float(iou_threshold), BLOCK_I=block_i, BLOCK_W=block_w)
-    sorted_ranks = torch.full_like(ranks, count)
+    sorted_ranks = torch.full((num_images, count), count, dtype=torch.int64, device=scores.device)
     _greedy_ranks[(num_images,)](bits, sorted_ranks, count, words, int(max_keep),
                                  WORDS=triton.next_power_of_2(words))
-    return ranks.scatter_(1, order, sorted_ranks)
+    return torch.empty_like(sorted_ranks).scatter_(1, order, sorted_ranks)  # order is a permutation: all written

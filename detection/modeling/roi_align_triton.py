@@ -181,13 +181,18 @@ class _RoIAlign(torch.autograd.Function):
         return grad_in.to(dtype), None, None, None, None, None, None
 
 
+def check_triton_runs(device: torch.device, key: str) -> None:
+    """A clear error, naming the config ``key`` that asked for Triton, where its kernels cannot run: off CUDA
+    (unless interpreted) or without Triton."""
+    if triton is None or (device.type != "cuda" and not INTERPRETED):
+        raise RuntimeError(f"{key}=triton runs on CUDA with Triton installed (here: {device.type}, Triton "
+                           f"{'present' if triton else 'missing'}); fix: {key}=auto")
+
+
 def roi_align_triton(features: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int],
                      spatial_scale: float, sampling_ratio: int, aligned: bool, bin_step: int = 1) -> torch.Tensor:
     """``torchvision.ops.roi_align(features, rois, ...)[:, :, ::bin_step, ::bin_step]`` (``rois`` as (R, 5)
     rows), computed in the features' dtype with float32 sums, returned channels-last in that dtype; any
     input layout is read through its strides, channels-last (NHWC) reads one contiguous vector per tap."""
-    if triton is None or (features.device.type != "cuda" and not INTERPRETED):
-        raise RuntimeError(f"model.roi_heads.pooler_kernel=triton runs on CUDA with Triton installed (here: "
-                           f"{features.device.type}, Triton {'present' if triton else 'missing'}); "
-                           "fix: model.roi_heads.pooler_kernel=auto")
+    check_triton_runs(features.device, "model.roi_heads.pooler_kernel")
     return _RoIAlign.apply(features, rois, tuple(output_size), spatial_scale, sampling_ratio, aligned, bin_step)

@@ -33,7 +33,7 @@ from .box_coder import BoxCoder
 from .box_ops import (batched_nms, box_iou_batched, clip_boxes, crowd_mask, nonempty, pad_stack, sizes_follow_data,
                       smooth_l1)
 from .matcher import Matcher
-from .nms_triton import NMS_KERNELS, nms_ranks_triton
+from .nms_triton import NMS_KERNELS, nms_ranks_triton, takes_triton_nms
 from .poolers import ROIPooler
 from .sampling import sample_balanced
 
@@ -101,7 +101,7 @@ class FastRCNNOutputLayers(nn.Module):
         (``postprocess_batch``, or ``postprocess_padded`` with the Triton NMS); proposals without area (the
         RPN's padding) give no detection."""
         candidates = self.candidates(class_logits, box_deltas, proposals, image_sizes)
-        if self.nms_kernel == "triton" and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        if takes_triton_nms(self.nms_kernel):
             return postprocess_padded(**candidates).unpad()
         return postprocess_batch(**candidates)
 
@@ -187,8 +187,8 @@ def postprocess_padded(boxes: torch.Tensor, scores: torch.Tensor, counts: Sequen
     num_images, num_rois = scores.shape[:2]
     per_pair_boxes = boxes.permute(0, 2, 1, 3).reshape(num_images * num_classes, num_rois, 4)
     per_pair_scores = scores.permute(0, 2, 1).reshape(num_images * num_classes, num_rois)
-    ranks = nms_ranks_triton(per_pair_boxes, per_pair_scores, torch.zeros_like(per_pair_scores, dtype=torch.int64),
-                             nms_thresh, detections_per_img)
+    one_group = torch.zeros(num_rois, dtype=torch.int64, device=scores.device)
+    ranks = nms_ranks_triton(per_pair_boxes, per_pair_scores, one_group, nms_thresh, detections_per_img)
     kept_scores = per_pair_scores.masked_fill(ranks == num_rois, float("-inf")).view(num_images, -1)
     top_scores, idx = kept_scores.topk(min(detections_per_img, kept_scores.shape[1]), dim=1)  # (class, RoI) order
     top_boxes = per_pair_boxes.reshape(num_images, -1, 4).gather(1, idx[..., None].expand(-1, -1, 4))

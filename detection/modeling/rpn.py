@@ -29,7 +29,7 @@ from .anchor_generator import AnchorGenerator
 from .box_coder import BoxCoder
 from .box_ops import batched_nms_per_image, clip_boxes, crowd_mask, nonempty, sizes_follow_data, smooth_l1
 from .matcher import Matcher
-from .nms_triton import NMS_KERNELS, nms_ranks_triton
+from .nms_triton import NMS_KERNELS, nms_ranks_triton, takes_triton_nms
 from .sampling import sample_balanced, sampled_labels
 
 
@@ -94,8 +94,7 @@ def select_proposals(boxes: torch.Tensor, scores: torch.Tensor, level_ids: torch
     # each candidate's position in its image's NMS output (sorted by decreasing score); dropped, invalid: last
     last = num_candidates
     top = min(post_nms_topk, num_candidates)
-    if nms_kernel == "triton" and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
-        # (a compiled or exported graph keeps torchvision's op, which it knows)
+    if takes_triton_nms(nms_kernel):
         position = nms_ranks_triton(boxes, scores, level_ids.to(scores.device), nms_thresh, top)
     else:
         position = torch.full((num_images, num_candidates), last, dtype=torch.int64, device=scores.device)
