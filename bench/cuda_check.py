@@ -39,14 +39,14 @@ def slim(neck: str, fold: bool, kernel: str = "auto"):
     return cfg
 
 
-def batch(device):
+def batch(device, image_sizes=((160, 224), (140, 200))):
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (2, 3, 160, 224), dtype=torch.uint8, generator=g)
     targets = [{"boxes": torch.tensor([[10.0, 12.0, 90.0, 100.0], [100.0, 30.0, 200.0, 150.0]]),
                 "labels": torch.tensor([1, 3]), "crowd_boxes": torch.zeros(0, 4)},
                {"boxes": torch.tensor([[20.0, 40.0, 120.0, 140.0]]), "labels": torch.tensor([2]),
                 "crowd_boxes": torch.zeros(0, 4)}]
-    return {"images": images.to(device), "image_sizes": [(160, 224), (140, 200)],
+    return {"images": images.to(device), "image_sizes": list(image_sizes),
             "targets": [{k: v.to(device) for k, v in t.items()} for t in targets]}
 
 
@@ -62,7 +62,8 @@ def unmatched(dets, reference) -> float:
 
 def run(model, device, graphed: bool = False):
     """Losses and gradients of one training step, and the detections; ``graphed``: inference replayed from a
-    CUDA graph (``GraphedDetector``), twice, so that the second answer is a replay's."""
+    CUDA graph (``GraphedDetector``), recorded for the same padded shape but other image sizes first, so that
+    the answer is a replay's that read the batch's own sizes."""
     model.to(device).train()
     out = model(batch(device))
     sum(out.values()).backward()
@@ -72,7 +73,7 @@ def run(model, device, graphed: bool = False):
     infer = GraphedDetector(model, strict=True) if graphed else model
     with torch.no_grad():
         if graphed:
-            infer(batch(device))
+            infer(batch(device, image_sizes=((150, 210), (160, 190))))
         detections = [{k: v.cpu() for k, v in d.items()} for d in infer(batch(device))]
     return losses, grads, detections
 

@@ -219,9 +219,9 @@ def test_cuda_graphs_name_every_unmet_requirement_before_loading(tmp_path):
 
 def test_graphed_detector_replays_up_to_max_graphs_and_runs_the_rest_eagerly(monkeypatch, caplog):
     """GraphedDetector's bookkeeping, with a stand-in for the CUDA graph (recording needs a GPU): one graph per
-    batch shape and image sizes, each new batch copied into its graph's input before the replay; past
-    ``max_graphs``, and where recording fails, that size runs eagerly (None), said in the log; ``strict``
-    raises the recording's error."""
+    padded batch shape, whatever the images' own sizes, each new batch and its sizes copied into the graph's
+    inputs before the replay; past ``max_graphs``, and where recording fails, that shape runs eagerly (None),
+    said in the log; ``strict`` raises the recording's error."""
     from detection.modeling.graphed import GraphedDetector
     from detection.modeling.roi_heads import PaddedDetections
 
@@ -234,29 +234,32 @@ def test_graphed_detector_replays_up_to_max_graphs_and_runs_the_rest_eagerly(mon
             replays.append(1)
 
     def record(images, sizes):
-        if sizes[0] == (13, 13):
+        if images.shape[-1] == 64:
             raise RuntimeError("operation not permitted when stream is capturing")
         padded = PaddedDetections(torch.zeros(1, 5, 4), torch.zeros(1, 5), torch.ones(1, 5, dtype=torch.int64),
                                   torch.zeros(1, dtype=torch.int64))
-        return images.clone(), StandIn(), padded, ()
+        return images.clone(), sizes.clone(), StandIn(), padded, ()
 
     graphed = GraphedDetector(model, max_graphs=2)
     monkeypatch.setattr(graphed, "record", record)
     first, second = (torch.full((1, 3, 32, 32), v, dtype=torch.uint8) for v in (1, 2))
-    assert graphed.replay(first, [(32, 30)]) is not None and len(replays) == 1
-    assert graphed.replay(second, [(32, 30)]) is not None and len(replays) == 2
-    assert torch.equal(graphed.graphs[next(iter(graphed.graphs))][0], second)  # the graph's input holds the batch
+    wide, tall = torch.ones(1, 3, 32, 64, dtype=torch.uint8), torch.ones(1, 3, 64, 32, dtype=torch.uint8)
+    assert graphed.replay(first, torch.tensor([[32, 30]])) is not None and len(replays) == 1
+    assert graphed.replay(second, torch.tensor([[20, 31]])) is not None and len(replays) == 2  # other sizes
+    assert len(graphed.graphs) == 1
+    static_images, static_sizes = graphed.graphs[next(iter(graphed.graphs))][:2]
+    assert torch.equal(static_images, second) and static_sizes.tolist() == [[20, 31]]  # the graph's inputs
     with caplog.at_level("WARNING", logger="resdet"):
-        assert graphed.replay(first, [(13, 13)]) is None  # recording failed: eager, said once
+        assert graphed.replay(wide, torch.tensor([[32, 64]])) is None  # failed: eager
     assert "not recorded" in caplog.text and "capturing" in caplog.text
-    assert graphed.replay(first, [(31, 32)]) is not None  # the second graph
+    assert graphed.replay(first.expand(2, -1, -1, -1), torch.tensor([[32, 32], [30, 30]])) is not None  # 2nd graph
     with caplog.at_level("INFO", logger="resdet"):
-        assert graphed.replay(first, [(30, 30)]) is None  # over max_graphs: eager
+        assert graphed.replay(tall, torch.tensor([[60, 30]])) is None  # over max_graphs
     assert "2 recorded" in caplog.text and len(graphed.graphs) == 2 and len(replays) == 3
     strict = GraphedDetector(model, strict=True)
     monkeypatch.setattr(strict, "record", record)
     with pytest.raises(RuntimeError, match="capturing"):
-        strict.replay(first, [(13, 13)])
+        strict.replay(wide, torch.tensor([[32, 64]]))
 
 
 def torchvision_twin(model, cfg, num_classes):

@@ -532,6 +532,11 @@ for neck, context in (("none", False), ("fpn", False), ("none", True)):
     assert padded.boxes.shape == (2, 100, 4) and padded.labels.shape == padded.scores.shape == (2, 100)
     for a, b in zip(padded.unpad(), triton[4]):
         assert all(torch.equal(a[key], b[key]) for key in ("boxes", "scores", "labels"))
+    # the sizes as a tensor, as a graph reads them (one graph per padded shape): the same, still no host wait
+    with torch.no_grad(), HostSyncCounter() as counter:
+        from_tensor = model.padded_detections(batch["images"], torch.tensor(batch["image_sizes"]))
+    assert counter.calls == Counter(), counter.calls
+    assert all(torch.equal(a, b) for a, b in zip(from_tensor, padded))  # boxes, scores, labels, counts
     # GraphedDetector's own path (off CUDA: eager), detections in each image's own pixels as the model gives them
     frames = [{"orig_size": (192, 256), "scale": (0.5, 0.5), "flipped": False},
               {"orig_size": (160, 200), "scale": (0.5, 0.5), "flipped": True}]

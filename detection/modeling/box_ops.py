@@ -10,6 +10,11 @@ import torch
 import torchvision
 
 
+# each image's unpadded (height, width): numbers (or an exported graph's symbols), or a (B, 2) integer tensor on
+# the device, which a CUDA graph reads as an input (GeneralizedRCNN.padded_detections)
+ImageSizes = Sequence[tuple[int, int]] | torch.Tensor
+
+
 def sizes_follow_data(device: torch.device) -> bool:
     """Whether the heads' fixed sizes give way to the data's own on this device. Reading a data-dependent
     size (a count, a ``nonzero``) makes the host wait for the device, so a GPU keeps fixed sizes; on the CPU
@@ -122,8 +127,13 @@ def batched_nms_per_image(boxes: torch.Tensor, scores: torch.Tensor, groups: tor
     return keeps
 
 
-def clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """Clip ``(..., 4)`` boxes to an ``(height, width)`` image."""
+def clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int] | torch.Tensor) -> torch.Tensor:
+    """Clip ``(..., 4)`` boxes to an ``(height, width)`` image: two numbers, or a tensor ``(..., 2)`` of sizes
+    whose leading dimensions broadcast against the boxes' (sizes held on the device, where a CUDA graph reads
+    them as an input instead of recording them as constants: :meth:`GeneralizedRCNN.padded_detections`)."""
+    if isinstance(image_size, torch.Tensor):
+        limits = image_size.flip(-1).to(boxes.dtype)  # (w, h)
+        return boxes.clamp(min=0).minimum(torch.cat([limits, limits], dim=-1))
     h, w = image_size
     x = boxes[..., 0::2].clamp(min=0, max=w)
     y = boxes[..., 1::2].clamp(min=0, max=h)

@@ -25,6 +25,7 @@ from torch import nn
 
 from backbones.resnet import is_channels_last
 
+from .box_ops import ImageSizes
 from .postprocessing import detections_to_image
 from .roi_heads import PaddedDetections, postprocess_padded
 
@@ -62,15 +63,20 @@ class GeneralizedRCNN(nn.Module):
                 part.compile(**options)
         return [name for name, part in parts.items() if part is not None]
 
-    def preprocess(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
+    def preprocess(self, images: torch.Tensor, image_sizes: ImageSizes) -> torch.Tensor:
         images = images.to(self.pixel_mean.device, non_blocking=True)
         x = (images.float() - self.pixel_mean) / self.pixel_std
         height, width = x.shape[-2:]
-        for i, (h, w) in enumerate(image_sizes):
-            if h < height:
-                x[i, :, h:, :] = 0
-            if w < width:
-                x[i, :, :, w:] = 0
+        if isinstance(image_sizes, torch.Tensor):  # on the device (padded_detections): one mask, no constants
+            rows = torch.arange(height, device=x.device) < image_sizes[:, :1]  # (B, H)
+            cols = torch.arange(width, device=x.device) < image_sizes[:, 1:]  # (B, W)
+            x = torch.where((rows[:, :, None] & cols[:, None, :])[:, None], x, 0.0)
+        else:
+            for i, (h, w) in enumerate(image_sizes):
+                if h < height:
+                    x[i, :, h:, :] = 0
+                if w < width:
+                    x[i, :, :, w:] = 0
         if is_channels_last(self.trunk):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -90,10 +96,13 @@ class GeneralizedRCNN(nn.Module):
         return self.rpn.nms_kernel == "triton" and self.roi_heads.box_predictor.nms_kernel == "triton"
 
     @torch.no_grad()
-    def padded_detections(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> PaddedDetections:
+    def padded_detections(self, images: torch.Tensor, image_sizes: ImageSizes) -> PaddedDetections:
         """Inference from the uint8 images to each image's detections in the network input's pixels, padded to
         a fixed size, with no host synchronisation (``model.nms_kernel=triton``; on a GPU also
-        ``sizes_follow_data``'s fixed sizes): what a CUDA graph captures (:mod:`.graphed`)."""
+        ``sizes_follow_data``'s fixed sizes): what a CUDA graph captures (:mod:`.graphed`). ``image_sizes``
+        as a ``(B, 2)`` integer tensor on the images' device makes them an input of the graph, not constants
+        recorded in it (the padding's mask, the clipping, the global context's boxes): one graph then serves
+        every batch of the same padded shape. The same detections as with the sizes as numbers."""
         predictor = self.roi_heads.box_predictor
         if not self.waits_nowhere_in_inference:
             raise ValueError("padded_detections needs the NMS without host synchronisation: model.nms_kernel=triton")

@@ -30,8 +30,8 @@ from torchvision.ops import box_iou
 from backbones.resnet import is_channels_last
 
 from .box_coder import BoxCoder
-from .box_ops import (batched_nms, box_iou_batched, clip_boxes, crowd_mask, nonempty, pad_stack, sizes_follow_data,
-                      smooth_l1)
+from .box_ops import (ImageSizes, batched_nms, box_iou_batched, clip_boxes, crowd_mask, nonempty, pad_stack,
+                      sizes_follow_data, smooth_l1)
 from .matcher import Matcher
 from .nms_triton import NMS_KERNELS, nms_ranks_triton, takes_triton_nms
 from .poolers import ROIPooler
@@ -81,21 +81,21 @@ class FastRCNNOutputLayers(nn.Module):
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box}
 
     def candidates(self, class_logits: torch.Tensor, box_deltas: torch.Tensor, proposals: Sequence[torch.Tensor],
-                   image_sizes: Sequence[tuple[int, int]]) -> dict:
+                   image_sizes: ImageSizes) -> dict:
         """Post-processing's input: per-class decoded and clipped boxes (R, K, 4), foreground softmax scores
         (R, K), RoIs per image, and which RoIs are proposals (the RPN's padding has no area)."""
         counts = [p.shape[0] for p in proposals]  # not len(): a symbolic size under torch.export
         scores = F.softmax(class_logits.float(), dim=1)
         all_proposals = torch.cat(list(proposals))
         boxes = self.box_coder.decode(box_deltas.float(), all_proposals).view(-1, self.num_classes, 4)
-        boxes = torch.cat([clip_boxes(b, tuple(size)) for b, size in zip(boxes.split(counts), image_sizes)])
+        boxes = torch.cat([clip_boxes(b, size) for b, size in zip(boxes.split(counts), image_sizes)])
         return {"boxes": boxes, "scores": scores[:, 1:], "counts": counts, "score_thresh": self.score_thresh,
                 "nms_thresh": self.nms_thresh, "detections_per_img": self.detections_per_img,
                 "valid": nonempty(all_proposals)}
 
     @torch.no_grad()
     def inference(self, class_logits: torch.Tensor, box_deltas: torch.Tensor, proposals: Sequence[torch.Tensor],
-                  image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+                  image_sizes: ImageSizes) -> list[dict[str, torch.Tensor]]:
         """Per image: softmax scores, per-class decoded and clipped boxes, scores > ``score_thresh``,
         NMS per class, the ``detections_per_img`` best. Labels are 1..K. All images at once
         (``postprocess_batch``, or ``postprocess_padded`` with the Triton NMS); proposals without area (the
@@ -305,16 +305,16 @@ class ROIHeads(nn.Module):
         """The post-RoI layers, which see a fixed-size tensor per RoI (what ``compile_parts`` compiles)."""
         raise NotImplementedError
 
-    def context_features(self, features: dict[str, torch.Tensor], image_sizes: Sequence[tuple[int, int]]
+    def context_features(self, features: dict[str, torch.Tensor], image_sizes: ImageSizes
                          ) -> torch.Tensor:
         """(B, C): each whole image pooled as one RoI through the same post-RoI layers (the ResNet paper's
         global context, appendix B)."""
         device = next(iter(features.values())).device
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if all(isinstance(side, int) for size in image_sizes for side in size) and not capturing:
+        if isinstance(image_sizes, torch.Tensor):  # on the device (padded_detections)
+            whole = torch.cat([torch.zeros_like(image_sizes), image_sizes.flip(1)], dim=1).float()
+        elif all(isinstance(side, int) for size in image_sizes for side in size):
             whole = torch.tensor([[0.0, 0.0, w, h] for h, w in image_sizes]).to(device, non_blocking=True)
-        else:  # sizes are symbols of an exported graph (detection/export.py), which torch.tensor cannot hold; a
-            # CUDA graph cannot hold a copy from the host's pageable memory
+        else:  # sizes are symbols of an exported graph (detection/export.py), which torch.tensor cannot hold
             whole = torch.stack([torch.scalar_tensor(side, dtype=torch.float32, device=device)
                                  for h, w in image_sizes for side in (0, 0, w, h)]).view(-1, 4)
         return self.box_features(features, list(whole.split(1)))
@@ -328,7 +328,7 @@ class ROIHeads(nn.Module):
         return torch.cat([region_features, per_roi.to(region_features.dtype)], dim=1)
 
     def predict(self, features: dict[str, torch.Tensor], boxes: Sequence[torch.Tensor],
-                image_sizes: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+                image_sizes: ImageSizes) -> tuple[torch.Tensor, torch.Tensor]:
         """Class logits (N, K+1) and per-class box deltas (N, 4K) for the boxes of each image."""
         x = self.box_features(features, boxes)
         if self.global_context:
@@ -337,7 +337,7 @@ class ROIHeads(nn.Module):
         return self.box_predictor(x)
 
     def forward(self, features: dict[str, torch.Tensor], proposals: Sequence[torch.Tensor],
-                image_sizes: Sequence[tuple[int, int]], targets: Sequence[dict] | None = None
+                image_sizes: ImageSizes, targets: Sequence[dict] | None = None
                 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
         if self.training:
             if targets is None:

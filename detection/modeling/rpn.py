@@ -27,7 +27,8 @@ from torchvision.ops import box_iou
 
 from .anchor_generator import AnchorGenerator
 from .box_coder import BoxCoder
-from .box_ops import batched_nms_per_image, clip_boxes, crowd_mask, nonempty, sizes_follow_data, smooth_l1
+from .box_ops import (ImageSizes, batched_nms_per_image, clip_boxes, crowd_mask, nonempty, sizes_follow_data,
+                      smooth_l1)
 from .matcher import Matcher
 from .nms_triton import NMS_KERNELS, nms_ranks_triton, takes_triton_nms
 from .sampling import sample_balanced, sampled_labels
@@ -66,7 +67,7 @@ def flatten_deltas(x: torch.Tensor) -> torch.Tensor:
 
 
 def select_proposals(boxes: torch.Tensor, scores: torch.Tensor, level_ids: torch.Tensor,
-                     image_sizes: Sequence[tuple[int, int]], nms_thresh: float, post_nms_topk: int,
+                     image_sizes: ImageSizes, nms_thresh: float, post_nms_topk: int,
                      min_size: float = 0.0, nms_kernel: str = "auto"
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidate boxes ``(N, C, 4)``, scores ``(N, C)`` and the level of each candidate ``(C,)`` -> each
@@ -86,7 +87,7 @@ def select_proposals(boxes: torch.Tensor, scores: torch.Tensor, level_ids: torch
     positions without the NMS's own synchronisation (``nms_triton``).
     """
     num_images, num_candidates = scores.shape
-    boxes = torch.stack([clip_boxes(boxes[i], tuple(image_sizes[i])) for i in range(num_images)])
+    boxes = torch.stack([clip_boxes(boxes[i], image_sizes[i]) for i in range(num_images)])
     valid = (nonempty(boxes.view(-1, 4), min_size).view(num_images, num_candidates)
              & torch.isfinite(boxes).all(dim=2) & torch.isfinite(scores))
     boxes = torch.where(valid[..., None], boxes, 0.0)  # finite, so NMS's coordinate shift stays finite
@@ -160,7 +161,7 @@ class RPN(nn.Module):
         self.crowd_ioa_thresh = crowd_ioa_thresh
         self.generator: torch.Generator | None = None  # set for reproducible sampling in tests
 
-    def forward(self, features: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]],
+    def forward(self, features: Sequence[torch.Tensor], image_sizes: ImageSizes,
                 targets: Sequence[dict] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         features = list(features)
         anchors = self.anchor_generator(features)
@@ -184,7 +185,7 @@ class RPN(nn.Module):
 
     @torch.no_grad()
     def predict_proposals(self, anchors: list[torch.Tensor], logits: list[torch.Tensor], deltas: list[torch.Tensor],
-                          image_sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+                          image_sizes: ImageSizes) -> list[torch.Tensor]:
         num_images = logits[0].shape[0]
         pre_nms_topk = self.pre_nms_topk[self.training]
         batch_idx = torch.arange(num_images, device=logits[0].device)[:, None]
