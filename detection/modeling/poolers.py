@@ -236,13 +236,19 @@ class ROIPooler(nn.Module):
         # pools every RoI, the other levels' shrunk to a point at their top-left corner, and each row is taken
         # from its own level. A point has no samples with adaptive sampling (``sampling_ratio`` 0, aligned),
         # so those rows cost a write of zeros, not the bilinear taps; each row's own level computes it as
-        # above, to the bit. The extra rows' gradients are zeros, which add nothing.
+        # above, to the bit. The extra rows' gradients are zeros, which add nothing. Each level's rows go into
+        # the first level's output in place (the others' zeroed, then added), so at most two outputs are alive
+        # (bench/pooler_memory.py, 2048 RoIs: forward 196 MiB; pooling each level's RoIs, 139; a torch.where per
+        # level, 294). ROIPool keeps each level's argmax, every RoI's, for its backward: 2.6 times the grouped
+        # path's forward memory.
         points = torch.cat([rois[:, :3], rois[:, 1:3]], dim=1)
         out = None
         for level, (fmap, scale) in enumerate(zip(features, self.scales)):
             member = (levels == level)[:, None]
             pooled = self.pool(fmap, torch.where(member, rois, points), scale, bin_step).to(features[0].dtype)
-            out = pooled if out is None else torch.where(member[..., None, None], pooled, out)
+            pooled = pooled.masked_fill_(~member[..., None, None], 0)  # ROIPool's and ROIAlign's points are not 0
+            out = pooled if out is None else out.add_(pooled)
+            del pooled  # before the next level's output is made
         return out
 
 
