@@ -89,7 +89,8 @@ class GraphedDetector(nn.Module):
                 return None
         static_images, static_sizes, graph, padded, _ = self.graphs[key]
         static_images.copy_(images)
-        static_sizes.copy_(sizes)
+        # from pinned memory, queued: a copy from pageable memory would make the host wait for the stream
+        static_sizes.copy_(sizes.pin_memory() if static_sizes.is_cuda else sizes, non_blocking=True)
         graph.replay()
         return padded
 

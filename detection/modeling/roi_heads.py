@@ -305,8 +305,7 @@ class ROIHeads(nn.Module):
         """The post-RoI layers, which see a fixed-size tensor per RoI (what ``compile_parts`` compiles)."""
         raise NotImplementedError
 
-    def context_features(self, features: dict[str, torch.Tensor], image_sizes: ImageSizes
-                         ) -> torch.Tensor:
+    def context_features(self, features: dict[str, torch.Tensor], image_sizes: ImageSizes) -> torch.Tensor:
         """(B, C): each whole image pooled as one RoI through the same post-RoI layers (the ResNet paper's
         global context, appendix B)."""
         device = next(iter(features.values())).device
