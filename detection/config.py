@@ -142,10 +142,10 @@ class DetEvalConfig:
     # one per input size, each holding its outputs until the next call, so not with the test-time options
     # above (they keep several views' features at once); max_autotune searches kernels (long to compile)
     compile_mode: CompileMode = CompileMode.default
-    # eval_det.py and Predictor on CUDA: the whole inference replayed as one CUDA graph per batch shape
-    # (detection/modeling/graphed.py); needs model.nms_kernel=triton (no host wait inside), not with the
-    # test-time options or compile_mode=reduce_overhead. Evaluation during training stays eager (the weights
-    # change).
+    # eval_det.py and Predictor on CUDA: the whole inference replayed as one CUDA graph per padded batch shape
+    # (detection/modeling/graphed.py); takes model.nms_kernel=triton (no host wait inside; auto becomes it),
+    # not with the test-time options or compile_mode=reduce_overhead. Evaluation during training stays eager
+    # (the weights change).
     cuda_graphs: bool = False
 
 

@@ -12,6 +12,7 @@ from backbones.engine.errors import CheckpointError, ConfigError
 from backbones.engine.solver import CompileMode
 from backbones.engine.config import load_config
 from backbones.engine.imageio import chw_tensor, read_image_rgb
+from backbones.engine.run import get_logger
 from backbones.engine.state import load_checkpoint
 
 from .config import DetConfig
@@ -30,12 +31,17 @@ def resolve_checkpoint(run_dir: str, which: str) -> str:
 
 
 def check_cuda_graphs(cfg: DictConfig, compile: bool, device) -> None:
-    """``eval.cuda_graphs``' requirements, all at once, before any weight is loaded."""
+    """``eval.cuda_graphs``' requirements, all at once, before any weight is loaded. ``model.nms_kernel=auto``
+    becomes ``triton`` here, the only NMS a graph can hold (torchvision's makes the host wait for its count)."""
     problems = []
     if torch.device(device).type != "cuda":
         problems.append(f"it records CUDA graphs and runs on a GPU, not on {device}: set eval.cuda_graphs=false there")
-    if cfg.model.nms_kernel != NMSKernel.triton:
-        problems.append("it needs the NMS without host synchronisation: model.nms_kernel=triton")
+    if cfg.model.nms_kernel == NMSKernel.auto:
+        cfg.model.nms_kernel = NMSKernel.triton
+        get_logger().info("eval.cuda_graphs: NMS as Triton kernels (model.nms_kernel=auto -> triton)")
+    elif cfg.model.nms_kernel != NMSKernel.triton:
+        problems.append(f"it needs the NMS without host synchronisation, not model.nms_kernel="
+                        f"{cfg.model.nms_kernel.name}: model.nms_kernel=triton (or auto)")
     if compile and cfg.eval.compile_mode == CompileMode.reduce_overhead:
         problems.append("eval.compile_mode=reduce_overhead records graphs of its own: use eval.compile_mode=default")
     if options_from_config(cfg.eval).enabled:

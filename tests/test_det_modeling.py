@@ -189,10 +189,11 @@ def test_cuda_graph_compile_mode_refuses_the_test_time_options_before_loading(op
 
 
 def test_cuda_graphs_name_every_unmet_requirement_before_loading(tmp_path):
-    """eval.cuda_graphs records the whole inference: it needs the NMS without host waits, and cannot serve the
-    test-time options or compile_mode=reduce_overhead's own graphs. Every problem in one error before any weight
-    is read; met, the load goes on (here to the missing checkpoint). The graph wrapper refuses a model without
-    that NMS too, and for_testing an ensemble or a test-time option."""
+    """eval.cuda_graphs records the whole inference: it needs the NMS without host waits (model.nms_kernel=auto
+    takes it; torchvision is refused), and cannot serve the test-time options or compile_mode=reduce_overhead's
+    own graphs. Every problem in one error before any weight is read; met, the load goes on (here to the missing
+    checkpoint). The graph wrapper refuses a model without that NMS too, and for_testing an ensemble or a
+    test-time option."""
     from backbones.engine.errors import ConfigError
     from detection.config import DetConfig
     from detection.modeling.graphed import GraphedDetector
@@ -201,13 +202,15 @@ def test_cuda_graphs_name_every_unmet_requirement_before_loading(tmp_path):
 
     cfg = OmegaConf.structured(DetConfig)
     OmegaConf.update(cfg, "eval.cuda_graphs", True)
-    wrong = OmegaConf.merge(cfg, OmegaConf.from_dotlist(["eval.compile_mode=reduce_overhead", "eval.flip=true"]))
-    with pytest.raises(ConfigError, match=r"on a GPU, not on cpu.*model.nms_kernel=triton.*eval.compile_mode=default"
-                                          r".*eval.flip"):
+    wrong = OmegaConf.merge(cfg, OmegaConf.from_dotlist(["eval.compile_mode=reduce_overhead", "eval.flip=true",
+                                                         "model.nms_kernel=torchvision"]))
+    with pytest.raises(ConfigError, match=r"on a GPU, not on cpu.*not model.nms_kernel=torchvision: model.nms_kernel="
+                                          r"triton.*eval.compile_mode=default.*eval.flip"):
         load_trained_detector(str(tmp_path), wrong, "last", "cpu", compile=True)
-    OmegaConf.update(cfg, "model.nms_kernel", "triton")
+    assert cfg.model.nms_kernel == "auto"
     with pytest.raises(CheckpointError, match="checkpoint not found"):  # nothing touches the GPU before
         load_trained_detector(str(tmp_path), cfg, "last", "cuda", compile=True)
+    assert cfg.model.nms_kernel == "triton"  # what the detector is built with
     model = build_detector(slim_cfg("none"), num_classes=3)
     with pytest.raises(ConfigError, match="model.nms_kernel=triton"):
         GraphedDetector(model)
