@@ -557,7 +557,8 @@ def test_triton_nms_equals_torchvision_and_spares_the_heads_their_host_waits():
     rows). In the detector: the same proposals, losses and detections as with torchvision's NMS; no host
     synchronisation in a training step's RPN and RoI heads, forward and backward (torchvision's: one per
     image), and in inference only the read of each image's number of detections at the end (torchvision's:
-    five at 2 images). Off CUDA without the interpreter, a clear error."""
+    five at 2 images); the padded inference a CUDA graph records none, with the image sizes as numbers or as a
+    tensor (the graph's input), to the same detections. Off CUDA without the interpreter, a clear error."""
     from detection.modeling.nms_triton import nms_ranks_triton
     with pytest.raises(RuntimeError, match="nms_kernel=auto"):
         nms_ranks_triton(torch.zeros(1, 2, 4), torch.zeros(1, 2), torch.zeros(2, dtype=torch.int64), 0.5, 1)
