@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""How many CUDA graphs a COCO-style set asks of ``eval.cuda_graphs``: the images resized to the test size as the
+data pipeline resizes them (``data.min_size_test``, ``max_size_test``), batched in the file's order and padded
+to multiples of ``data.size_divisibility`` as the collate pads them. One graph serves each padded batch shape
+(the images' own sizes are an input of the graph); ``GraphedDetector`` records the first ``max_graphs`` shapes
+it meets and runs the others eagerly. Reads the annotation file only, no image.
+
+    python bench/padded_shapes.py ../shared/data/coco128/annotations/instances_train2017.json
+    python bench/padded_shapes.py ANNOTATIONS.json --batch 2 --min-size 600 --max-size 1000
+"""
+import argparse
+import collections
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from detection.data.transforms import resized_shape  # noqa: E402
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("annotations", help="a COCO instances json")
+    parser.add_argument("--min-size", type=int, default=800, help="data.min_size_test")
+    parser.add_argument("--max-size", type=int, default=1333, help="data.max_size_test")
+    parser.add_argument("--divisibility", type=int, default=32, help="data.size_divisibility")
+    parser.add_argument("--batch", type=int, default=1, help="eval.batch_size")
+    parser.add_argument("--max-graphs", type=int, default=16, help="GraphedDetector.max_graphs")
+    args = parser.parse_args()
+    with open(args.annotations) as f:
+        images = json.load(f)["images"]
+    sizes = [tuple(int(s) for s in resized_shape(im["height"], im["width"], args.min_size, args.max_size))
+             for im in images]
+    shapes = collections.Counter()  # padded batch shape -> images
+    first_seen = []
+    padded_pixels = 0
+    for start in range(0, len(sizes), args.batch):
+        batch = sizes[start:start + args.batch]
+        shape = (len(batch), round_up(max(h for h, _ in batch), args.divisibility),
+                 round_up(max(w for _, w in batch), args.divisibility))
+        shapes[shape] += len(batch)
+        padded_pixels += shape[0] * shape[1] * shape[2]
+        if shape not in first_seen:
+            first_seen.append(shape)
+    graphed = sum(shapes[s] for s in first_seen[:args.max_graphs])
+    best = sum(n for _, n in shapes.most_common(args.max_graphs))
+    print(f"{len(images)} images, {len(set(sizes))} sizes at {args.min_size}/{args.max_size}, "
+          f"{len(shapes)} padded batch shapes at batch {args.batch} (multiples of {args.divisibility})")
+    print(f"the first {args.max_graphs} shapes met (what GraphedDetector records) hold {graphed} images; "
+          f"the {args.max_graphs} most frequent, {best}")
+    print(f"pixels the network computes, padding included: {padded_pixels / sum(h * w for h, w in sizes):.2f}x "
+          "the images' own")
+    for (b, h, w), n in shapes.most_common(10):
+        print(f"  {b} x {h}x{w}: {n} images")
+
+
+if __name__ == "__main__":
+    main()
