@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """How many CUDA graphs a COCO-style set asks of ``eval.cuda_graphs``: the images resized to the test size as the
-data pipeline resizes them (``data.min_size_test``, ``max_size_test``), batched in the file's order and padded
-to multiples of ``data.size_divisibility`` as the collate pads them. One graph serves each padded batch shape
+data pipeline resizes them (``data.min_size_test``, ``max_size_test``), batched as evaluation batches them (in
+the file's order, landscape and portrait apart: ``InferenceBatchSampler``) and padded to multiples of
+``data.size_divisibility`` as the collate pads them; beside it the pixels of batches that mix the two. One graph serves each padded batch shape
 (the images' own sizes are an input of the graph); ``GraphedDetector`` records the first ``max_graphs`` shapes
 it meets and runs the others eagerly. Reads the annotation file only, no image.
 
@@ -11,11 +12,13 @@ it meets and runs the others eagerly. Reads the annotation file only, no image.
 import argparse
 import collections
 import json
+import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from detection.data.batching import InferenceBatchSampler  # noqa: E402
 from detection.data.transforms import resized_shape  # noqa: E402
 
 
@@ -36,13 +39,15 @@ def main():
         images = json.load(f)["images"]
     sizes = [tuple(int(s) for s in resized_shape(im["height"], im["width"], args.min_size, args.max_size))
              for im in images]
+    def padded(batch: list[int]) -> tuple[int, int, int]:
+        return (len(batch), round_up(max(sizes[i][0] for i in batch), args.divisibility),
+                round_up(max(sizes[i][1] for i in batch), args.divisibility))
+
     shapes = collections.Counter()  # padded batch shape -> images
     first_seen = []
     padded_pixels = 0
-    for start in range(0, len(sizes), args.batch):
-        batch = sizes[start:start + args.batch]
-        shape = (len(batch), round_up(max(h for h, _ in batch), args.divisibility),
-                 round_up(max(w for _, w in batch), args.divisibility))
+    for batch in InferenceBatchSampler([im["width"] / im["height"] for im in images], args.batch):
+        shape = padded(batch)
         shapes[shape] += len(batch)
         padded_pixels += shape[0] * shape[1] * shape[2]
         if shape not in first_seen:
@@ -53,8 +58,11 @@ def main():
           f"{len(shapes)} padded batch shapes at batch {args.batch} (multiples of {args.divisibility})")
     print(f"the first {args.max_graphs} shapes met (what GraphedDetector records) hold {graphed} images; "
           f"the {args.max_graphs} most frequent, {best}")
-    print(f"pixels the network computes, padding included: {padded_pixels / sum(h * w for h, w in sizes):.2f}x "
-          "the images' own")
+    mixed = sum(math.prod(padded(list(range(start, min(start + args.batch, len(sizes))))))
+                for start in range(0, len(sizes), args.batch))
+    own = sum(h * w for h, w in sizes)
+    print(f"pixels the network computes, padding included: {padded_pixels / own:.2f}x the images' own "
+          f"(batches of consecutive images, landscape and portrait mixed: {mixed / own:.2f}x)")
     for (b, h, w), n in shapes.most_common(10):
         print(f"  {b} x {h}x{w}: {n} images")
 

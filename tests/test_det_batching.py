@@ -85,6 +85,26 @@ def test_eval_sampler_sequential_and_sharded():
     assert shards[0][0] == [0, 1, 2, 3] and len(shards[1]) == 5
 
 
+def test_eval_sampler_keeps_landscape_and_portrait_apart_in_order():
+    """Evaluation's batches hold one orientation each (a mixed batch pads to a square: coco128 at batch 8
+    would compute 1.67x its pixels), in the data's order within each, every image once across the ranks."""
+    aspects = [1.5, 0.7, 1.5, 1.0, 0.7, 1.5, 0.7, 1.5]  # 1.0 (square) counts as landscape
+    assert list(build_batch_sampler(aspects, 2, shuffle=False, seed=0, distributed=False, drop_last=False)) == [
+        [0, 2], [1, 4], [3, 5], [7], [6]]  # each batch when complete, the incomplete ones last
+    assert list(build_batch_sampler(aspects, 2, shuffle=False, seed=0, distributed=False, drop_last=True)) == [
+        [0, 2], [1, 4], [3, 5]]
+    shards = [build_batch_sampler(ASPECTS, 4, shuffle=False, seed=0, distributed=True, drop_last=False, rank=r,
+                                  world_size=3) for r in range(3)]
+    batches = [b for shard in shards for b in shard]
+    assert sorted(i for b in batches for i in b) == list(range(len(ASPECTS)))  # each image exactly once
+    assert all(len({ASPECTS[i] for i in b}) == 1 for b in batches) and all(b == sorted(b) for b in batches)
+    assert [len(s) for s in shards] == [len(list(s)) for s in shards]
+    for shard in shards:  # a rank's share is contiguous, and each orientation keeps its order there
+        for orientation in (1.5, 0.7):
+            seen = [i for b in shard for i in b if ASPECTS[i] == orientation]
+            assert seen == sorted(seen)
+
+
 def test_distributed_sampler_needs_process_group():
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
         build_batch_sampler(ASPECTS, 4, shuffle=True, seed=0, distributed=True, drop_last=True)

@@ -55,7 +55,7 @@ class GroupedBatchSampler(Sampler[list[int]]):
                  rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.groups = np.array([0 if ar >= 1 else 1 for ar in aspect_ratios], dtype=np.int64)
+        self.groups = orientation_groups(aspect_ratios)
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -80,43 +80,58 @@ class GroupedBatchSampler(Sampler[list[int]]):
     def _all_batches(self) -> list[list[int]]:
         """This epoch's batches over the whole dataset, identical on every rank."""
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.groups))
-        buckets: tuple[list[int], list[int]] = ([], [])
-        batches = []
-        for index in order:
-            bucket = buckets[self.groups[index]]
-            bucket.append(int(index))
-            if len(bucket) == self.batch_size:
-                batches.append(bucket.copy())
-                bucket.clear()
-        if not self.drop_last:
-            batches.extend(bucket for bucket in buckets if bucket)
-        return batches
+        return batches_by_group(order, self.groups, self.batch_size, self.drop_last)
+
+
+def orientation_groups(aspect_ratios: Sequence[float]) -> np.ndarray:
+    """0 for a landscape image (w / h >= 1), 1 for a portrait one."""
+    return np.array([0 if ar >= 1 else 1 for ar in aspect_ratios], dtype=np.int64)
+
+
+def batches_by_group(order: Sequence[int], groups: np.ndarray, batch_size: int, drop_last: bool) -> list[list[int]]:
+    """``order``'s indices in batches of one group each, a batch complete as soon as its group has
+    ``batch_size`` indices; without ``drop_last`` the incomplete batches come last."""
+    buckets: tuple[list[int], list[int]] = ([], [])
+    batches = []
+    for index in order:
+        bucket = buckets[groups[index]]
+        bucket.append(int(index))
+        if len(bucket) == batch_size:
+            batches.append(bucket.copy())
+            bucket.clear()
+    if not drop_last:
+        batches.extend(bucket for bucket in buckets if bucket)
+    return batches
 
 
 class InferenceBatchSampler(Sampler[list[int]]):
-    """Batches of consecutive indices from this rank's contiguous share of the dataset: every image is
-    seen exactly once across the ranks (no padding duplicates), as evaluation needs."""
+    """Batches from this rank's contiguous share of the dataset, in order, each holding only landscape
+    (w >= h) or only portrait images: every image is seen exactly once across the ranks (no padding
+    duplicates), as evaluation needs. Without the grouping a batch padded to its widest and its tallest
+    image computes the padding too: coco128 at 800/1333 in batches of 8 would compute 1.67x its images'
+    pixels, grouped 1.15x (``bench/padded_shapes.py``). A group's last, incomplete batch comes at the end."""
 
-    def __init__(self, num_samples: int, batch_size: int, drop_last: bool = False, rank: int = 0, world_size: int = 1):
+    def __init__(self, aspect_ratios: Sequence[float], batch_size: int, drop_last: bool = False, rank: int = 0,
+                 world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        num_samples = len(aspect_ratios)
         share = math.ceil(num_samples / world_size)
-        self.indices = range(min(num_samples, rank * share), min(num_samples, (rank + 1) * share))
-        self.batch_size, self.drop_last = batch_size, drop_last
+        indices = range(min(num_samples, rank * share), min(num_samples, (rank + 1) * share))
+        self.batches = batches_by_group(indices, orientation_groups(aspect_ratios), batch_size, drop_last)
 
     def __len__(self) -> int:
-        n = len(self.indices)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return len(self.batches)
 
     def __iter__(self):
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield list(self.indices[start:start + self.batch_size])
+        for batch in self.batches:
+            yield list(batch)
 
 
 def build_batch_sampler(dataset_aspect_ratios: Sequence[float], batch_size: int, shuffle: bool, seed: int,
                         distributed: bool, drop_last: bool, rank: int | None = None,
                         world_size: int | None = None) -> GroupedBatchSampler | InferenceBatchSampler:
-    """Grouped, shuffled batches for training (``shuffle=True``); sequential ones for evaluation.
+    """Grouped, shuffled batches for training (``shuffle=True``); grouped, in-order ones for evaluation.
 
     ``batch_size`` is per rank. With ``distributed`` the shard comes from torch.distributed; ``rank``
     and ``world_size`` given explicitly take precedence (tests, custom launchers)."""
@@ -124,7 +139,7 @@ def build_batch_sampler(dataset_aspect_ratios: Sequence[float], batch_size: int,
     if shuffle:
         return GroupedBatchSampler(dataset_aspect_ratios, batch_size, seed=seed, drop_last=drop_last,
                                    rank=rank, world_size=world_size)
-    return InferenceBatchSampler(len(dataset_aspect_ratios), batch_size, drop_last=drop_last,
+    return InferenceBatchSampler(dataset_aspect_ratios, batch_size, drop_last=drop_last,
                                  rank=rank, world_size=world_size)
 
 
