@@ -2,9 +2,9 @@
 """How many CUDA graphs a COCO-style set asks of ``eval.cuda_graphs``: the images resized to the test size as the
 data pipeline resizes them (``data.min_size_test``, ``max_size_test``), batched as evaluation batches them (in
 the file's order, landscape and portrait apart: ``InferenceBatchSampler``) and padded to multiples of
-``data.size_divisibility`` as the collate pads them; beside it the pixels of batches that mix the two. One graph serves each padded batch shape
-(the images' own sizes are an input of the graph); ``GraphedDetector`` records the first ``max_graphs`` shapes
-it meets and runs the others eagerly. Reads the annotation file only, no image.
+``data.size_divisibility`` as the collate pads them; beside it the pixels of batches that mix the two. One
+graph serves each padded batch shape (the images' own sizes are an input of the graph); ``GraphedDetector``
+records the first ``max_graphs`` shapes it meets and runs the others eagerly. Reads the annotation file only.
 
     python bench/padded_shapes.py ../shared/data/coco128/annotations/instances_train2017.json
     python bench/padded_shapes.py ANNOTATIONS.json --batch 2 --min-size 600 --max-size 1000
@@ -39,6 +39,7 @@ def main():
         images = json.load(f)["images"]
     sizes = [tuple(int(s) for s in resized_shape(im["height"], im["width"], args.min_size, args.max_size))
              for im in images]
+
     def padded(batch: list[int]) -> tuple[int, int, int]:
         return (len(batch), round_up(max(sizes[i][0] for i in batch), args.divisibility),
                 round_up(max(sizes[i][1] for i in batch), args.divisibility))
