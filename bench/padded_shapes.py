@@ -18,12 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detection.data.batching import InferenceBatchSampler  # noqa: E402
+from detection.data.batching import InferenceBatchSampler, padded_side  # noqa: E402
 from detection.data.transforms import resized_shape  # noqa: E402
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 def main():
@@ -41,8 +37,8 @@ def main():
              for im in images]
 
     def padded(batch: list[int]) -> tuple[int, int, int]:
-        return (len(batch), round_up(max(sizes[i][0] for i in batch), args.divisibility),
-                round_up(max(sizes[i][1] for i in batch), args.divisibility))
+        return (len(batch), padded_side(max(sizes[i][0] for i in batch), args.divisibility),
+                padded_side(max(sizes[i][1] for i in batch), args.divisibility))
 
     shapes = collections.Counter()  # padded batch shape -> images
     first_seen = []

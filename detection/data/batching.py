@@ -21,8 +21,8 @@ def collate_detection(batch: Sequence[dict | None], size_divisibility: int = 32)
     items = [item for item in batch if item is not None]
     sizes = [tuple(int(s) for s in item["image"].shape[-2:]) for item in items]
     if items:
-        height = _round_up(max(h for h, _ in sizes), size_divisibility)
-        width = _round_up(max(w for _, w in sizes), size_divisibility)
+        height = padded_side(max(h for h, _ in sizes), size_divisibility)
+        width = padded_side(max(w for _, w in sizes), size_divisibility)
         images = torch.zeros((len(items), items[0]["image"].shape[0], height, width), dtype=torch.uint8)
         for padded, item, (h, w) in zip(images, items, sizes):
             padded[:, :h, :w].copy_(item["image"])
@@ -36,7 +36,8 @@ def collate_detection(batch: Sequence[dict | None], size_divisibility: int = 32)
     }
 
 
-def _round_up(value: int, multiple: int) -> int:
+def padded_side(value: int, multiple: int) -> int:
+    """An image side as the collate pads it: up to a multiple of ``size_divisibility``."""
     return -(-value // multiple) * multiple if multiple > 1 else value
 
 

@@ -36,6 +36,7 @@ def takes_triton_nms(nms_kernel: str) -> bool:
     torchvision's op, which it knows)."""
     return nms_kernel == "triton" and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
 
+
 if triton is not None:
     import triton.language as tl
 

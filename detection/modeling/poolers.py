@@ -246,7 +246,7 @@ class ROIPooler(nn.Module):
         for level, (fmap, scale) in enumerate(zip(features, self.scales)):
             member = (levels == level)[:, None]
             pooled = self.pool(fmap, torch.where(member, rois, points), scale, bin_step).to(features[0].dtype)
-            pooled = pooled.masked_fill_(~member[..., None, None], 0)  # ROIPool's and ROIAlign's points are not 0
+            pooled.masked_fill_(~member[..., None, None], 0)  # ROIPool's and ROIAlign's points are not 0
             out = pooled if out is None else out.add_(pooled)
             del pooled  # before the next level's output is made
         return out
