@@ -23,8 +23,14 @@ demo: venv
 pretrain: venv
 	$(PY) tools/pretrain_backbone.py
 
+# The suite in parallel processes (pytest-xdist), one per core up to 8; `make test JOBS=0` runs it in one. Much of
+# its time goes to starting the tools it runs (about 4.5 s each to import torch and torchvision, on one core),
+# which overlaps with another worker's arithmetic. Tests that share one trained run stay on one worker (loadgroup).
+JOBS ?= $(shell n=$$(nproc); [ $$n -gt 8 ] && n=8; echo $$n)
+PYTEST := $(PY) -m pytest -q -n $(JOBS) --dist loadgroup
+
 test: venv
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # ATEN_CPU_CAPABILITY caps the vector code PyTorch dispatches to (a machine without AVX-512 runs avx512
 # as avx2): one run per setting shows a test that holds only on this machine's arithmetic. It caps PyTorch's
@@ -34,7 +40,7 @@ test-capabilities: venv
 	for cap in default avx2 avx512; do \
 		libs=; if [ $$cap = avx2 ]; then libs="ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"; fi; \
 		echo "== ATEN_CPU_CAPABILITY=$$cap $$libs"; \
-		env ATEN_CPU_CAPABILITY=$$cap $$libs $(PY) -m pytest -q -p no:cacheprovider || exit 1; done
+		env ATEN_CPU_CAPABILITY=$$cap $$libs $(PYTEST) -p no:cacheprovider || exit 1; done
 
 clean:
 	rm -rf runs datasets

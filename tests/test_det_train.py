@@ -269,12 +269,19 @@ def overfit_run(tiny_coco, tmp_path_factory):
     return out
 
 
+# One worker trains overfit_run for these three tests (`make test` runs `pytest -n ... --dist loadgroup`); spread
+# over workers, each would train it again.
+SHARES_OVERFIT_RUN = pytest.mark.xdist_group("overfit_run")
+
+
+@SHARES_OVERFIT_RUN
 def test_overfits_a_few_synthetic_images(overfit_run):
     """Learning through the whole tool chain: AP50 >= 0.9 on the 6 images it trained on."""
     ap = json.loads((overfit_run / "summary.json").read_text())["val"]
     assert ap["AP50"] >= 0.9, ap
 
 
+@SHARES_OVERFIT_RUN
 def test_plot_curves_draws_a_detection_run(overfit_run, tmp_path):
     out = tmp_path / "curves.png"
     proc = run("plot_curves.py", [overfit_run, "--out", out])
@@ -286,6 +293,7 @@ def test_plot_curves_draws_a_detection_run(overfit_run, tmp_path):
     assert proc.returncode == 2 and "not both" in proc.stderr
 
 
+@SHARES_OVERFIT_RUN
 def test_exported_onnx_and_program_match_pytorch_and_keep_the_ap(overfit_run, tiny_coco, tmp_path):
     """tools/export.py writes an ONNX file and a torch.export program that take an image of any size and
     return the PyTorch model's detections in that image's pixels; scored with pycocotools, the ONNX file
