@@ -19,7 +19,7 @@ def pytest_configure(config):
     workers = getattr(config, "workerinput", {}).get("workercount")
     if workers is None and config.getoption("numprocesses", default=None):
         return
-    cores = len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not on macOS
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, cores // (workers or 1)))))
     import torch
 
