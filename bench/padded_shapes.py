@@ -40,16 +40,13 @@ def main():
         return (len(batch), padded_side(max(sizes[i][0] for i in batch), args.divisibility),
                 padded_side(max(sizes[i][1] for i in batch), args.divisibility))
 
-    shapes = collections.Counter()  # padded batch shape -> images
-    first_seen = []
+    shapes = collections.Counter()  # padded batch shape -> images, in the order first met
     padded_pixels = 0
     for batch in InferenceBatchSampler([im["width"] / im["height"] for im in images], args.batch):
         shape = padded(batch)
         shapes[shape] += len(batch)
-        padded_pixels += shape[0] * shape[1] * shape[2]
-        if shape not in first_seen:
-            first_seen.append(shape)
-    graphed = sum(shapes[s] for s in first_seen[:args.max_graphs])
+        padded_pixels += math.prod(shape)
+    graphed = sum(shapes[s] for s in list(shapes)[:args.max_graphs])
     best = sum(n for _, n in shapes.most_common(args.max_graphs))
     print(f"{len(images)} images, {len(set(sizes))} sizes at {args.min_size}/{args.max_size}, "
           f"{len(shapes)} padded batch shapes at batch {args.batch} (multiples of {args.divisibility})")
